@@ -1,0 +1,133 @@
+"""DispatchPlan: top-k expert ids + placement -> token copies sorted by (actor, expert), a frozen handle.
+
+The plan is everything the data path needs to move tokens and put the results back:
+- `order[n]`: which flattened (token, slot) copy sits at sorted position n;
+- `token_index[n] = order[n] // k`: the token it came from (for gather and combine);
+- `segments`: contiguous runs of the sorted copies with one (actor, expert) each, sorted by (actor, expert).
+A replicated expert's copies are split evenly across its replicas, in token order, so the split is deterministic
+and each replica gets n // R (+1) rows: the load model the scheduler assumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import groupby
+
+import torch
+
+from moe_runtime.runtime.placement import Placement
+
+
+@dataclass(frozen=True)
+class Segment:
+    actor: int
+    expert: int
+    start: int  # first row in the sorted copies
+    count: int
+
+
+@dataclass(frozen=True)
+class Destination:
+    """All segments bound for one actor: rows [start, stop) of the sorted copies."""
+
+    actor: int
+    segments: tuple[Segment, ...]
+
+    @property
+    def start(self) -> int:
+        return self.segments[0].start
+
+    @property
+    def stop(self) -> int:
+        last = self.segments[-1]
+        return last.start + last.count
+
+    @property
+    def experts(self) -> list[int]:
+        return [s.expert for s in self.segments]
+
+    @property
+    def counts(self) -> list[int]:
+        return [s.count for s in self.segments]
+
+
+@dataclass(frozen=True, eq=False)
+class DispatchPlan:
+    layer: int
+    num_tokens: int
+    top_k: int
+    num_experts: int
+    placement_version: int
+    order: torch.Tensor  # [T*k] long
+    token_index: torch.Tensor  # [T*k] long
+    segments: tuple[Segment, ...]
+    expert_counts: torch.Tensor  # [E] long: token copies per expert (load statistics)
+
+    @classmethod
+    def build(cls, expert_ids_tk: torch.Tensor, placement: Placement, layer: int) -> DispatchPlan:
+        if expert_ids_tk.dim() != 2:
+            raise ValueError(f"expert_ids has shape {list(expert_ids_tk.shape)}: expected [tokens, top_k]")
+        if not 0 <= layer < placement.num_layers:
+            raise ValueError(f"layer = {layer}: placement has {placement.num_layers} layers")
+        num_tokens, top_k = expert_ids_tk.shape
+        num_experts = placement.num_experts
+        flat = expert_ids_tk.reshape(-1).to(torch.long)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= num_experts):
+            raise ValueError(f"expert_ids out of range [0, {num_experts}): min {int(flat.min())}, max {int(flat.max())}")
+        by_expert = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=num_experts)
+
+        # Split each expert's copies over its replicas; remember where each piece starts in `by_expert`.
+        pieces: list[tuple[int, int, int, int]] = []  # (actor, expert, src_start, count)
+        src = 0
+        replicas = placement.replicas[layer]
+        for expert, n in enumerate(counts.tolist()):
+            actors = replicas[expert]
+            r = len(actors)
+            base, extra = divmod(n, r)
+            for i, actor in enumerate(actors):
+                c = base + (i < extra)
+                if c:
+                    pieces.append((actor, expert, src, c))
+                src += c
+        pieces.sort(key=lambda p: (p[0], p[1]))
+
+        segments = []
+        idx_chunks = []
+        start = 0
+        for actor, expert, s, c in pieces:
+            segments.append(Segment(actor, expert, start, c))
+            idx_chunks.append(by_expert[s : s + c])
+            start += c
+        order = torch.cat(idx_chunks) if idx_chunks else flat.new_zeros(0)
+        return cls(
+            layer=layer,
+            num_tokens=num_tokens,
+            top_k=top_k,
+            num_experts=num_experts,
+            placement_version=placement.version,
+            order=order,
+            token_index=order // top_k,
+            segments=tuple(segments),
+            expert_counts=counts,
+        )
+
+    @property
+    def destinations(self) -> tuple[Destination, ...]:
+        return tuple(Destination(a, tuple(segs)) for a, segs in groupby(self.segments, key=lambda s: s.actor))
+
+    def actor_rows(self, num_actors: int) -> list[int]:
+        rows = [0] * num_actors
+        for s in self.segments:
+            rows[s.actor] += s.count
+        return rows
+
+    def gather(self, x_td: torch.Tensor) -> torch.Tensor:
+        """[T, d] -> [T*k, d] token copies in plan order."""
+        return x_td.index_select(0, self.token_index)
+
+    def combine(self, y_nd: torch.Tensor, weights_tk: torch.Tensor) -> torch.Tensor:
+        """Expert outputs in plan order, weighted by their gates, summed back per token: [T*k, d] -> [T, d]."""
+        gate_n = weights_tk.reshape(-1).index_select(0, self.order).to(y_nd.dtype)
+        out = y_nd.new_zeros(self.num_tokens, y_nd.shape[-1])
+        return out.index_add(0, self.token_index, y_nd * gate_n.unsqueeze(-1))

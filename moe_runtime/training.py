@@ -1,0 +1,153 @@
+"""Training math shared by the in-process trainer and the cluster: schedule, optimizer groups, the step's chunking.
+
+One global step = `batch_size` sequences split into `router_workers x micro_batches` equal chunks; each chunk's
+loss is scaled by 1/chunks before backward, so summing gradients over chunks (and over workers) gives the
+gradient of the mean loss. The in-process trainer uses the same chunking, which makes it the exact oracle for the
+cluster (the Switch aux loss depends on which tokens share a batch, so the chunks must match too).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from moe_runtime.config import RuntimeConfig, TrainConfig
+from moe_runtime.data import BatchLoader, load_corpus
+from moe_runtime.model.transformer import MoETransformer, build_model
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to cfg.lr, then cosine to cfg.min_lr at cfg.steps (the Yuan recipe's shape)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (dim >= 2), none on norms and biases."""
+    decay, no_decay = [], []
+    for _, p in named_params:
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_adamw(named_params: Iterable[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(named_params, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=1e-8,
+                             foreach=False)
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def clip_coefficient(total_norm: float, max_norm: float) -> float:
+    """torch.nn.utils.clip_grad_norm_'s factor, as a pure function so distributed parts can agree on it."""
+    if max_norm <= 0:
+        return 1.0
+    return min(1.0, max_norm / (total_norm + 1e-6))
+
+
+def chunk_rows(batch_size: int, chunks: int) -> list[slice]:
+    per = batch_size // chunks
+    return [slice(i * per, (i + 1) * per) for i in range(chunks)]
+
+
+@dataclass
+class TrainResult:
+    losses: list[float]
+    val_loss: float
+    tokens_per_s: float
+    router: str
+    expert_load: list[list[int]]  # [L][E] token copies per expert, summed over the run
+    aux_losses: list[float] = field(default_factory=list)
+    step_times_s: list[float] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d.update(d.pop("extra"))
+        return json.dumps(d)
+
+
+ProgressFn = Callable[[int, float], None]
+
+
+class InProcessTrainer:
+    """Single-process training with in-process experts: the numerical oracle for the cluster."""
+
+    def __init__(self, cfg: RuntimeConfig):
+        self.cfg = cfg
+        self.corpus = load_corpus(cfg.data)
+        t = cfg.train
+        self.loader = BatchLoader(self.corpus.train, t.batch_size, t.seq_len, seed=t.seed)
+        self.model: MoETransformer = build_model(cfg.model, seed=t.seed)
+        self.opt = make_adamw(self.model.named_parameters(), t)
+        self.chunks = chunk_rows(t.batch_size, cfg.cluster.router_workers * t.micro_batches)
+
+    def train_step(self, step: int) -> tuple[float, float, torch.Tensor]:
+        """One optimizer step. Returns (lm loss, aux loss, expert load [L, E])."""
+        t = self.cfg.train
+        self.model.train()
+        inputs, targets = self.loader.batch(step)
+        self.opt.zero_grad(set_to_none=True)
+        lm_total, aux_total = 0.0, 0.0
+        load = torch.zeros(self.cfg.model.num_layers, self.cfg.model.num_experts, dtype=torch.long)
+        for rows in self.chunks:
+            loss, ce = self.model.loss(inputs[rows], targets[rows])
+            (loss / len(self.chunks)).backward()
+            lm_total += ce.item() / len(self.chunks)
+            aux_total += (loss - ce).item() / len(self.chunks)
+            load += self.model.expert_load()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        coef = clip_coefficient(float(norm), t.grad_clip)
+        if coef < 1.0:
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+        set_lr(self.opt, lr_at(step, t))
+        self.opt.step()
+        return lm_total, aux_total, load
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        t = self.cfg.train
+        losses = [self.model.loss(x, y)[1].item() for x, y in self.loader_val()]
+        return sum(losses) / len(losses)
+
+    def loader_val(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        t = self.cfg.train
+        return BatchLoader(self.corpus.val, t.batch_size, t.seq_len, seed=t.seed).val_batches(t.val_batches)
+
+    def run(self, steps: int, progress: ProgressFn | None = None) -> TrainResult:
+        losses, auxes, times = [], [], []
+        load_sum = torch.zeros(self.cfg.model.num_layers, self.cfg.model.num_experts, dtype=torch.long)
+        for step in range(steps):
+            t0 = time.perf_counter()
+            lm, aux, load = self.train_step(step)
+            times.append(time.perf_counter() - t0)
+            losses.append(lm)
+            auxes.append(aux)
+            load_sum += load
+            if progress:
+                progress(step, lm)
+        tokens = steps * self.cfg.train.batch_size * self.cfg.train.seq_len
+        return TrainResult(
+            losses=losses,
+            val_loss=self.evaluate(),
+            tokens_per_s=tokens / max(sum(times), 1e-9),
+            router=self.cfg.model.router,
+            expert_load=load_sum.tolist(),
+            aux_losses=auxes,
+            step_times_s=times,
+        )
