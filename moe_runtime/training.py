@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from moe_runtime.config import RuntimeConfig, TrainConfig
-from moe_runtime.data import BatchLoader, load_corpus
+from moe_runtime.data import BatchLoader, load_corpus, val_batches
 from moe_runtime.model.transformer import MoETransformer, build_model
 
 
@@ -89,7 +89,7 @@ class InProcessTrainer:
         self.cfg = cfg
         self.corpus = load_corpus(cfg.data)
         t = cfg.train
-        self.loader = BatchLoader(self.corpus.train, t.batch_size, t.seq_len, seed=t.seed)
+        self.loader = BatchLoader(self.corpus, t.batch_size, t.seq_len, seed=t.seed)
         self.model: MoETransformer = build_model(cfg.model, seed=t.seed)
         self.opt = make_adamw(self.model.named_parameters(), t)
         self.chunks = chunk_rows(t.batch_size, cfg.cluster.router_workers * t.micro_batches)
@@ -122,12 +122,9 @@ class InProcessTrainer:
     def evaluate(self) -> float:
         self.model.eval()
         t = self.cfg.train
-        losses = [self.model.loss(x, y)[1].item() for x, y in self.loader_val()]
+        batches = val_batches(self.corpus, t.val_batches, t.batch_size, t.seq_len)
+        losses = [self.model.loss(x, y)[1].item() for x, y in batches]
         return sum(losses) / len(losses)
-
-    def loader_val(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        t = self.cfg.train
-        return BatchLoader(self.corpus.val, t.batch_size, t.seq_len, seed=t.seed).val_batches(t.val_batches)
 
     def run(self, steps: int, progress: ProgressFn | None = None) -> TrainResult:
         losses, auxes, times = [], [], []

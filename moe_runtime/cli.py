@@ -1,0 +1,132 @@
+"""`moe-runtime`: up | status | forward | train | down | simulate | flops.
+
+Human output goes to stderr (rich); with --json the LAST stdout line is one JSON object, for scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from moe_runtime.config import ConfigError, RuntimeConfig, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+err = Console(stderr=True)
+
+DEFAULT_CONFIG = Path("cluster/local.yaml")
+
+
+def _load(config: Path, **overrides: dict) -> RuntimeConfig:
+    try:
+        cfg = load_config(config)
+        if overrides:
+            data = cfg.model_dump()
+            for section, values in overrides.items():
+                data[section].update({k: v for k, v in values.items() if v is not None})
+            from moe_runtime.config import parse_config
+
+            cfg = parse_config(data, source=f"{config} (with command-line overrides)")
+        return cfg
+    except ConfigError as e:
+        err.print(f"[red]config error:[/red] {e}")
+        raise typer.Exit(2) from None
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=err,
+        disable=not err.is_terminal and False,
+    )
+
+
+def _emit_json(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+# ----------------------------------------------------------------------------------------------- flops
+
+
+@app.command()
+def flops(
+    preset: str = typer.Option("yuan-m32", help="model preset: yuan-m32 | small | tiny"),
+    config: Optional[Path] = typer.Option(None, help="take the model from a config file instead of a preset"),
+    seq_len: Optional[int] = typer.Option(None, help="sequence length for attention-score FLOPs (default: max)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object as the last stdout line"),
+) -> None:
+    """Parameter and FLOP counts (paper convention 2 x active params, plus the fuller count)."""
+    from moe_runtime.config import ModelConfig
+    from moe_runtime.model.accounting import flops_report, flops_table_rows
+
+    try:
+        model = load_config(config).model if config else ModelConfig(preset=preset)
+    except (ConfigError, ValueError) as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    report = flops_report(model, seq_len)
+    table = Table(title=f"{model.preset or 'custom'} model: parameters and FLOPs")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    for name, value in flops_table_rows(report):
+        table.add_row(name, value)
+    (err if as_json else Console()).print(table)
+    if as_json:
+        _emit_json(report)
+
+
+# ----------------------------------------------------------------------------------------------- train
+
+
+@app.command()
+def train(
+    config: Path = typer.Option(DEFAULT_CONFIG, help="runtime config (YAML)"),
+    steps: Optional[int] = typer.Option(None, help="training steps (default: train.steps)"),
+    router: Optional[str] = typer.Option(None, help="attention | linear (overrides model.router)"),
+    seed: Optional[int] = typer.Option(None, help="seed for weights and data order (overrides train.seed)"),
+    in_process: bool = typer.Option(False, "--in-process", help="train in this process (the numerical oracle)"),
+    plot: Optional[Path] = typer.Option(None, help="write a PNG with the loss curve and expert load"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object as the last stdout line"),
+) -> None:
+    """Train the model: on the cluster (default) or in-process."""
+    cfg = _load(config, model={"router": router}, train={"seed": seed, "steps": steps})
+    n = cfg.train.steps
+    with _progress() as bar:
+        task = bar.add_task("train", total=n, info="")
+
+        def on_step(step: int, loss: float) -> None:
+            bar.update(task, completed=step + 1, info=f"loss {loss:.3f}")
+
+        if in_process:
+            from moe_runtime.training import InProcessTrainer
+
+            result = InProcessTrainer(cfg).run(n, progress=on_step)
+        else:
+            from moe_runtime.runtime.session import run_on_cluster
+
+            result = run_on_cluster(cfg, lambda cluster: cluster.train(n, progress=on_step))
+    err.print(f"losses {result.losses[0]:.3f} -> {result.losses[-1]:.3f}, val {result.val_loss:.3f}, "
+              f"{result.tokens_per_s:,.0f} tokens/s")
+    if plot:
+        from moe_runtime.plots import plot_training
+
+        plot_training(result.losses, result.expert_load, plot, title=f"{cfg.model.router} router",
+                      val_loss=result.val_loss)
+        err.print(f"wrote {plot}")
+    if as_json:
+        sys.stdout.write(result.to_json() + "\n")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,1 @@
+"""moe_runtime.dispatch"""

@@ -1,0 +1,25 @@
+"""RMSNorm as used by Yuan 2.0-M32 (pre-norm layers, the final norm and the LFA filter's own norm)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """y = x * rsqrt(mean(x^2, last dim) + eps) * weight, computed in float32 (float64 stays float64) and cast
+    back to x's dtype."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        compute = torch.promote_types(x.dtype, torch.float32)
+        xc = x.to(compute)
+        y = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.to(compute)).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
