@@ -18,6 +18,34 @@ import torch
 from moe_runtime.runtime.placement import Placement
 
 
+def split_over_replicas(
+    expert_counts: list[int], replicas: tuple[tuple[int, ...], ...]
+) -> list[tuple[int, int, int]]:
+    """(actor, expert, rows) pieces, sorted by (actor, expert): each expert's rows split evenly over its replicas.
+
+    Replica i of R gets n // R rows, plus one for i < n % R. Pure and cheap: the simulator calls it on token
+    counts for thousands of (worker, layer) pairs, and DispatchPlan.build uses it on real tokens.
+    """
+    pieces = []
+    for expert, n in enumerate(expert_counts):
+        actors = replicas[expert]
+        base, extra = divmod(n, len(actors))
+        for i, actor in enumerate(actors):
+            c = base + (i < extra)
+            if c:
+                pieces.append((actor, expert, c))
+    pieces.sort()
+    return pieces
+
+
+def _expert_offsets(expert_counts: list[int]) -> list[int]:
+    out, acc = [], 0
+    for n in expert_counts:
+        out.append(acc)
+        acc += n
+    return out
+
+
 @dataclass(frozen=True)
 class Segment:
     actor: int
@@ -77,25 +105,17 @@ class DispatchPlan:
         by_expert = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=num_experts)
 
-        # Split each expert's copies over its replicas; remember where each piece starts in `by_expert`.
-        pieces: list[tuple[int, int, int, int]] = []  # (actor, expert, src_start, count)
-        src = 0
-        replicas = placement.replicas[layer]
-        for expert, n in enumerate(counts.tolist()):
-            actors = replicas[expert]
-            r = len(actors)
-            base, extra = divmod(n, r)
-            for i, actor in enumerate(actors):
-                c = base + (i < extra)
-                if c:
-                    pieces.append((actor, expert, src, c))
-                src += c
-        pieces.sort(key=lambda p: (p[0], p[1]))
+        pieces = split_over_replicas(counts.tolist(), placement.replicas[layer])
+        src_start = _expert_offsets(counts.tolist())
+        # Each piece takes the next `count` copies of its expert, in token order.
+        taken = {}
 
         segments = []
         idx_chunks = []
         start = 0
-        for actor, expert, s, c in pieces:
+        for actor, expert, c in pieces:
+            s = src_start[expert] + taken.get(expert, 0)
+            taken[expert] = taken.get(expert, 0) + c
             segments.append(Segment(actor, expert, start, c))
             idx_chunks.append(by_expert[s : s + c])
             start += c
