@@ -175,6 +175,9 @@ class SchedulerConfig(_Strict):
     imbalance_threshold: float = Field(default=1.15, ge=1)  # max/mean tokens per actor that triggers a look
     min_gain: float = Field(default=0.05, ge=0)  # minimum predicted relative drop of the max actor load
     byte_budget_mb: float = Field(default=1024.0, gt=0)  # most bytes moved per rebalance
+    # A copy must lower its layer's max actor load by at least this fraction of the layer's mean load:
+    # without a price per copy the policy spends 2-3x the bytes for ~0.1% balance.
+    min_gain_per_copy: float = Field(default=0.01, ge=0)
     slots_per_actor: int | None = Field(default=None, gt=0)  # expert slots per actor per layer; None = auto
 
 
