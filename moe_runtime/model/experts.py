@@ -19,6 +19,135 @@ def swiglu(x_nd: torch.Tensor, w1_d2f: torch.Tensor, w2_fd: torch.Tensor) -> tor
     return (F.silu(a) * g) @ w2_fd
 
 
+# Crossover between the two paths of grouped_swiglu, calibrated with benchmarks/expert_compute.py on this 2-vCPU
+# Zen 3 with torch.set_num_threads(2) (32 experts, d 512, ffn 1408, top-2, mild skew). See padded_is_faster.
+PADDED_MAX_MEAN_ROWS = 16.0
+PADDED_MAX_WASTE = 1.25
+
+
+def padded_is_faster(counts: Sequence[int], weight_index: Sequence[int] | None = None) -> bool:
+    """The selection rule of grouped_swiglu: True picks the padded batched path, False the loop.
+
+    Rows of segments that share an expert are merged first (replicas). With G experts used, each with C_e rows:
+    padded when mean(C_e) <= PADDED_MAX_MEAN_ROWS (few rows per expert: the loop pays per-expert op and thread
+    fork/join overhead on small GEMMs) or when the padded rows G * max(C_e) <= PADDED_MAX_WASTE * sum(C_e)
+    (almost no padding, so the padded path does no more FLOPs than the loop).
+    """
+    per_expert = _rows_per_expert(counts, weight_index)
+    if not per_expert:
+        return False
+    total, groups, longest = sum(per_expert.values()), len(per_expert), max(per_expert.values())
+    return total <= PADDED_MAX_MEAN_ROWS * groups or groups * longest <= PADDED_MAX_WASTE * total
+
+
+def _rows_per_expert(counts: Sequence[int], weight_index: Sequence[int] | None) -> dict[int, int]:
+    index = range(len(counts)) if weight_index is None else weight_index
+    rows: dict[int, int] = {}
+    for e, n in zip(index, counts):
+        if n:
+            rows[int(e)] = rows.get(int(e), 0) + int(n)
+    return rows
+
+
+def _check(x_nd: torch.Tensor, counts: Sequence[int], weight_index: Sequence[int] | None) -> None:
+    if sum(counts) != x_nd.shape[0]:
+        raise ValueError(f"counts sum to {sum(counts)}: expected x rows ({x_nd.shape[0]})")
+    if weight_index is not None and len(weight_index) != len(counts):
+        raise ValueError(
+            f"len(weight_index) = {len(weight_index)} but len(counts) = {len(counts)}: expected equal"
+        )
+
+
+def _empty(x_nd: torch.Tensor, w1_ed2f: torch.Tensor, w2_efd: torch.Tensor) -> torch.Tensor:
+    # [0, d_out], still attached to x and the weights, so backward() works and leaves zero gradients
+    if w1_ed2f.shape[0] == 0:
+        return x_nd.new_zeros(0, w2_efd.shape[-1])
+    return swiglu(x_nd, w1_ed2f[0], w2_efd[0])
+
+
+def grouped_swiglu_loop(
+    x_nd: torch.Tensor,
+    counts: Sequence[int],
+    w1_ed2f: torch.Tensor,
+    w2_efd: torch.Tensor,
+    weight_index: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """grouped_swiglu by a Python loop: one matmul pair per non-empty segment, on contiguous row slices.
+
+    The best path at many rows per expert (no padding, full-size GEMMs). Under autograd the stacked weights are
+    unbound once: the backward of w[i] (select) would allocate and add a zero tensor of the WHOLE stack per segment
+    (measured 15x slower backward at 32 experts); unbind's backward stacks the per-expert gradients once.
+    """
+    _check(x_nd, counts, weight_index)
+    index = range(len(counts)) if weight_index is None else weight_index
+    if torch.is_grad_enabled() and (w1_ed2f.requires_grad or w2_efd.requires_grad):
+        w1s, w2s = w1_ed2f.unbind(0), w2_efd.unbind(0)
+    else:
+        w1s, w2s = w1_ed2f, w2_efd
+    outs = []
+    start = 0
+    for i, n in zip(index, counts):
+        if n:
+            outs.append(swiglu(x_nd[start : start + n], w1s[i], w2s[i]))
+        start += n
+    if not outs:
+        return _empty(x_nd, w1_ed2f, w2_efd)
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def grouped_swiglu_padded(
+    x_nd: torch.Tensor,
+    counts: Sequence[int],
+    w1_ed2f: torch.Tensor,
+    w2_efd: torch.Tensor,
+    weight_index: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """grouped_swiglu by two batched matmuls over a zero-padded [B, max_rows, d] buffer, B experts.
+
+    Segments of one expert (replicas) share that expert's block, so each expert's weights are read once and their
+    gradients accumulate through the shared rows. The batch is the expert range [lo, hi] of the used experts, taken
+    as a view of the stacked weights (no copy) when at least half of that range is used; otherwise the used experts
+    are gathered (index_select: a copy, whose backward is one index_add). Padding rows are zero, give zero output
+    and zero gradient. A constant number of ops, whatever the number of experts.
+    """
+    _check(x_nd, counts, weight_index)
+    index = range(len(counts)) if weight_index is None else weight_index
+    per_expert = _rows_per_expert(counts, index)
+    if not per_expert:
+        return _empty(x_nd, w1_ed2f, w2_efd)
+    used = sorted(per_expert)
+    lo, hi = used[0], used[-1]
+    if 2 * len(used) >= hi - lo + 1:
+        slot = {e: e - lo for e in used}
+        w1_bd2f, w2_bfd = w1_ed2f[lo : hi + 1], w2_efd[lo : hi + 1]
+    else:
+        slot = {e: s for s, e in enumerate(used)}
+        sel = torch.tensor(used, device=w1_ed2f.device)
+        w1_bd2f, w2_bfd = w1_ed2f.index_select(0, sel), w2_efd.index_select(0, sel)
+    b, rows, d = w1_bd2f.shape[0], max(per_expert.values()), x_nd.shape[1]
+    # buffer row of input row r (segment i) = slot(e_i) * rows + (rows of e_i in earlier segments) + (r - start_i):
+    # one repeat_interleave of a per-segment shift, added to arange(n)
+    filled = dict.fromkeys(used, 0)
+    shifts, lengths = [], []
+    start = 0
+    for e, n in zip(index, counts):
+        if n:
+            e = int(e)
+            shifts.append(slot[e] * rows + filled[e] - start)
+            lengths.append(n)
+            filled[e] += n
+        start += n
+    n_rows = x_nd.shape[0]
+    shift = torch.tensor(shifts, dtype=torch.long, device=x_nd.device)
+    pos = torch.arange(n_rows, device=x_nd.device) + shift.repeat_interleave(
+        torch.tensor(lengths, dtype=torch.long, device=x_nd.device), output_size=n_rows
+    )
+    buf = x_nd.new_zeros(b * rows, d).index_copy(0, pos, x_nd).view(b, rows, d)
+    a, g = torch.bmm(buf, w1_bd2f).chunk(2, dim=-1)
+    y = torch.bmm(F.silu(a) * g, w2_bfd)
+    return y.view(b * rows, -1).index_select(0, pos)
+
+
 def grouped_swiglu(
     x_nd: torch.Tensor,
     counts: Sequence[int],
@@ -28,21 +157,14 @@ def grouped_swiglu(
 ) -> torch.Tensor:
     """Run expert weight_index[i] (default i) on rows [sum(counts[:i]), +counts[i]) of x_nd.
 
-    Rows are sorted by group; groups with zero rows are skipped. One matmul pair per non-empty group: measured on
-    this CPU, a loop over contiguous slices beats padded bmm and torch._grouped_mm (see benchmarks/expert_compute.py).
+    Rows are sorted by group; groups with zero rows are skipped; weight_index may repeat an expert (replicas: the
+    gradients of its weights accumulate). Differentiable w.r.t. x and both weight stacks. Picks the padded batched
+    path (grouped_swiglu_padded) for few rows per expert and the loop (grouped_swiglu_loop) for many, by
+    padded_is_faster; both give the same result up to fp32 rounding.
     """
-    if sum(counts) != x_nd.shape[0]:
-        raise ValueError(f"counts sum to {sum(counts)}: expected x rows ({x_nd.shape[0]})")
-    index = range(len(counts)) if weight_index is None else weight_index
-    outs = []
-    start = 0
-    for i, n in zip(index, counts):
-        if n:
-            outs.append(swiglu(x_nd[start : start + n], w1_ed2f[i], w2_efd[i]))
-        start += n
-    if not outs:
-        return x_nd.new_zeros(0, w2_efd.shape[-1])
-    return torch.cat(outs) if len(outs) > 1 else outs[0]
+    if padded_is_faster(counts, weight_index):
+        return grouped_swiglu_padded(x_nd, counts, w1_ed2f, w2_efd, weight_index)
+    return grouped_swiglu_loop(x_nd, counts, w1_ed2f, w2_efd, weight_index)
 
 
 class SwiGLUExperts(nn.Module):

@@ -1,0 +1,355 @@
+"""Data-plane transport against its baselines, in one run, servers in separate processes on loopback.
+
+Measured (medians, interleaved rounds so drift hits every variant alike):
+1. raw gRPC: a bare bytes-echo service (no protobuf, no codec) at several payload sizes: the loopback limit.
+2. dispatch: RemoteDispatcher forward + plan.combine of a 4 MB layer batch (fp32, d 512, 2048 token copies, 32
+   experts over 4 expert servers, ~1 MB per server) against the same traffic pattern on the raw echo service
+   (4 x 1 MB echoed concurrently to 4 echo servers). To measure transport, the experts are tiny (ffn 8: the
+   server's compute is reported separately from its stats, `server_compute_ms`); `dispatch_with_compute_ms` is
+   the same call at a real expert size (ffn 1408), where compute dominates on this CPU.
+3. codec: encode_frame + decode_frame of the 4 MB batch against one memcpy of the same bytes into a fresh `bytes`
+   (the allocation pattern the codec must have: gRPC wants one new bytes object per message).
+4. call overhead: a 1-row frame through the whole stack (encode, envelope, auth, decode, expert, encode, decode)
+   against a bare 16-byte unary call to the echo service.
+Also: fan-out with gRPC futures vs grpc.aio (the choice in remote.py), and the server's hand-written SwiGLU
+backward vs autograd on leaf weights (the choice in grpc_service.py).
+
+Ratios: dispatch_vs_raw_grpc = dispatch GB/s / raw GB/s (goal >= 0.5); call_overhead_vs_bare_rpc = our tiny
+call time / bare call time (goal <= 2.0); codec_vs_memcpy = codec time / memcpy time (1.0 = the codec costs one
+copy). Writes runs/bench/transport.json and prints it as the last stdout line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import grpc  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from moe_runtime.dispatch.codec import decode_frame, encode_frame  # noqa: E402
+from moe_runtime.dispatch.grpc_service import ExpertClient, wrap_frame  # noqa: E402
+from moe_runtime.dispatch.plan import DispatchPlan  # noqa: E402
+from moe_runtime.dispatch.remote import RemoteDispatcher  # noqa: E402
+from moe_runtime.runtime.placement import Placement  # noqa: E402
+from tests.dispatch.servers import ECHO_METHOD, ServerProcess  # noqa: E402
+
+TOKEN = "bench-token"
+ACTORS, E, D, K = 4, 32, 512, 2
+TOKENS = 1024  # 2048 token copies x 512 x fp32 = 4 MiB
+MAX_MSG = 64 << 20
+OPTS = [("grpc.max_send_message_length", MAX_MSG), ("grpc.max_receive_message_length", MAX_MSG)]
+
+
+def timed(fn, reps: int) -> list[float]:
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def interleaved(fns: dict, rounds: int, reps: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each fn, measured in alternating rounds."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            samples[k] += timed(fn, reps)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def shards_for(actor: int, placement: Placement, ffn: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    w1 = torch.randn(E, D, 2 * ffn, generator=g) * 0.02
+    w2 = torch.randn(E, ffn, D, generator=g) * 0.02
+    return {(layer, e): (w1[e], w2[e]) for layer, e in placement.shards_of(actor)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions (< 60 s)")
+    ap.add_argument("--json", action="store_true", help="(the JSON line is always printed last; kept for make bench)")
+    ap.add_argument("--out", default=str(ROOT / "runs" / "bench" / "transport.json"))
+    args = ap.parse_args()
+    rounds, reps = (3, 6) if args.quick else (5, 20)
+    torch.set_num_threads(1)  # 2 cores shared with 4 server processes: one client thread keeps timings stable
+    t_start = time.perf_counter()
+
+    placement = Placement.contiguous(1, E, ACTORS)
+    echo = [ServerProcess("echo", threads=4, max_message_bytes=MAX_MSG) for _ in range(ACTORS)]
+    experts = [ServerProcess("expert", auth_token=TOKEN, max_message_bytes=MAX_MSG, threads=4,
+                             shards=shards_for(a, placement, ffn=8)) for a in range(ACTORS)]  # fmt: skip
+    procs = echo + experts
+    try:
+        for p in procs:
+            p.wait_ready()
+        startup_s = time.perf_counter() - t_start
+        res = run(echo, experts, placement, rounds, reps, args.quick)
+        res["server_startup_s"] = round(startup_s, 2)
+    finally:
+        for p in procs:
+            p.stop()
+    res["quick"] = args.quick
+    res["wall_s"] = round(time.perf_counter() - t_start, 1)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(res, sort_keys=True)
+    out.write_text(line + "\n")
+    print(line)
+
+
+def run(echo, experts, placement, rounds, reps, quick) -> dict:
+    res: dict = {}
+    echo_ch = [grpc.insecure_channel(p.address, options=OPTS) for p in echo]
+    echo_rpc = [c.unary_unary(ECHO_METHOD, _registered_method=True) for c in echo_ch]
+    clients = [ExpertClient(p.address, TOKEN, deadline_s=60.0, max_message_bytes=MAX_MSG) for p in experts]
+
+    # ---------------------------------------------------------------- 1. raw echo, one server, payload sizes
+    sizes = [64 << 10, 1 << 20, 4 << 20] + ([] if quick else [16 << 20])
+    raw = {}
+    for size in sizes:
+        payload = bytes(size)
+        t = interleaved({"echo": lambda: echo_rpc[0](payload, timeout=60)}, rounds, max(2, reps // 2))["echo"]
+        raw[f"{size >> 10}KiB"] = {"ms": round(t * 1e3, 3), "gbps": round(size / t / 1e9, 3)}
+    res["raw_echo_single_server"] = raw
+
+    # ---------------------------------------------------------------- 2. dispatch + combine vs raw fan-out
+    g = torch.Generator().manual_seed(0)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(TOKENS)])
+    gates = torch.softmax(torch.randn(TOKENS, K, generator=g), -1)
+    x_td = torch.randn(TOKENS, D, generator=g)
+    plan = DispatchPlan.build(ids, placement, 0)
+    x_nd = plan.gather(x_td)
+    batch_bytes = x_nd.nbytes
+    disp = RemoteDispatcher(0, placement, clients)
+    disp.set_step(0, 0)
+    per_server = [bytes((d.stop - d.start) * D * 4) for d in plan.destinations]
+
+    def raw_fanout():
+        futs = [rpc.future(p, timeout=60) for rpc, p in zip(echo_rpc, per_server)]
+        for f in futs:
+            f.result()
+
+    def dispatch_combine():
+        with torch.no_grad():
+            plan.combine(disp(x_nd, plan), gates)
+
+    for c in clients:  # reset server timers after warm-up
+        c.health()
+    t = interleaved({"raw": raw_fanout, "dispatch": dispatch_combine}, rounds, reps)
+    stats = [p.call("stats") for p in experts]
+    calls = sum(s["requests"]["dispatch"] for s in stats)
+    res["batch_bytes"] = batch_bytes
+    res["raw_grpc_ms"] = round(t["raw"] * 1e3, 3)
+    res["dispatch_ms"] = round(t["dispatch"] * 1e3, 3)
+    res["raw_grpc_gbps"] = round(batch_bytes / t["raw"] / 1e9, 3)
+    res["dispatch_gbps"] = round(batch_bytes / t["dispatch"] / 1e9, 3)
+    res["dispatch_vs_raw_grpc"] = round(t["raw"] / t["dispatch"], 3)
+    # where the server's time goes, per call (averaged over every dispatch call, warm-up included)
+    res["server_decode_ms"] = round(sum(s["decode_s"] for s in stats) / calls * 1e3, 3)
+    res["server_compute_ms"] = round(sum(s["compute_s"] for s in stats) / calls * 1e3, 3)
+    res["server_encode_ms"] = round(sum(s["encode_s"] for s in stats) / calls * 1e3, 3)
+    # client-side pieces of the dispatch, for the profile
+    dest = plan.destinations[0]
+    xs = x_nd[dest.start : dest.stop]
+    fr = encode_frame("dispatch", layer=0, step=0, mb=0, pv=0, experts=dest.experts, counts=dest.counts,
+                      tensors={"x": xs})  # fmt: skip
+    y = torch.empty_like(x_nd)
+    piece = interleaved({
+        "encode": lambda: encode_frame("dispatch", layer=0, step=0, mb=0, pv=0, experts=dest.experts,
+                                       counts=dest.counts, tensors={"x": xs}),
+        "envelope": lambda: wrap_frame(fr),
+        "decode_copy": lambda: y[dest.start : dest.stop].copy_(decode_frame(fr, out_dtype=None).tensors["x"]),
+        "combine": lambda: plan.combine(x_nd, gates),
+    }, rounds, reps)  # fmt: skip
+    res["client_per_server_ms"] = {k: round(v * 1e3, 3) for k, v in piece.items()}
+
+    # forward + backward round trip (training path)
+    x_req = x_nd.clone().requires_grad_()
+    step = [1]
+
+    def fwd_bwd():
+        disp.set_step(step[0], 0)
+        step[0] += 1
+        disp(x_req, plan).backward(x_nd)
+
+    res["dispatch_fwd_bwd_ms"] = round(interleaved({"fb": fwd_bwd}, rounds, max(2, reps // 2))["fb"] * 1e3, 3)
+    for c in clients:
+        c.end_step(step[0])
+
+    # bf16 wire (half the bytes; the casts cost CPU time on both sides)
+    disp_bf16 = RemoteDispatcher(0, placement, clients, wire_dtype=torch.bfloat16)
+    disp_bf16.set_step(0, 0)
+    with torch.no_grad():
+        tb = interleaved({"bf16": lambda: disp_bf16(x_nd, plan)}, rounds, reps)["bf16"]
+    res["dispatch_bf16_wire_ms"] = round(tb * 1e3, 3)
+
+    # ---------------------------------------------------------------- 3. codec vs memcpy (4 MB)
+    batch_mv = memoryview(x_nd.numpy()).cast("B")
+    frame_all = encode_frame("dispatch", layer=0, step=0, mb=0, pv=0, experts=[0], counts=[x_nd.shape[0]],
+                             tensors={"x": x_nd})  # fmt: skip
+    c = interleaved({
+        "memcpy": lambda: bytes(batch_mv),
+        "codec": lambda: decode_frame(encode_frame("dispatch", layer=0, step=0, mb=0, pv=0, experts=[0],
+                                                   counts=[x_nd.shape[0]], tensors={"x": x_nd}), out_dtype=None),
+        "encode": lambda: encode_frame("dispatch", layer=0, step=0, mb=0, pv=0, experts=[0],
+                                       counts=[x_nd.shape[0]], tensors={"x": x_nd}),
+        "decode": lambda: decode_frame(frame_all, out_dtype=None),
+        "envelope": lambda: wrap_frame(frame_all),
+    }, rounds, reps)  # fmt: skip
+    res["memcpy_ms"] = round(c["memcpy"] * 1e3, 3)
+    res["codec_ms"] = round(c["codec"] * 1e3, 3)
+    res["codec_encode_ms"] = round(c["encode"] * 1e3, 3)
+    res["codec_decode_ms"] = round(c["decode"] * 1e3, 3)
+    res["envelope_ms"] = round(c["envelope"] * 1e3, 3)
+    res["codec_vs_memcpy"] = round(c["codec"] / c["memcpy"], 3)
+
+    # ---------------------------------------------------------------- 4. tiny call vs bare unary
+    tiny_x = torch.randn(1, D)
+    tiny = b"x" * 16
+
+    def ours():
+        f = encode_frame("dispatch", layer=0, step=0, mb=0, pv=0, experts=[0], counts=[1], tensors={"x": tiny_x},
+                         meta={"src": 0, "save": False})  # fmt: skip
+        decode_frame(clients[0].dispatch(f, layer=0, step=0).result(), out_dtype=None)
+
+    t = interleaved({"bare": lambda: echo_rpc[0](tiny, timeout=60), "ours": ours}, rounds, reps * 3)
+    res["bare_rpc_ms"] = round(t["bare"] * 1e3, 3)
+    res["tiny_call_ms"] = round(t["ours"] * 1e3, 3)
+    res["call_overhead_vs_bare_rpc"] = round(t["ours"] / t["bare"], 3)
+
+    # ---------------------------------------------------------------- fan-out: futures vs grpc.aio
+    res["fanout"] = fanout(echo, echo_rpc, rounds, reps, quick)
+
+    # ---------------------------------------------------------------- server backward: hand-written vs autograd
+    res["server_backward"] = backward_compare(rounds, reps)
+    res["server_backward_handwritten_vs_autograd"] = res["server_backward"]["ratio"]
+
+    # ---------------------------------------------------------------- with real expert compute (ffn 1408)
+    if not quick:
+        for a, p in enumerate(experts):
+            p.call("load_shards", shards_for(a, placement, ffn=1408), replace=True)
+        with torch.no_grad():
+            tc = interleaved({"c": lambda: plan.combine(disp(x_nd, plan), gates)}, 2, 3, warmup=1)["c"]
+        res["dispatch_with_compute_ms"] = round(tc * 1e3, 3)
+        res["dispatch_with_compute_note"] = "ffn 1408, fp32, 1 torch thread per server, 4 servers on 2 cores"
+
+    for ch in echo_ch:
+        ch.close()
+    for cl in clients:
+        cl.close()
+    res["goals"] = {
+        "dispatch_vs_raw_grpc": {"goal": ">= 0.5", "met": res["dispatch_vs_raw_grpc"] >= 0.5},
+        "call_overhead_vs_bare_rpc": {"goal": "<= 2.0", "met": res["call_overhead_vs_bare_rpc"] <= 2.0},
+    }
+    return res
+
+
+def fanout(echo, echo_rpc, rounds, reps, quick) -> dict:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def make():
+        return [grpc.aio.insecure_channel(p.address, options=OPTS) for p in echo]
+
+    achans = asyncio.run_coroutine_threadsafe(make(), loop).result(30)
+    arpc = [c.unary_unary(ECHO_METHOD) for c in achans]
+    out = {}
+    for size in (16 << 10, 1 << 20):
+        payload = bytes(size)
+
+        def futures_():
+            fs = [r.future(payload, timeout=60) for r in echo_rpc]
+            for f in fs:
+                f.result()
+
+        async def gather():
+            await asyncio.gather(*(r(payload, timeout=60) for r in arpc))
+
+        def aio():
+            asyncio.run_coroutine_threadsafe(gather(), loop).result(60)
+
+        def sequential():
+            for r in echo_rpc:
+                r(payload, timeout=60)
+
+        t = interleaved({"futures": futures_, "aio": aio, "sequential": sequential}, rounds, reps)
+        out[f"4x{size >> 10}KiB_ms"] = {k: round(v * 1e3, 3) for k, v in t.items()}
+
+    async def close():
+        for c in achans:
+            await c.close()
+
+    asyncio.run_coroutine_threadsafe(close(), loop).result(30)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    return out
+
+
+def backward_compare(rounds, reps) -> dict:
+    """One server's forward + backward compute for 512 rows over 8 experts (d 512, ffn 256): the hand-written
+    backward in grpc_service.py vs autograd on leaf weights (what an ExpertServer using autograd would run)."""
+    g = torch.Generator().manual_seed(1)
+    ffn, n_exp, rows = 256, 8, 512
+    w1 = [torch.randn(D, 2 * ffn, generator=g) * 0.02 for _ in range(n_exp)]
+    w2 = [torch.randn(ffn, D, generator=g) * 0.02 for _ in range(n_exp)]
+    x = torch.randn(rows, D, generator=g)
+    dy = torch.randn(rows, D, generator=g)
+    n = rows // n_exp
+    g1 = [torch.zeros_like(w) for w in w1]
+    g2 = [torch.zeros_like(w) for w in w2]
+
+    def handwritten():
+        y = torch.empty(rows, D)
+        hs = []
+        for e in range(n_exp):
+            h = x[e * n : (e + 1) * n] @ w1[e]
+            a, gg = h.chunk(2, -1)
+            torch.mm(F.silu(a) * gg, w2[e], out=y[e * n : (e + 1) * n])
+            hs.append(h)
+        dx = torch.empty(rows, D)
+        for e in range(n_exp):
+            a, gg = hs[e].chunk(2, -1)
+            sa = F.silu(a)
+            dys = dy[e * n : (e + 1) * n]
+            du = dys @ w2[e].t()
+            g2[e].add_((sa * gg).t() @ dys)
+            dh = torch.cat((torch.ops.aten.silu_backward(du * gg, a), du * sa), -1)
+            torch.mm(dh, w1[e].t(), out=dx[e * n : (e + 1) * n])
+            g1[e].add_(x[e * n : (e + 1) * n].t() @ dh)
+        return dx
+
+    lw1 = [w.clone().requires_grad_() for w in w1]
+    lw2 = [w.clone().requires_grad_() for w in w2]
+
+    def autograd():
+        xr = x.clone().requires_grad_()
+        ys = []
+        for e in range(n_exp):
+            a, gg = (xr[e * n : (e + 1) * n] @ lw1[e]).chunk(2, -1)
+            ys.append((F.silu(a) * gg) @ lw2[e])
+        torch.cat(ys).backward(dy)
+        return xr.grad
+
+    t = interleaved({"handwritten": handwritten, "autograd": autograd}, rounds, reps)
+    return {"handwritten_ms": round(t["handwritten"] * 1e3, 3), "autograd_ms": round(t["autograd"] * 1e3, 3),
+            "ratio": round(t["handwritten"] / t["autograd"], 3)}  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

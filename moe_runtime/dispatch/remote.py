@@ -1,0 +1,156 @@
+"""RemoteDispatcher: the experts of one MoE layer live on expert actors, reached over gRPC.
+
+Drops into MoELayer in place of LocalDispatcher: forward(x_nd, plan) -> y_nd, token copies in plan order. Per
+call it sends one frame per destination actor (plan.destinations), all in flight at once, then copies each
+reply into its row range of a preallocated y. It is a torch.autograd.Function, so loss.backward() sends the
+grad of the outputs back through Backward to the same actors (the ones of the forward, even if the placement is
+refreshed in between) and gets the grad of the inputs; the model code does not change.
+
+Fan-out: gRPC futures from one thread (`.future()` per destination, then `.result()` in order, decoding each
+reply while later ones are still in flight). Measured against grpc.aio (`asyncio.gather` on a loop kept in a
+background thread, `run_coroutine_threadsafe` from the caller) on this machine, 4 server processes on loopback,
+d 512: 4 x 1 MB forward round trip, median of 30: futures 13.5 ms, aio 15.1 ms; 4 x 16 KB: futures 1.5 ms,
+aio 1.9 ms (the hop into the loop thread costs more than aio saves; the earlier "aio gather is faster" figure in
+machine-notes was for a driver that already lives in the event loop). Futures kept.
+
+Step context: the router worker calls `set_step(step, micro_batch)` before each forward; the values are captured
+in the autograd context at forward time, so backward uses the key (step, micro-batch, layer, worker) the server
+saved the activations under.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from moe_runtime.dispatch.codec import FrameError, decode_frame, encode_frame
+from moe_runtime.dispatch.grpc_service import ExpertCallError, ExpertClient, ExpertFuture
+from moe_runtime.dispatch.plan import DispatchPlan
+from moe_runtime.runtime.placement import Placement
+
+__all__ = ["RemoteDispatcher"]
+
+_WIRE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class RemoteDispatcher(nn.Module):
+    def __init__(
+        self,
+        layer_index: int,
+        placement: Placement,
+        clients: Sequence[ExpertClient],
+        wire_dtype: torch.dtype = torch.float32,
+        worker_id: int = 0,
+    ):
+        super().__init__()
+        if wire_dtype not in _WIRE_DTYPES:
+            raise ValueError(f"wire_dtype = {wire_dtype}: expected one of {[str(d) for d in _WIRE_DTYPES]}")
+        if worker_id < 0:
+            raise ValueError(f"worker_id = {worker_id}: expected >= 0")
+        self.layer_index = layer_index
+        self.wire_dtype = wire_dtype
+        self.worker_id = worker_id  # keys the server's saved activations apart from other router workers'
+        self.placement = placement
+        self.clients: list[ExpertClient] = []
+        self.refresh_placement(placement, clients)
+        self._step: int | None = None
+        self._mb = 0
+
+    def set_step(self, step: int, micro_batch: int = 0) -> None:
+        if step < 0 or micro_batch < 0:
+            raise ValueError(f"set_step({step}, {micro_batch}): expected non-negative step and micro-batch")
+        self._step, self._mb = int(step), int(micro_batch)
+
+    def refresh_placement(self, placement: Placement, clients: Sequence[ExpertClient] | None = None) -> None:
+        """Switch to a new placement (and actor clients, index = actor id) between steps."""
+        clients = list(self.clients if clients is None else clients)
+        if len(clients) != placement.num_actors:
+            raise ValueError(f"got {len(clients)} clients: placement has {placement.num_actors} actors")
+        if not 0 <= self.layer_index < placement.num_layers:
+            raise ValueError(f"layer_index = {self.layer_index}: placement has {placement.num_layers} layers")
+        self.placement, self.clients = placement, clients
+
+    def forward(self, x_nd: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        if self._step is None:
+            raise RuntimeError("RemoteDispatcher: call set_step(step, micro_batch) before forward")
+        if plan.layer != self.layer_index:
+            raise ValueError(f"plan is for layer {plan.layer}: this dispatcher serves layer {self.layer_index}")
+        if plan.placement_version != self.placement.version:
+            raise ValueError(
+                f"plan was built with placement version {plan.placement_version}: dispatcher has "
+                f"{self.placement.version}"
+            )
+        if x_nd.dim() != 2 or x_nd.shape[0] != plan.num_tokens * plan.top_k:
+            raise ValueError(f"x_nd has shape {list(x_nd.shape)}: expected [{plan.num_tokens * plan.top_k}, d]")
+        save = torch.is_grad_enabled() and x_nd.requires_grad
+        ctx = _Exchange(self, plan, self._step, self._mb, save)
+        return _RemoteExperts.apply(x_nd, ctx)
+
+
+class _Exchange:
+    """Everything one forward needs again in backward: a snapshot of clients, plan and step context."""
+
+    __slots__ = ("layer", "clients", "plan", "step", "mb", "wire_dtype", "meta", "save")
+
+    def __init__(self, disp: RemoteDispatcher, plan: DispatchPlan, step: int, mb: int, save: bool):
+        self.layer, self.clients, self.plan = disp.layer_index, disp.clients, plan
+        self.step, self.mb, self.wire_dtype, self.save = step, mb, disp.wire_dtype, save
+        self.meta = {"src": disp.worker_id} if save else {"src": disp.worker_id, "save": False}
+
+    def run(self, kind: str, x_nd: torch.Tensor) -> torch.Tensor:
+        """One frame per destination, all in flight, replies copied into their row ranges of the output."""
+        send_kind, reply_kind, name, reply_name = (
+            ("dispatch", "result", "x", "y") if kind == "dispatch" else ("backward", "grad", "dy", "dx"))  # fmt: skip
+        plan = self.plan
+        out = torch.empty(x_nd.shape, dtype=x_nd.dtype)
+        meta = self.meta if kind == "dispatch" else {"src": self.meta["src"]}
+        calls: list[tuple[object, ExpertFuture, ExpertClient]] = []
+        try:
+            for dest in plan.destinations:
+                client = self.clients[dest.actor]
+                frame = encode_frame(
+                    send_kind, layer=self.layer, step=self.step, mb=self.mb, pv=plan.placement_version,
+                    experts=dest.experts, counts=dest.counts, tensors={name: x_nd[dest.start : dest.stop]},
+                    wire_dtype=self.wire_dtype, meta=meta,
+                )  # fmt: skip
+                send = client.dispatch if kind == "dispatch" else client.backward
+                calls.append((dest, send(frame, layer=self.layer, step=self.step), client))
+            for dest, fut, client in calls:
+                data = fut.result()
+                try:
+                    reply = decode_frame(data, expected_kind=reply_kind, out_dtype=None)
+                    h = reply.header
+                    rows = dest.stop - dest.start
+                    t = reply.tensors.get(reply_name)
+                    if (h.layer, h.step, h.mb, list(h.experts), list(h.counts)) != (
+                        self.layer, self.step, self.mb, dest.experts, dest.counts
+                    ) or t is None or tuple(t.shape) != (rows, x_nd.shape[1]):  # fmt: skip
+                        raise FrameError(
+                            f"reply (layer {h.layer}, step {h.step}, mb {h.mb}, experts {list(h.experts)}, "
+                            f"counts {list(h.counts)}, tensors {[s.name for s in h.tensors]}) does not answer "
+                            f"the request (experts {dest.experts}, counts {dest.counts}, {rows} rows)"
+                        )
+                except FrameError as e:
+                    raise ExpertCallError(client.address, kind, self.layer, self.step, None, f"bad reply: {e}")
+                out[dest.start : dest.stop].copy_(t)
+        except BaseException:
+            for _, fut, _ in calls:
+                fut.cancel()
+            raise
+        return out
+
+
+class _RemoteExperts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_nd: torch.Tensor, exchange: _Exchange) -> torch.Tensor:  # type: ignore[override]
+        ctx.exchange = exchange
+        return exchange.run("dispatch", x_nd.detach())
+
+    @staticmethod
+    def backward(ctx, dy_nd: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        exchange: _Exchange = ctx.exchange
+        if not exchange.save:
+            raise RuntimeError("RemoteDispatcher: backward through a forward that ran without grad")
+        return exchange.run("backward", dy_nd), None

@@ -1,0 +1,178 @@
+"""grouped_swiglu and its two paths against a per-token reference: outputs and gradients (x, w1, w2) in fp32,
+with replicas (repeated weight_index), zero-count segments, unsorted expert order and empty input; the selection
+rule (padded for few rows per expert, loop for many)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from moe_runtime.model.experts import (
+    PADDED_MAX_MEAN_ROWS,
+    SwiGLUExperts,
+    grouped_swiglu,
+    grouped_swiglu_loop,
+    grouped_swiglu_padded,
+    padded_is_faster,
+)
+
+PATHS = {"auto": grouped_swiglu, "loop": grouped_swiglu_loop, "padded": grouped_swiglu_padded}
+
+
+def per_token_reference(x_nd, counts, w1, w2, weight_index):
+    """Every row on its own: find its segment's expert, x @ w1[e], SiLU on the first half times the second, @ w2."""
+    index = range(len(counts)) if weight_index is None else weight_index
+    expert_of_row = [e for e, n in zip(index, counts) for _ in range(n)]
+    rows = []
+    for r, e in enumerate(expert_of_row):
+        h = x_nd[r] @ w1[e]
+        f = h.shape[0] // 2
+        rows.append((F.silu(h[:f]) * h[f:]) @ w2[e])
+    return torch.stack(rows) if rows else x_nd.new_zeros(0, w2.shape[-1])
+
+
+CASES = {
+    # name: (num_experts, counts, weight_index)
+    "identity": (4, [3, 1, 5, 2], None),
+    "zero_counts": (5, [0, 4, 0, 3, 0], None),
+    "replicas": (4, [2, 3, 1, 4, 2], [1, 3, 1, 0, 3]),  # experts 1 and 3 twice, not adjacent; expert 2 unused
+    "replicas_zero": (3, [0, 2, 3, 0, 1], [2, 2, 0, 1, 0]),
+    "sparse_subset": (
+        16,
+        [3, 2, 4],
+        [13, 1, 7],
+    ),  # 3 of 16 in a wide range: the padded path gathers the weights
+    "one_segment": (3, [6], [2]),
+    "skewed": (6, [1, 17, 2, 0, 3, 1], None),
+}
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_path_matches_per_token_reference(path, case):
+    num_experts, counts, weight_index = CASES[case]
+    d, ffn = 8, 12
+    gen = torch.Generator().manual_seed(hash(case) % 1000)
+    x = torch.randn(sum(counts), d, generator=gen, requires_grad=True)
+    w1 = (0.5 * torch.randn(num_experts, d, 2 * ffn, generator=gen)).requires_grad_(True)
+    w2 = (0.5 * torch.randn(num_experts, ffn, d, generator=gen)).requires_grad_(True)
+    x_ref, w1_ref, w2_ref = (t.detach().clone().requires_grad_(True) for t in (x, w1, w2))
+
+    y = PATHS[path](x, counts, w1, w2, weight_index)
+    y_ref = per_token_reference(x_ref, counts, w1_ref, w2_ref, weight_index)
+    assert y.shape == (sum(counts), d)
+    assert_close(y, y_ref)
+
+    g = torch.randn(y.shape, generator=gen)
+    y.backward(g)
+    y_ref.backward(g)
+    assert_close(x.grad, x_ref.grad)
+    assert_close(w1.grad, w1_ref.grad)
+    assert_close(w2.grad, w2_ref.grad)
+    used = {e for e, n in zip(weight_index or range(len(counts)), counts) if n}
+    for e in range(num_experts):  # unused experts get exactly zero gradient, used ones a real one
+        assert (w1.grad[e].abs().sum() > 0) == (e in used)
+
+
+def test_replica_gradients_accumulate():
+    """Two segments of one expert give the weight gradient of the two blocks of rows summed."""
+    d, ffn = 8, 8
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(5, d, generator=gen)
+    w1 = torch.randn(2, d, 2 * ffn, generator=gen, requires_grad=True)
+    w2 = torch.randn(2, ffn, d, generator=gen, requires_grad=True)
+    for fn in PATHS.values():
+        w1.grad = w2.grad = None
+        fn(x, [2, 3], w1, w2, [1, 1]).sum().backward()
+        both = (w1.grad.clone(), w2.grad.clone())
+        parts = []
+        for rows in (slice(0, 2), slice(2, 5)):
+            w1.grad = w2.grad = None
+            fn(x[rows], [rows.stop - rows.start], w1, w2, [1]).sum().backward()
+            parts.append((w1.grad.clone(), w2.grad.clone()))
+        assert_close(both[0], parts[0][0] + parts[1][0])
+        assert_close(both[1], parts[0][1] + parts[1][1])
+        assert both[0][0].abs().sum() == 0
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("counts", [[], [0, 0, 0]])
+def test_empty_input(path, counts):
+    x = torch.randn(0, 8, requires_grad=True)
+    w1 = torch.randn(3, 8, 24, requires_grad=True)
+    w2 = torch.randn(3, 12, 8, requires_grad=True)
+    y = PATHS[path](x, counts, w1, w2)
+    assert y.shape == (0, 8)
+    y.sum().backward()  # still attached to the graph: zero gradients, no error
+    assert x.grad.shape == (0, 8)
+    assert w1.grad is None or w1.grad.abs().sum() == 0
+    assert w2.grad is None or w2.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_no_grad_and_noncontiguous_input(path):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 14, generator=gen)[:, ::2]  # [8, 7], column stride 2
+    counts, index = [3, 0, 5], [2, 0, 2]
+    w1 = torch.randn(3, 7, 10, generator=gen)
+    w2 = torch.randn(3, 5, 7, generator=gen)
+    with torch.no_grad():
+        y = PATHS[path](x, counts, w1, w2, index)
+    assert not y.requires_grad
+    assert_close(y, per_token_reference(x, counts, w1, w2, index))
+
+
+def test_module_and_realistic_routing_all_paths_agree():
+    """Top-2 routing over 8 experts with skew, through SwiGLUExperts: auto == loop == padded (fp32 rounding)."""
+    torch.manual_seed(0)
+    experts = SwiGLUExperts(8, 32, 48, init_std=0.2)
+    ids = torch.multinomial(torch.softmax(torch.randn(8), 0).expand(40, 8), 2).flatten()
+    counts = torch.bincount(ids, minlength=8).tolist()
+    x = torch.randn(80, 32)
+    ys = [experts(x, counts, list(range(8)))]
+    ys += [fn(x, counts, experts.w1, experts.w2) for fn in (grouped_swiglu_loop, grouped_swiglu_padded)]
+    for y in ys[1:]:
+        assert_close(y, ys[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fn", [grouped_swiglu, grouped_swiglu_loop, grouped_swiglu_padded])
+def test_rejects_bad_counts(fn):
+    w1, w2 = torch.randn(2, 4, 8), torch.randn(2, 4, 4)
+    with pytest.raises(ValueError, match="counts sum to 3"):
+        fn(torch.randn(4, 4), [1, 2], w1, w2)
+    with pytest.raises(ValueError, match="len\\(weight_index\\) = 1"):
+        fn(torch.randn(3, 4), [1, 2], w1, w2, [0])
+
+
+def test_selection_rule():
+    # few rows per expert (small batch: 64 tokens top-2 over 32 experts): padded
+    assert padded_is_faster([4] * 32)
+    assert padded_is_faster([1, 9, 0, 3] * 8)
+    # many rows per expert, skewed (4096 tokens top-2): loop
+    skewed = [150, 400, 220, 600, 180, 260, 90, 300] * 4
+    assert not padded_is_faster(skewed)
+    # replica segments of one expert are merged before the rule: {0: 20, 1: 30} rows is 25 per expert, padded to
+    # 2 * 30 = 60 rows (waste 1.2): padded; the same segments as three experts (17/expert, 3 * 30 = 90 rows): loop
+    assert padded_is_faster([10, 10, 30], [0, 0, 1])
+    assert not padded_is_faster([10, 10, 30], [0, 2, 1])
+    # the threshold itself
+    t = int(PADDED_MAX_MEAN_ROWS)
+    assert padded_is_faster([t, t - 1, t + 1, 0])
+    assert not padded_is_faster([t + 1, 4 * t, t // 2, 3 * t])
+    assert not padded_is_faster([])
+    assert not padded_is_faster([0, 0])
+
+
+@pytest.mark.parametrize("counts", [[4] * 32, [150, 400, 220, 600] * 8])
+def test_grouped_swiglu_dispatches_by_the_rule(monkeypatch, counts):
+    import moe_runtime.model.experts as mod
+
+    called = []
+    for name in ("grouped_swiglu_loop", "grouped_swiglu_padded"):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _n=name, _f=real, **k: called.append(_n) or _f(*a, **k))
+    x = torch.randn(sum(counts), 4)
+    mod.grouped_swiglu(x, counts, torch.randn(32, 4, 8), torch.randn(32, 4, 4))
+    expected = "grouped_swiglu_padded" if mod.padded_is_faster(counts) else "grouped_swiglu_loop"
+    assert called == [expected]
+    assert expected == ("grouped_swiglu_padded" if counts[0] == 4 else "grouped_swiglu_loop")
