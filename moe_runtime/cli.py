@@ -124,6 +124,128 @@ def train(
         sys.stdout.write(result.to_json() + "\n")
 
 
+# ----------------------------------------------------------------------------------------------- cluster life
+
+
+@app.command()
+def up(config: Path = typer.Option(DEFAULT_CONFIG, help="runtime config (YAML)")) -> None:
+    """Start the cluster and leave it running (a daemon owns it; `down` stops it)."""
+    from moe_runtime.runtime.session import SessionError, start_daemon
+
+    _load(config)
+    with err.status("starting the cluster (Ray, expert actors, router workers)..."):
+        try:
+            handle = start_daemon(config)
+        except SessionError as e:
+            err.print(f"[red]{e}[/red]")
+            raise typer.Exit(1) from None
+    _print_status(handle.status())
+    err.print("cluster is up: `moe-runtime train`, `forward` and `status` use it; `moe-runtime down` stops it")
+
+
+@app.command()
+def down() -> None:
+    """Stop the running cluster."""
+    from moe_runtime.runtime.session import stop_daemon
+
+    if stop_daemon():
+        err.print("cluster stopped")
+    else:
+        err.print("no cluster is up")
+
+
+@app.command()
+def status(
+    config: Path = typer.Option(DEFAULT_CONFIG, help="config to start a cluster with when none is up"),
+    heatmap: Optional[Path] = typer.Option(None, help="write a PNG of load per layer x expert and per actor"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object as the last stdout line"),
+) -> None:
+    """Placement, nodes, per-actor load and health of the running cluster."""
+    from moe_runtime.runtime.session import running
+
+    handle = running()
+    if handle is None:
+        err.print("[yellow]no cluster is up[/yellow] (`moe-runtime up --config C` starts one)")
+        raise typer.Exit(1)
+    st = handle.status()
+    _print_status(st)
+    if heatmap:
+        from moe_runtime.plots import plot_load
+
+        load = st.get("expert_load") or [[0] * len(st["placement"]["replicas"][0])] * len(st["placement"]["replicas"])
+        plot_load(load, st.get("actor_load_per_layer") or [[a.get("tokens", 0) for a in st["expert_actors"]]],
+                  heatmap, title=f"step {st['step']}, placement v{st['placement']['version']}")
+        err.print(f"wrote {heatmap}")
+    if as_json:
+        _emit_json(st)
+
+
+def _print_status(st: dict) -> None:
+    table = Table(title=f"moe-runtime cluster: step {st['step']}, placement v{st['placement']['version']}, "
+                        f"{len(st['nodes'])} node(s), {'healthy' if st['healthy'] else 'UNHEALTHY'}")
+    for col in ("actor", "node", "address", "device", "shards", "tokens served", "health"):
+        table.add_column(col)
+    node_names = {n: f"node{i}" for i, n in enumerate(st["nodes"])}
+    for a in st["expert_actors"]:
+        table.add_row(str(a.get("index")), node_names.get(a.get("node_id"), str(a.get("node_id", "?"))[:8]),
+                      str(a.get("address", "-")), str(a.get("device", "-")), str(len(a.get("shards", []))),
+                      f"{a.get('tokens', 0):,}", a["health"])
+    for w in st["router_workers"]:
+        table.add_row(f"worker {w.get('index')}", node_names.get(w.get("node_id"), "?"), "-",
+                      str(w.get("device", "-")), "dense", "-", w["health"])
+    err.print(table)
+    sched = st.get("scheduler")
+    if sched:
+        err.print(f"imbalance (max/mean tokens per actor): {sched.get('imbalance', float('nan')):.3f}; "
+                  f"last decision: {sched.get('last_decision', 'none')}")
+
+
+@app.command()
+def forward(
+    text: str = typer.Option(..., help="prompt text (bytes are the tokens)"),
+    config: Path = typer.Option(DEFAULT_CONFIG, help="runtime config (YAML)"),
+    top: int = typer.Option(5, help="how many next-token candidates to show"),
+    generate: int = typer.Option(0, help="also continue the text greedily by this many bytes"),
+    in_process: bool = typer.Option(False, "--in-process", help="use an in-process model (untrained unless a "
+                                                                  "checkpoint is restored on the cluster)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object as the last stdout line"),
+) -> None:
+    """Run a forward pass and print next-token predictions."""
+    from moe_runtime.inference import encode_text, greedy_continuation, next_token_predictions
+
+    cfg = _load(config)
+    try:
+        tokens = encode_text(text, cfg.model.max_seq_len)
+    except ValueError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+
+    def run(model_forward) -> dict:
+        preds = next_token_predictions(model_forward(tokens), top)
+        cont = greedy_continuation(model_forward, tokens, generate, cfg.model.max_seq_len) if generate else ""
+        return {"predictions": [p.__dict__ for p in preds], "continuation": cont}
+
+    if in_process:
+        from moe_runtime.model.transformer import build_model
+
+        model = build_model(cfg.model, cfg.train.seed).eval()
+        result = run(lambda t: model(t).logits.detach())
+    else:
+        from moe_runtime.runtime.session import run_on_cluster
+
+        result = run_on_cluster(cfg, lambda c: run(c.forward))
+    table = Table(title=f"next token after {text[-40:]!r}")
+    table.add_column("token")
+    table.add_column("probability", justify="right")
+    for p in result["predictions"]:
+        table.add_row(p["text"], f"{p['prob']:.3f}")
+    err.print(table)
+    if generate:
+        err.print(f"greedy continuation: {result['continuation']!r}")
+    if as_json:
+        _emit_json(result)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

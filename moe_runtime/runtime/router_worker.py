@@ -1,0 +1,314 @@
+"""RouterWorker: a data-parallel Ray actor holding the dense model (embedding, LFA attention, norms, routers, head).
+
+Each worker builds the model with `build_model(cfg.model, seed, dispatcher_factory=...)` where every MoE layer gets
+a RemoteDispatcher (gRPC to the expert actors), then loads the dense weights the driver took from the in-process
+model `build_model(cfg.model, seed)` (strict: every key of the remote model must be given, nothing else). So the
+cluster starts from exactly the oracle's weights.
+
+One step (the oracle's decomposition, training.py): the global batch of `step` is split into
+W x M chunks (`chunk_rows`), worker w runs chunks [w*M, (w+1)*M), scaling each chunk's loss by 1/(W*M) before
+backward; `set_step(step, mb)` on every dispatcher before each chunk's forward keys the activations the expert
+servers keep for backward. Then the dense grads are summed over workers (`sync_grads`: torch.distributed gloo, or
+through the Ray object store when cluster.grad_sync = "ray"), the driver computes the global clip coefficient,
+and every worker applies the identical AdamW step (`apply`).
+
+Ray options (set by cluster.py): num_cpus = cluster.cpus_per_actor (0 by default), num_gpus = 0,
+max_restarts = cluster.max_restarts, max_task_retries = 0.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from moe_runtime.config import RuntimeConfig
+from moe_runtime.data import DEFAULT_CACHE_DIR, BatchLoader, load_corpus
+from moe_runtime.dispatch.grpc_service import ExpertCallError, ExpertClient
+from moe_runtime.dispatch.remote import RemoteDispatcher
+from moe_runtime.model.transformer import MoETransformer, build_model
+from moe_runtime.runtime import checkpoint as ckpt
+from moe_runtime.runtime.expert_actor import max_message_bytes
+from moe_runtime.runtime.placement import Placement
+from moe_runtime.runtime.ray_env import LOOPBACK, pick_device
+from moe_runtime.training import chunk_rows, make_adamw, set_lr
+
+
+def expert_keys(cfg: RuntimeConfig) -> set[str]:
+    """State-dict keys of the stacked expert weights in the in-process model (not part of the dense state)."""
+    from moe_runtime.model.transformer import expert_param_name
+
+    return {expert_param_name(layer, w) for layer in range(cfg.model.num_layers) for w in ("w1", "w2")}
+
+
+def dense_state_from_full(full: torch.nn.Module, cfg: RuntimeConfig) -> dict[str, torch.Tensor]:
+    """The in-process model's state dict without the expert weights."""
+    experts = expert_keys(cfg)
+    sd = full.state_dict()
+    missing = experts - set(sd)
+    if missing:
+        raise KeyError(f"in-process model has no {sorted(missing)}: expert_param_name is out of sync")
+    return {k: v.detach().clone() for k, v in sd.items() if k not in experts}
+
+
+class DataPlaneError(RuntimeError):
+    """A data-plane (gRPC) call to an expert actor failed inside a router worker. Carries ExpertCallError's
+    message across Ray (ExpertCallError itself does not unpickle: its __init__ takes six arguments)."""
+
+
+class _Timer:
+    """Forward/backward wall time of the MoE pieces of one worker, via module hooks."""
+
+    def __init__(self, model: MoETransformer):
+        self.t: dict[str, float] = {}
+        self._open: dict[tuple[str, int], float] = {}
+        for i, moe in enumerate(model.moe_layers):
+            self._fwd(moe, "moe", i)
+            self._fwd(moe.router, "router", i)
+            self._fwd(moe.dispatcher, "dispatch", i)
+            moe.dispatcher.register_full_backward_pre_hook(self._start("dispatch_bwd", i))
+            moe.dispatcher.register_full_backward_hook(self._stop("dispatch_bwd", i))
+
+    def _start(self, name: str, i: int):
+        def hook(*_: Any) -> None:
+            self._open[(name, i)] = time.perf_counter()
+
+        return hook
+
+    def _stop(self, name: str, i: int):
+        def hook(*_: Any) -> None:
+            t0 = self._open.pop((name, i), None)
+            if t0 is not None:
+                self.t[name] = self.t.get(name, 0.0) + time.perf_counter() - t0
+
+        return hook
+
+    def _fwd(self, module: torch.nn.Module, name: str, i: int) -> None:
+        module.register_forward_pre_hook(self._start(name, i))
+        module.register_forward_hook(self._stop(name, i))
+
+    def reset(self) -> dict[str, float]:
+        t, self.t, self._open = self.t, {}, {}
+        return t
+
+
+class RouterWorker:
+    def __init__(self, config: dict, index: int, auth_token: str):
+        """Loads the corpus; the model is built by the first `set_placement` (it needs the actors' addresses),
+        so the driver can start workers and expert actors at the same time."""
+        self.cfg = cfg = RuntimeConfig.model_validate(config)
+        self.index = index
+        self.world = cfg.cluster.router_workers
+        self.local = cfg.cluster.ray_address is None
+        torch.set_num_threads(cfg.cluster.torch_threads)
+        self.device = pick_device()
+        self._token = auth_token
+        t = cfg.train
+        self.loader = BatchLoader(load_corpus(cfg.data, cache_dir=DEFAULT_CACHE_DIR), t.batch_size, t.seq_len,
+                                  seed=t.seed)
+        self.chunks = chunk_rows(t.batch_size, self.world * t.micro_batches)
+        self.placement: Placement | None = None
+        self.clients: list[ExpertClient] = []
+        self.dispatchers: list[RemoteDispatcher] = []
+        self.model: MoETransformer | None = None
+
+    def _build(self) -> None:
+        cfg, t = self.cfg, self.cfg.train
+        wire = getattr(torch, cfg.transport.wire_dtype)
+
+        def factory(layer: int) -> RemoteDispatcher:
+            d = RemoteDispatcher(layer, self.placement, self.clients, wire_dtype=wire, worker_id=self.index)
+            self.dispatchers.append(d)
+            return d
+
+        # Dense weights are random until `load_model_state` / `load_checkpoint`: the driver sends the oracle's.
+        self.model = build_model(cfg.model, t.seed, dispatcher_factory=factory).to(self.device)
+        self.opt = make_adamw(self.model.named_parameters(), t)
+        self.timer = _Timer(self.model)
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ wiring
+
+    def _clients(self, addresses: Sequence[str]) -> list[ExpertClient]:
+        tc = self.cfg.transport
+        return [ExpertClient(a, self._token, tc.deadline_s, max_message_bytes(self.cfg)) for a in addresses]
+
+    def set_placement(self, placement: dict, addresses: Sequence[str] | None = None) -> None:
+        """Switch every dispatcher to a new placement (and, after an actor restart, new server addresses).
+        The first call (addresses required) builds the model."""
+        self.placement = Placement.from_dict(placement)
+        if addresses is not None:
+            old, self.clients = self.clients, self._clients(addresses)
+            for c in old:
+                c.close()
+        if self.model is None:
+            if addresses is None:
+                raise RuntimeError("RouterWorker: the first set_placement needs the expert actors' addresses")
+            self._build()
+        for d in self.dispatchers:
+            d.refresh_placement(self.placement, self.clients)
+
+    def info(self) -> dict[str, Any]:
+        import ray
+
+        return {"index": self.index, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                "device": self.device, "collective": dist.is_initialized()}
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def rendezvous(self) -> tuple[str, int]:
+        """(host, free port) for the gloo store; called on worker 0."""
+        import ray
+
+        host = LOOPBACK if self.local else ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind((host, 0))
+            return host, s.getsockname()[1]
+
+    def init_collective(self, host: str, port: int, timeout_s: float = 120.0) -> None:
+        """Join the gloo group (every worker calls this concurrently); replaces a previous group."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        if self.local:
+            os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # keep gloo's own connections on loopback too
+        dist.init_process_group("gloo", init_method=f"tcp://{host}:{port}", rank=self.index,
+                                world_size=self.world, timeout=timedelta(seconds=timeout_s))
+
+    # ------------------------------------------------------------------ training
+
+    def forward_backward(self, step: int) -> dict[str, Any]:
+        """This worker's micro-batches of `step`: forward, backward (expert grads accumulate on the actors).
+        Returns the chunk-mean lm / aux loss contributions, the expert load [L, E] and timings."""
+        t0 = time.perf_counter()
+        t = self.cfg.train
+        n = self.world * t.micro_batches
+        self.model.train()
+        self.opt.zero_grad(set_to_none=True)
+        self.timer.reset()
+        inputs, targets = self.loader.batch(step)
+        mine = self.chunks[self.index * t.micro_batches : (self.index + 1) * t.micro_batches]
+        lm, aux = 0.0, 0.0
+        load = torch.zeros(self.cfg.model.num_layers, self.cfg.model.num_experts, dtype=torch.long)
+        try:
+            for mb, rows in enumerate(mine):
+                for d in self.dispatchers:
+                    d.set_step(step, mb)
+                loss, ce = self.model.loss(inputs[rows].to(self.device), targets[rows].to(self.device))
+                (loss / n).backward()
+                lm += ce.item() / n
+                aux += (loss - ce).item() / n
+                load += self.model.expert_load()
+        except ExpertCallError as err:
+            self.opt.zero_grad(set_to_none=True)
+            raise DataPlaneError(f"router worker {self.index}, step {step}: {err}") from None
+        tm = self.timer.reset()
+        return {"lm": lm, "aux": aux, "load": load, "fb_s": time.perf_counter() - t0, **tm}
+
+    def _flat_grads(self) -> torch.Tensor:
+        parts = []
+        for p in self._params:
+            g = p.grad
+            parts.append(g.detach().reshape(-1).to("cpu", torch.float32) if g is not None
+                         else torch.zeros(p.numel(), dtype=torch.float32))
+        present = torch.tensor([p.grad is not None for p in self._params], dtype=torch.float32)
+        return torch.cat(parts + [present])
+
+    def _set_flat_grads(self, flat: torch.Tensor) -> float:
+        """Write summed grads back; a parameter no worker produced a grad for keeps None (like the oracle).
+        Returns the squared norm of the dense grads."""
+        present = flat[-len(self._params):]
+        offset, sq = 0, 0.0
+        for p, has in zip(self._params, present.tolist()):
+            g = flat[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+            if has > 0:
+                p.grad = g.to(p.device, p.dtype).clone()
+                sq += float(torch.linalg.vector_norm(p.grad)) ** 2
+            else:
+                p.grad = None
+        return sq
+
+    def sync_grads(self) -> dict[str, float]:
+        """Sum the dense grads over workers with gloo; returns the dense squared grad norm."""
+        t0 = time.perf_counter()
+        flat = self._flat_grads()
+        if self.world > 1:
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        sq = self._set_flat_grads(flat)
+        return {"dense_sq": sq, "grad_sync_s": time.perf_counter() - t0}
+
+    def local_grads(self) -> torch.Tensor:
+        """This worker's flat dense grads (+ presence mask), for grad_sync = "ray" (the driver sums them)."""
+        return self._flat_grads()
+
+    def set_grads(self, flat: torch.Tensor) -> dict[str, float]:
+        t0 = time.perf_counter()
+        sq = self._set_flat_grads(flat)
+        return {"dense_sq": sq, "grad_sync_s": time.perf_counter() - t0}
+
+    def apply(self, coef: float, lr: float) -> dict[str, float]:
+        t0 = time.perf_counter()
+        if coef < 1.0:
+            for p in self._params:
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+        set_lr(self.opt, lr)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return {"optimizer_s": time.perf_counter() - t0}
+
+    def abort(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, step: int = 0) -> torch.Tensor:
+        """Logits [B, S, V] for `tokens` [B, S] (eval mode; the expert servers keep nothing)."""
+        self.model.eval()
+        for d in self.dispatchers:
+            d.set_step(step, 0)
+        try:
+            return self.model(tokens.to(self.device)).logits.to("cpu")
+        except ExpertCallError as err:
+            raise DataPlaneError(f"router worker {self.index}, forward: {err}") from None
+
+    # ------------------------------------------------------------------ state
+
+    def dense_state(self) -> dict[str, torch.Tensor]:
+        """Model tensors + AdamW state, flat (checkpoint format)."""
+        return {k: v.detach().to("cpu").clone() for k, v in ckpt.dense_tensors(self.model, self.opt).items()}
+
+    def save(self, step_dir: str) -> dict:
+        return ckpt.write_tensor_file(Path(step_dir) / ckpt.DENSE_FILE, self.dense_state(), kind="dense").to_dict()
+
+    def load_model_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """The dense weights (state-dict keys of the remote model, exactly: nothing missing, nothing extra);
+        fresh optimizer state."""
+        own = set(self.model.state_dict())
+        missing, extra = sorted(own - set(state)), sorted(set(state) - own)
+        if missing or extra:
+            raise KeyError(f"dense state does not fit the remote model: missing {missing}, unexpected {extra}")
+        self.model.load_state_dict(state, strict=True)
+        self.opt.state.clear()
+        self.opt.zero_grad(set_to_none=True)
+
+    def load_dense(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        ckpt.load_dense_tensors(self.model, self.opt, tensors)
+        self.opt.zero_grad(set_to_none=True)
+
+    def load_checkpoint(self, step_dir: str) -> None:
+        manifest = ckpt.load_manifest(step_dir, verify=False)
+        self.load_dense(ckpt.read_dense(manifest))
+
+    def shutdown(self) -> None:
+        for c in self.clients:
+            c.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,21 @@
+"""Config used by every runtime test (tiny model, small batch, a capped corpus)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from moe_runtime.config import RuntimeConfig, parse_config
+
+SESSION_GPUS = 6  # the session Ray: a 4-actor cluster and a 2-actor cluster can coexist
+ORACLE_STEPS = 6
+
+
+def make_config(tmp: Path, train: dict | None = None, **cluster) -> RuntimeConfig:
+    """The runtime tests' config; `train` overrides train fields, keyword arguments cluster fields."""
+    return parse_config({
+        "model": {"preset": "tiny"},
+        "data": {"max_files": 40},
+        "train": {"steps": ORACLE_STEPS, "batch_size": 8, "seq_len": 32, "micro_batches": 2, "warmup_steps": 2,
+                  "checkpoint_every": 2, "checkpoint_dir": str(tmp / "auto"), **(train or {})},
+        "cluster": {"num_gpus": SESSION_GPUS, "expert_actors": 4, "router_workers": 2, **cluster},
+    })  # fmt: skip
