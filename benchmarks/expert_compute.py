@@ -13,8 +13,12 @@ the ratios inside one run mean anything), median of the repeats, forward only (f
   gmm      torch._grouped_mm over the same rows (no padding; forward only, for reference)
   dense    ONE matmul pair x[2N, d] @ [d, 2*ffn], [2N, ffn] @ [ffn, d]: exactly the FLOPs of the grouped call,
            but with one expert's weights (8.6 MB, stays in cache) instead of 32 (276 MB, streamed from DRAM)
+Diagnostics (where the time goes; not part of the ratios):
   wread    reading the used experts' weights once (w1[used].sum() + w2[used].sum()): the memory-bandwidth floor
            of any grouped kernel; at small batches every method above is bounded by it
+  ovh      the loop's Python + op-dispatch overhead alone: the same loop with d 8, ffn 8 (full runs only)
+  loop_1t  the loop with torch.set_num_threads(1) for the call: thread fork/join cost of 2 threads on small
+           GEMMs, large when the 2 vCPUs are oversubscribed by other processes (full runs only)
 
 torch.set_num_threads(2) (override with --threads): the machine has 2 vCPUs, and torch's default would also be 2;
 pinning it makes runs comparable when the host changes. Throughput is rows (token-expert pairs) per second.
@@ -50,6 +54,7 @@ from moe_runtime.model.experts import (
 
 GOAL_VS_DENSE = 0.85
 GOAL_VS_LOOP = 2.0
+DIAGNOSTICS = ("wread", "ovh", "loop_1t")
 
 
 def routed_counts(tokens: int, popularity: torch.Tensor, k: int, gen: torch.Generator) -> list[int]:
@@ -112,6 +117,23 @@ def bench_size(tokens: int, args, w1, w2, dense_w1, dense_w2, popularity, gen, b
             fns["wread"] = lambda: w1.sum() + w2.sum()
         else:  # only reads the used experts too (plus writing the gathered copy)
             fns["wread"] = lambda: w1.index_select(0, sel).sum() + w2.index_select(0, sel).sum()
+    if not args.quick and not backward:
+        tiny_x, tiny_w1, tiny_w2 = (
+            torch.randn(rows, 8),
+            torch.randn(len(counts), 8, 16),
+            torch.randn(len(counts), 8, 8),
+        )
+        fns["ovh"] = lambda: grouped_swiglu_loop(tiny_x, counts, tiny_w1, tiny_w2)
+
+        def loop_1t():
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                return grouped_swiglu_loop(x, counts, w1, w2)
+            finally:
+                torch.set_num_threads(threads)
+
+        fns["loop_1t"] = loop_1t
     if args.quick:  # grouped already is the padded path or the loop (by the rule); gmm is for reference only
         del fns["padded"]
         fns.pop("gmm", None)
@@ -139,8 +161,8 @@ def bench_size(tokens: int, args, w1, w2, dense_w1, dense_w2, popularity, gen, b
         "path": "padded" if padded_is_faster(counts) else "loop",
         "ms": {k: 1e3 * v for k, v in sec.items()},
         "ms_min": {k: 1e3 * min(v) for k, v in times.items()},
-        "rows_per_s": {k: rows / v for k, v in sec.items() if k != "wread"},
-        "gflops": {k: flops / v / 1e9 for k, v in sec.items() if k != "wread"},
+        "rows_per_s": {k: rows / v for k, v in sec.items() if k not in DIAGNOSTICS},
+        "gflops": {k: flops / v / 1e9 for k, v in sec.items() if k not in DIAGNOSTICS},
         # throughput ratios = time ratios (same rows); per-round paired, median over rounds
         "grouped_vs_dense": paired(times, "dense", "grouped"),
         "grouped_vs_loop": paired(times, "loop", "grouped"),
@@ -202,7 +224,9 @@ def main(argv: list[str] | None = None) -> dict:
     w1 = torch.randn(e, d, 2 * f, generator=gen) * 0.02
     w2 = torch.randn(e, f, d, generator=gen) * 0.02
     dense_w1, dense_w2 = w1[0].clone(), w2[0].clone()
-    popularity = torch.softmax(args.skew * torch.randn(e, generator=gen), 0)  # one router for all sizes
+    # one router for all sizes, drawn from its own seed
+    z = torch.randn(e, generator=torch.Generator().manual_seed(args.seed + 1))
+    popularity = torch.softmax(args.skew * z, 0)
 
     t0 = time.perf_counter()
     load0 = os.getloadavg()[0]

@@ -1,12 +1,15 @@
 """Data-plane transport against its baselines, in one run, servers in separate processes on loopback.
 
+Four server processes, each one `BenchExpertServer`: the real ExpertServer plus a bare bytes `Echo` method on the
+same gRPC server (same process, port, thread pool and channel options), so raw and ours differ only in our stack.
 Measured (medians, interleaved rounds so drift hits every variant alike):
-1. raw gRPC: a bare bytes-echo service (no protobuf, no codec) at several payload sizes: the loopback limit.
+1. raw gRPC: Echo (no protobuf, no codec, no auth) at several payload sizes on one server: the loopback limit.
 2. dispatch: RemoteDispatcher forward + plan.combine of a 4 MB layer batch (fp32, d 512, 2048 token copies, 32
-   experts over 4 expert servers, ~1 MB per server) against the same traffic pattern on the raw echo service
-   (4 x 1 MB echoed concurrently to 4 echo servers). To measure transport, the experts are tiny (ffn 8: the
-   server's compute is reported separately from its stats, `server_compute_ms`); `dispatch_with_compute_ms` is
-   the same call at a real expert size (ffn 1408), where compute dominates on this CPU.
+   experts over the 4 servers, ~1 MB each) against the same traffic on Echo (4 x ~1 MB echoed concurrently).
+   `dispatch_*` keys use zero-FLOP experts (y = x: everything else is the real path: auth, envelope, decode and
+   validation, aligned copy, reply encode, fan-out, decode, assembly, combine), so they measure transport;
+   `dispatch_tiny_experts_*` adds real SwiGLU experts with ffn 8 (per-expert op overhead, few FLOPs); full runs
+   add `dispatch_with_compute_ms` at ffn 1408, where compute dominates on this CPU.
 3. codec: encode_frame + decode_frame of the 4 MB batch against one memcpy of the same bytes into a fresh `bytes`
    (the allocation pattern the codec must have: gRPC wants one new bytes object per message).
 4. call overhead: a 1-row frame through the whole stack (encode, envelope, auth, decode, expert, encode, decode)
@@ -33,16 +36,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import grpc  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import grpc
+import torch
+import torch.nn.functional as F
 
-from moe_runtime.dispatch.codec import decode_frame, encode_frame  # noqa: E402
-from moe_runtime.dispatch.grpc_service import ExpertClient, wrap_frame  # noqa: E402
-from moe_runtime.dispatch.plan import DispatchPlan  # noqa: E402
-from moe_runtime.dispatch.remote import RemoteDispatcher  # noqa: E402
-from moe_runtime.runtime.placement import Placement  # noqa: E402
-from tests.dispatch.servers import ECHO_METHOD, ServerProcess  # noqa: E402
+from moe_runtime.dispatch.codec import decode_frame, encode_frame
+from moe_runtime.dispatch.grpc_service import ExpertClient, ExpertServer, unwrap_frame, wrap_frame
+from moe_runtime.dispatch.plan import DispatchPlan
+from moe_runtime.dispatch.remote import RemoteDispatcher
+from moe_runtime.runtime.placement import Placement
+from tests.dispatch.servers import ServerProcess
 
 TOKEN = "bench-token"
 ACTORS, E, D, K = 4, 32, 512, 2
@@ -51,24 +54,41 @@ MAX_MSG = 64 << 20
 OPTS = [("grpc.max_send_message_length", MAX_MSG), ("grpc.max_receive_message_length", MAX_MSG)]
 
 
-def timed(fn, reps: int) -> list[float]:
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
+ECHO_SERVICE = "moe_runtime.bench.Echo"
+ECHO_METHOD = f"/{ECHO_SERVICE}/Echo"
+
+
+class BenchExpertServer(ExpertServer):
+    """ExpertServer + a bare bytes Echo method on the same gRPC server + zero-FLOP experts on request."""
+
+    identity = False
+
+    def set_identity(self, on: bool) -> None:
+        self.identity = on
+
+    def _handlers(self) -> list:
+        echo = grpc.unary_unary_rpc_method_handler(lambda request, context: request)
+        return super()._handlers() + [grpc.method_handlers_generic_handler(ECHO_SERVICE, {"Echo": echo})]
+
+    def _expert_forward(self, layer, experts, counts, x):
+        return (x, []) if self.identity else super()._expert_forward(layer, experts, counts, x)
+
+    def _expert_backward(self, layer, experts, counts, x, hs, dy):
+        return (dy, []) if self.identity else super()._expert_backward(layer, experts, counts, x, hs, dy)
 
 
 def interleaved(fns: dict, rounds: int, reps: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each fn, measured in alternating rounds."""
+    """Median seconds per call of each fn over rounds * reps calls each, alternating the fns call by call (the
+    machine is shared: alternating at the finest grain exposes every variant to the same background load)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
+    for _ in range(rounds * reps):
         for k, fn in fns.items():
-            samples[k] += timed(fn, reps)
+            t0 = time.perf_counter()
+            fn()
+            samples[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
@@ -85,20 +105,19 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="(the JSON line is always printed last; kept for make bench)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench" / "transport.json"))
     args = ap.parse_args()
-    rounds, reps = (3, 6) if args.quick else (5, 20)
+    rounds, reps = (3, 4) if args.quick else (5, 20)
     torch.set_num_threads(1)  # 2 cores shared with 4 server processes: one client thread keeps timings stable
     t_start = time.perf_counter()
 
     placement = Placement.contiguous(1, E, ACTORS)
-    echo = [ServerProcess("echo", threads=4, max_message_bytes=MAX_MSG) for _ in range(ACTORS)]
-    experts = [ServerProcess("expert", auth_token=TOKEN, max_message_bytes=MAX_MSG, threads=4,
-                             shards=shards_for(a, placement, ffn=8)) for a in range(ACTORS)]  # fmt: skip
-    procs = echo + experts
+    procs = [ServerProcess("expert", server_class="benchmarks.transport:BenchExpertServer", auth_token=TOKEN,
+                           max_message_bytes=MAX_MSG, threads=4, shards=shards_for(a, placement, ffn=8))
+             for a in range(ACTORS)]  # fmt: skip
     try:
         for p in procs:
             p.wait_ready()
         startup_s = time.perf_counter() - t_start
-        res = run(echo, experts, placement, rounds, reps, args.quick)
+        res = run(procs, placement, rounds, reps, args.quick)
         res["server_startup_s"] = round(startup_s, 2)
     finally:
         for p in procs:
@@ -112,8 +131,9 @@ def main() -> None:
     print(line)
 
 
-def run(echo, experts, placement, rounds, reps, quick) -> dict:
+def run(experts, placement, rounds, reps, quick) -> dict:
     res: dict = {}
+    echo = experts
     echo_ch = [grpc.insecure_channel(p.address, options=OPTS) for p in echo]
     echo_rpc = [c.unary_unary(ECHO_METHOD, _registered_method=True) for c in echo_ch]
     clients = [ExpertClient(p.address, TOKEN, deadline_s=60.0, max_message_bytes=MAX_MSG) for p in experts]
@@ -123,7 +143,7 @@ def run(echo, experts, placement, rounds, reps, quick) -> dict:
     raw = {}
     for size in sizes:
         payload = bytes(size)
-        t = interleaved({"echo": lambda: echo_rpc[0](payload, timeout=60)}, rounds, max(2, reps // 2))["echo"]
+        t = interleaved({"echo": lambda p=payload: echo_rpc[0](p, timeout=60)}, rounds, max(2, reps // 2))["echo"]
         raw[f"{size >> 10}KiB"] = {"ms": round(t * 1e3, 3), "gbps": round(size / t / 1e9, 3)}
     res["raw_echo_single_server"] = raw
 
@@ -148,21 +168,46 @@ def run(echo, experts, placement, rounds, reps, quick) -> dict:
         with torch.no_grad():
             plan.combine(disp(x_nd, plan), gates)
 
-    for c in clients:  # reset server timers after warm-up
-        c.health()
-    t = interleaved({"raw": raw_fanout, "dispatch": dispatch_combine}, rounds, reps)
-    stats = [p.call("stats") for p in experts]
-    calls = sum(s["requests"]["dispatch"] for s in stats)
+    y_stack = torch.empty_like(x_nd)
+
+    def stack_on_echo():  # our client side (encode, envelope, fan-out, unwrap, decode, assemble) against Echo
+        futs = []
+        for d, rpc in zip(plan.destinations, echo_rpc):
+            f = encode_frame("dispatch", layer=0, step=0, mb=0, pv=0, experts=d.experts, counts=d.counts,
+                             tensors={"x": x_nd[d.start : d.stop]})  # fmt: skip
+            futs.append((d, rpc.future(wrap_frame(f), timeout=60)))
+        for d, f in futs:
+            y_stack[d.start : d.stop].copy_(decode_frame(unwrap_frame(f.result()), out_dtype=None).tensors["x"])
+
+    def set_identity(on):
+        for p in experts:
+            p.call("set_identity", on)
+
+    def server_profile():
+        stats = [p.call("stats") for p in experts]
+        calls = sum(s["requests"]["dispatch"] for s in stats)
+        return {k: sum(s[k] for s in stats) / calls for k in ("decode_s", "compute_s", "encode_s")}, calls
+
+    set_identity(True)
+    t = interleaved({"raw": raw_fanout, "dispatch": dispatch_combine, "stack_on_echo": stack_on_echo},
+                    rounds, reps)  # fmt: skip
+    prof_id, calls_id = server_profile()
+    set_identity(False)
+    t_tiny = interleaved({"raw": raw_fanout, "dispatch": dispatch_combine}, rounds, reps)
+    prof_all, calls_all = server_profile()
     res["batch_bytes"] = batch_bytes
     res["raw_grpc_ms"] = round(t["raw"] * 1e3, 3)
     res["dispatch_ms"] = round(t["dispatch"] * 1e3, 3)
     res["raw_grpc_gbps"] = round(batch_bytes / t["raw"] / 1e9, 3)
     res["dispatch_gbps"] = round(batch_bytes / t["dispatch"] / 1e9, 3)
     res["dispatch_vs_raw_grpc"] = round(t["raw"] / t["dispatch"], 3)
-    # where the server's time goes, per call (averaged over every dispatch call, warm-up included)
-    res["server_decode_ms"] = round(sum(s["decode_s"] for s in stats) / calls * 1e3, 3)
-    res["server_compute_ms"] = round(sum(s["compute_s"] for s in stats) / calls * 1e3, 3)
-    res["server_encode_ms"] = round(sum(s["encode_s"] for s in stats) / calls * 1e3, 3)
+    res["client_stack_on_echo_ms"] = round(t["stack_on_echo"] * 1e3, 3)
+    res["dispatch_tiny_experts_ms"] = round(t_tiny["dispatch"] * 1e3, 3)
+    res["dispatch_tiny_experts_vs_raw_grpc"] = round(t_tiny["raw"] / t_tiny["dispatch"], 3)
+    # where a server's time goes per call (zero-FLOP experts; then tiny experts, derived from the totals)
+    res["server_per_call_ms"] = {k.removesuffix("_s"): round(v * 1e3, 3) for k, v in prof_id.items()}
+    tiny_compute = (prof_all["compute_s"] * calls_all - prof_id["compute_s"] * calls_id) / (calls_all - calls_id)
+    res["server_tiny_expert_compute_ms"] = round(tiny_compute * 1e3, 3)
     # client-side pieces of the dispatch, for the profile
     dest = plan.destinations[0]
     xs = x_nd[dest.start : dest.stop]
@@ -221,19 +266,24 @@ def run(echo, experts, placement, rounds, reps, quick) -> dict:
     # ---------------------------------------------------------------- 4. tiny call vs bare unary
     tiny_x = torch.randn(1, D)
     tiny = b"x" * 16
+    tiny_plan = DispatchPlan.build(torch.tensor([[0]]), placement, 0)  # one token, top-1, expert 0 on actor 0
 
-    def ours():
-        f = encode_frame("dispatch", layer=0, step=0, mb=0, pv=0, experts=[0], counts=[1], tensors={"x": tiny_x},
-                         meta={"src": 0, "save": False})  # fmt: skip
-        decode_frame(clients[0].dispatch(f, layer=0, step=0).result(), out_dtype=None)
+    def ours():  # through the RemoteDispatcher: encode, envelope, auth, decode, expert, encode, decode, assemble
+        with torch.no_grad():
+            disp(tiny_x, tiny_plan)
 
-    t = interleaved({"bare": lambda: echo_rpc[0](tiny, timeout=60), "ours": ours}, rounds, reps * 3)
+    set_identity(True)  # the stack's overhead: zero-FLOP expert, everything else real
+    t = interleaved({"bare": lambda: echo_rpc[0](tiny, timeout=60), "ours": ours}, rounds, reps * 10)
+    set_identity(False)
+    t_exp = interleaved({"bare": lambda: echo_rpc[0](tiny, timeout=60), "ours": ours}, rounds, reps * 3)
     res["bare_rpc_ms"] = round(t["bare"] * 1e3, 3)
     res["tiny_call_ms"] = round(t["ours"] * 1e3, 3)
     res["call_overhead_vs_bare_rpc"] = round(t["ours"] / t["bare"], 3)
+    res["tiny_call_with_expert_vs_bare_rpc"] = round(t_exp["ours"] / t_exp["bare"], 3)
+    res["tiny_call_pieces_us"] = tiny_pieces(tiny_x)
 
     # ---------------------------------------------------------------- fan-out: futures vs grpc.aio
-    res["fanout"] = fanout(echo, echo_rpc, rounds, reps, quick)
+    res["fanout"] = fanout(echo, echo_rpc, rounds, reps)
 
     # ---------------------------------------------------------------- server backward: hand-written vs autograd
     res["server_backward"] = backward_compare(rounds, reps)
@@ -259,7 +309,49 @@ def run(echo, experts, placement, rounds, reps, quick) -> dict:
     return res
 
 
-def fanout(echo, echo_rpc, rounds, reps, quick) -> dict:
+def tiny_pieces(x) -> dict:
+    """CPU cost of each step of a tiny call, in this process (the server's steps run the same code)."""
+    import timeit
+
+    f = encode_frame("dispatch", layer=0, step=0, mb=0, pv=0, experts=[0], counts=[1], tensors={"x": x},
+                     meta={"src": 0, "save": False})  # fmt: skip
+    env = wrap_frame(f)
+    pieces = {
+        "encode": lambda: encode_frame("dispatch", layer=0, step=0, mb=0, pv=0, experts=[0], counts=[1],
+                                       tensors={"x": x}, meta={"src": 0, "save": False}),
+        "envelope_wrap": lambda: wrap_frame(f),
+        "envelope_unwrap": lambda: unwrap_frame(env),
+        "decode": lambda: decode_frame(unwrap_frame(env), expected_kind="dispatch", hosted={(0, 0)}),
+    }  # fmt: skip
+    return {k: round(min(timeit.repeat(fn, number=300, repeat=3)) / 300 * 1e6, 1) for k, fn in pieces.items()}
+
+
+def _fanout_variants(payload: bytes, echo_rpc, arpc, loop) -> dict:
+    def futures_():
+        fs = [r.future(payload, timeout=60) for r in echo_rpc]
+        for f in fs:
+            f.result()
+
+    async def gather():
+        await asyncio.gather(*(r(payload, timeout=60) for r in arpc))
+
+    def aio():
+        asyncio.run_coroutine_threadsafe(gather(), loop).result(60)
+
+    def futures_last_blocking():  # what RemoteDispatcher does
+        fs = [r.future(payload, timeout=60) for r in echo_rpc[:-1]]
+        echo_rpc[-1](payload, timeout=60)
+        for f in fs:
+            f.result()
+
+    def sequential():
+        for r in echo_rpc:
+            r(payload, timeout=60)
+
+    return {"futures": futures_, "futures_last_blocking": futures_last_blocking, "aio": aio, "sequential": sequential}
+
+
+def fanout(echo, echo_rpc, rounds, reps) -> dict:
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -271,24 +363,7 @@ def fanout(echo, echo_rpc, rounds, reps, quick) -> dict:
     arpc = [c.unary_unary(ECHO_METHOD) for c in achans]
     out = {}
     for size in (16 << 10, 1 << 20):
-        payload = bytes(size)
-
-        def futures_():
-            fs = [r.future(payload, timeout=60) for r in echo_rpc]
-            for f in fs:
-                f.result()
-
-        async def gather():
-            await asyncio.gather(*(r(payload, timeout=60) for r in arpc))
-
-        def aio():
-            asyncio.run_coroutine_threadsafe(gather(), loop).result(60)
-
-        def sequential():
-            for r in echo_rpc:
-                r(payload, timeout=60)
-
-        t = interleaved({"futures": futures_, "aio": aio, "sequential": sequential}, rounds, reps)
+        t = interleaved(_fanout_variants(bytes(size), echo_rpc, arpc, loop), rounds, reps)
         out[f"4x{size >> 10}KiB_ms"] = {k: round(v * 1e3, 3) for k, v in t.items()}
 
     async def close():

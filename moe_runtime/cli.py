@@ -195,9 +195,13 @@ def _print_status(st: dict) -> None:
                       str(w.get("device", "-")), "dense", "-", w["health"])
     err.print(table)
     sched = st.get("scheduler")
-    if sched:
-        err.print(f"imbalance (max/mean tokens per actor): {sched.get('imbalance', float('nan')):.3f}; "
-                  f"last decision: {sched.get('last_decision', 'none')}")
+    if sched and sched.get("imbalance") is not None:
+        err.print(f"imbalance (max/mean tokens per actor): {sched['imbalance']:.3f}; rebalances: "
+                  f"{sched.get('rebalances', 0)}; last decision: {sched.get('last_decision') or 'none'}")
+        if sched.get("predicted_gain") is not None:
+            measured = sched.get("measured_gain")
+            err.print(f"  predicted gain {sched['predicted_gain']:+.1%}, measured "
+                      + (f"{measured:+.1%}" if measured is not None else "(pending)"))
 
 
 @app.command()
@@ -244,6 +248,24 @@ def forward(
         err.print(f"greedy continuation: {result['continuation']!r}")
     if as_json:
         _emit_json(result)
+
+
+@app.command()
+def simulate(
+    config: Path = typer.Option(Path("cluster/sim-64gpu.yaml"), help="config with a sim section"),
+    trace: Optional[str] = typer.Option(None, help="routing trace file to replay, or uniform | zipf | drift"),
+    steps: Optional[int] = typer.Option(None, help="steps of the trace to simulate"),
+    what_if: Optional[str] = typer.Option(None, "--what-if", help="rebalance: static vs the scheduler's placement"),
+    plot: Optional[Path] = typer.Option(None, help="PNG: per-GPU timeline and step time vs cluster size"),
+    calibrate: bool = typer.Option(False, "--calibrate", help="profile this machine and write its cost table"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object as the last stdout line"),
+) -> None:
+    """Predict step time for a cluster far larger than this machine."""
+    from moe_runtime.sim.cli_impl import simulate_command
+
+    _load(config)
+    simulate_command(config, trace=trace, steps=steps, what_if=what_if, plot=plot, calibrate=calibrate,
+                     as_json=as_json)
 
 
 def main() -> None:  # pragma: no cover

@@ -37,6 +37,7 @@ from typing import Any
 import grpc
 import torch
 import torch.nn.functional as F
+from typing_extensions import Self
 
 from moe_runtime.dispatch.codec import Frame, FrameError, decode_frame, encode_frame
 from moe_runtime.dispatch.proto import expert_pb2 as pb
@@ -97,9 +98,9 @@ def tune_malloc(mmap_threshold: int = 32 << 20, trim_threshold: int = 512 << 20)
         if sys.platform.startswith("linux"):
             try:
                 libc = ctypes.CDLL(None)
-                libc.gnu_get_libc_version  # glibc, not musl
-                _malloc_tuned = bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(
-                    libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))  # fmt: skip
+                if hasattr(libc, "gnu_get_libc_version"):  # glibc, not musl
+                    _malloc_tuned = bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(
+                        libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))  # fmt: skip
             except (OSError, AttributeError):
                 pass
     return _malloc_tuned
@@ -269,8 +270,19 @@ class ExpertServer:
             futures.ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="expert-grpc"),
             options=_channel_options(self.max_message_bytes) + [("grpc.so_reuseport", 0)],
         )
-        raw = dict(request_deserializer=None, response_serializer=None)
-        handler = grpc.method_handlers_generic_handler(
+        server.add_generic_rpc_handlers(tuple(self._handlers()))
+        port = server.add_insecure_port(f"{self.host}:{self.port}")
+        if port == 0:
+            raise RuntimeError(f"ExpertServer could not bind {self.host}:{self.port}")
+        server.start()
+        self._server, self.port = server, port
+        self.address = f"{self.host}:{port}"
+        return self.address
+
+    def _handlers(self) -> list[grpc.GenericRpcHandler]:
+        """The gRPC handlers this server registers (a subclass may add its own)."""
+        raw: dict[str, Any] = {"request_deserializer": None, "response_serializer": None}
+        return [grpc.method_handlers_generic_handler(
             SERVICE,
             {
                 "Dispatch": grpc.unary_unary_rpc_method_handler(self._rpc_dispatch, **raw),
@@ -286,22 +298,14 @@ class ExpertServer:
                     response_serializer=pb.EndStepReply.SerializeToString,
                 ),
             },
-        )
-        server.add_generic_rpc_handlers((handler,))
-        port = server.add_insecure_port(f"{self.host}:{self.port}")
-        if port == 0:
-            raise RuntimeError(f"ExpertServer could not bind {self.host}:{self.port}")
-        server.start()
-        self._server, self.port = server, port
-        self.address = f"{self.host}:{port}"
-        return self.address
+        )]  # fmt: skip
 
     def stop(self, grace: float | None = None) -> None:
         if self._server is not None:
             self._server.stop(grace).wait(timeout=10)
             self._server = None
 
-    def __enter__(self) -> ExpertServer:
+    def __enter__(self) -> Self:
         if self._server is None:
             self.start()
         return self
@@ -488,6 +492,45 @@ class ExpertServer:
             )
         return frame, frame.tensors[tensor], getattr(torch, spec.dtype)
 
+    def _expert_forward(self, layer: int, experts: Sequence[int], counts: Sequence[int], x: torch.Tensor
+                        ) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+        """Grouped SwiGLU over row segments: y [rows, d] and, per segment, x_seg @ w1 (kept for backward)."""
+        weights = self._weights
+        y = torch.empty(x.shape[0], x.shape[1], dtype=torch.float32)
+        hs = []
+        start = 0
+        with torch.no_grad():
+            for e, n in zip(experts, counts):
+                w1, w2 = weights[(layer, e)]
+                hh = x[start : start + n] @ w1
+                a, g = hh.chunk(2, dim=-1)
+                torch.mm(F.silu(a) * g, w2, out=y[start : start + n])
+                hs.append(hh)
+                start += n
+        return y, hs
+
+    def _expert_backward(self, layer: int, experts: Sequence[int], counts: Sequence[int], x: torch.Tensor,
+                         hs: list[torch.Tensor], dy: torch.Tensor
+                         ) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor, torch.Tensor]]]:  # fmt: skip
+        """dx [rows, d] and (expert, dw1, dw2) per segment, the same ops autograd would run."""
+        weights = self._weights
+        dx = torch.empty_like(x)
+        wgrads = []
+        start = 0
+        with torch.no_grad():
+            for i, (e, n) in enumerate(zip(experts, counts)):
+                w1, w2 = weights[(layer, e)]
+                xs, dys = x[start : start + n], dy[start : start + n]
+                a, g = hs[i].chunk(2, dim=-1)
+                sa = F.silu(a)
+                du = dys @ w2.t()
+                dw2 = (sa * g).t() @ dys
+                dh = torch.cat((torch.ops.aten.silu_backward(du * g, a), du * sa), dim=-1)
+                torch.mm(dh, w1.t(), out=dx[start : start + n])
+                wgrads.append((e, xs.t() @ dh, dw2))
+                start += n
+        return dx, wgrads
+
     def _rpc_dispatch(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         try:
             self._check_token(context)
@@ -502,19 +545,7 @@ class ExpertServer:
             t1 = time.perf_counter()
             h = frame.header
             src, save = int(h.meta.get("src", 0)), bool(h.meta.get("save", True))
-            weights = self._weights
-            y = torch.empty(x.shape[0], x.shape[1], dtype=torch.float32)
-            hs = []
-            start = 0
-            with torch.no_grad():
-                for e, n in zip(h.experts, h.counts):
-                    w1, w2 = weights[(h.layer, e)]
-                    xs = x[start : start + n]
-                    hh = xs @ w1
-                    a, g = hh.chunk(2, dim=-1)
-                    torch.mm(F.silu(a) * g, w2, out=y[start : start + n])
-                    hs.append(hh)
-                    start += n
+            y, hs = self._expert_forward(h.layer, h.experts, h.counts, x)
             t2 = time.perf_counter()
             reply = wrap_frame(
                 encode_frame(
@@ -540,6 +571,8 @@ class ExpertServer:
                 s.compute_s += t2 - t1
                 s.encode_s += t3 - t2
             return reply
+        except KeyError as e:  # a shard dropped between the hosted check and the compute
+            return self._reject(context, _Reject(grpc.StatusCode.FAILED_PRECONDITION, f"shard {e} was dropped"))
         except _Reject as err:
             return self._reject(context, err)
 
@@ -567,22 +600,7 @@ class ExpertServer:
                     f"backward segments experts={list(h.experts)} counts={list(h.counts)} do not match the "
                     f"forward's experts={list(saved.experts)} counts={list(saved.counts)}",
                 )
-            weights = self._weights
-            dx = torch.empty_like(saved.x)
-            wgrads = []
-            start = 0
-            with torch.no_grad():
-                for i, (e, n) in enumerate(zip(h.experts, h.counts)):
-                    w1, w2 = weights[(h.layer, e)]
-                    xs, dys = saved.x[start : start + n], dy[start : start + n]
-                    a, g = saved.h[i].chunk(2, dim=-1)
-                    sa = F.silu(a)
-                    du = dys @ w2.t()
-                    dw2 = (sa * g).t() @ dys
-                    dh = torch.cat((torch.ops.aten.silu_backward(du * g, a), du * sa), dim=-1)
-                    torch.mm(dh, w1.t(), out=dx[start : start + n])
-                    wgrads.append((e, xs.t() @ dh, dw2))
-                    start += n
+            dx, wgrads = self._expert_backward(h.layer, h.experts, h.counts, saved.x, saved.h, dy)
             t2 = time.perf_counter()
             reply = wrap_frame(
                 encode_frame(
@@ -683,16 +701,24 @@ class ExpertCallError(RuntimeError):
 
 
 class ExpertFuture:
-    """A Dispatch/Backward call in flight. `result()` returns the reply's codec frame (a view, no copy)."""
+    """A Dispatch/Backward call. `result()` returns the reply's codec frame (a view, no copy) or raises
+    ExpertCallError. Wraps a gRPC future, or the outcome of a call already made (`wait=True`)."""
 
-    __slots__ = ("_call", "_client", "_method", "_layer", "_step")
+    __slots__ = ("_call", "_client", "_layer", "_method", "_outcome", "_step")
 
-    def __init__(self, call: grpc.Future, client: ExpertClient, method: str, layer: int | None, step: int | None):
-        self._call, self._client, self._method, self._layer, self._step = call, client, method, layer, step
+    def __init__(self, call: grpc.Future | None, client: ExpertClient, method: str, layer: int | None,
+                 step: int | None, outcome: bytes | grpc.RpcError | None = None):  # fmt: skip
+        self._call, self._outcome = call, outcome
+        self._client, self._method, self._layer, self._step = client, method, layer, step
 
     def result(self) -> memoryview:
         try:
-            reply = self._call.result()
+            if self._call is None:
+                if isinstance(self._outcome, grpc.RpcError):
+                    raise self._outcome
+                reply = self._outcome
+            else:
+                reply = self._call.result()
         except grpc.RpcError as e:
             raise self._client._error(self._method, self._layer, self._step, e) from None
         except grpc.FutureCancelledError:
@@ -707,10 +733,10 @@ class ExpertFuture:
             ) from None
 
     def done(self) -> bool:
-        return self._call.done()
+        return self._call is None or self._call.done()
 
     def cancel(self) -> bool:
-        return self._call.cancel()
+        return self._call is not None and self._call.cancel()
 
 
 class ExpertClient:
@@ -729,7 +755,7 @@ class ExpertClient:
         self.max_message_bytes = int(max_message_bytes)
         self._metadata = ((TOKEN_METADATA_KEY, auth_token),)
         self._channel = grpc.insecure_channel(address, options=_channel_options(self.max_message_bytes))
-        raw = dict(request_serializer=None, response_deserializer=None)
+        raw: dict[str, Any] = {"request_serializer": None, "response_deserializer": None}
         self._dispatch = self._unary(_METHOD_DISPATCH, **raw)
         self._backward = self._unary(_METHOD_BACKWARD, **raw)
         self._health = self._unary(
@@ -763,20 +789,30 @@ class ExpertClient:
         return layer, step
 
     def _call(self, stub: grpc.UnaryUnaryMultiCallable, name: str, frame: bytes, layer: int | None,
-              step: int | None) -> ExpertFuture:  # fmt: skip
+              step: int | None, wait: bool) -> ExpertFuture:  # fmt: skip
         if layer is None or step is None:
             layer, step = self._context(frame, layer, step)
-        call = stub.future(wrap_frame(frame), timeout=self.deadline_s, metadata=self._metadata)
-        return ExpertFuture(call, self, name, layer, step)
+        message = wrap_frame(frame)
+        if not wait:
+            call = stub.future(message, timeout=self.deadline_s, metadata=self._metadata)
+            return ExpertFuture(call, self, name, layer, step)
+        try:
+            outcome: bytes | grpc.RpcError = stub(message, timeout=self.deadline_s, metadata=self._metadata)
+        except grpc.RpcError as e:
+            outcome = e
+        return ExpertFuture(None, self, name, layer, step, outcome)
 
-    def dispatch(self, frame: bytes, *, layer: int | None = None, step: int | None = None) -> ExpertFuture:
-        """Send a "dispatch" codec frame; `.result()` is the "result" frame. layer/step name the call in
-        errors (read from the frame when omitted)."""
-        return self._call(self._dispatch, "Dispatch", frame, layer, step)
+    def dispatch(self, frame: bytes, *, layer: int | None = None, step: int | None = None,
+                 wait: bool = False) -> ExpertFuture:  # fmt: skip
+        """Send a "dispatch" codec frame; `.result()` is the "result" frame. layer/step name the call in errors
+        (read from the frame when omitted). `wait=True` makes the call on this thread and returns it completed:
+        for a lone call it saves the hand-off from gRPC's polling thread to this one (~0.05-0.2 ms here)."""
+        return self._call(self._dispatch, "Dispatch", frame, layer, step, wait)
 
-    def backward(self, frame: bytes, *, layer: int | None = None, step: int | None = None) -> ExpertFuture:
+    def backward(self, frame: bytes, *, layer: int | None = None, step: int | None = None,
+                 wait: bool = False) -> ExpertFuture:  # fmt: skip
         """Send a "backward" codec frame (grad of the outputs); `.result()` is the "grad" frame."""
-        return self._call(self._backward, "Backward", frame, layer, step)
+        return self._call(self._backward, "Backward", frame, layer, step, wait)
 
     def health(self) -> pb.HealthReply:
         try:
@@ -795,7 +831,7 @@ class ExpertClient:
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> ExpertClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

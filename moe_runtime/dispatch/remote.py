@@ -6,12 +6,19 @@ reply into its row range of a preallocated y. It is a torch.autograd.Function, s
 grad of the outputs back through Backward to the same actors (the ones of the forward, even if the placement is
 refreshed in between) and gets the grad of the inputs; the model code does not change.
 
-Fan-out: gRPC futures from one thread (`.future()` per destination, then `.result()` in order, decoding each
-reply while later ones are still in flight). Measured against grpc.aio (`asyncio.gather` on a loop kept in a
-background thread, `run_coroutine_threadsafe` from the caller) on this machine, 4 server processes on loopback,
-d 512: 4 x 1 MB forward round trip, median of 30: futures 13.5 ms, aio 15.1 ms; 4 x 16 KB: futures 1.5 ms,
-aio 1.9 ms (the hop into the loop thread costs more than aio saves; the earlier "aio gather is faster" figure in
-machine-notes was for a driver that already lives in the event loop). Futures kept.
+Fan-out: gRPC futures from the calling thread (`.future()` per destination; the last call, made when all others
+are in flight, runs blocking on this thread; then `.result()` in order, copying each reply into place). Compared
+with grpc.aio (`asyncio.gather` on a loop kept in a background thread and reached with `run_coroutine_threadsafe`,
+the only way to use aio from a synchronous autograd Function), 4 server processes on loopback, bare bytes echo,
+calls interleaved one by one, medians (machine shared with other jobs; "load" = load average on 2 cores):
+  load ~9:  4 x 16 KiB futures 2.85 ms, aio 3.26 ms;  4 x 1 MiB futures 14.9 ms, aio 14.5 ms; one call: blocking
+            0.60 ms, future 0.63 ms, aio 0.95 ms
+  load ~24: 4 x 16 KiB futures 5.06, futures+last-blocking 4.39, aio 4.50 ms; 4 x 1 MiB 20.5, 17.6, 18.2 ms;
+            one call: blocking 0.64 ms, future 0.90 ms, aio 1.02 ms
+benchmarks/transport.py repeats it (`fanout`): aio was 5-10% ahead of plain futures at 1 MiB in most runs, and
+futures+last-blocking within that noise of aio. No variant wins consistently at the 1 MB sizes dispatch uses;
+aio would cost a loop thread and a second channel per server, and a single call through it is 0.3-0.4 ms slower
+than a blocking one, so futures with the last call blocking are kept.
 
 Step context: the router worker calls `set_step(step, micro_batch)` before each forward; the values are captured
 in the autograd context at forward time, so backward uses the key (step, micro-batch, layer, worker) the server
@@ -92,7 +99,7 @@ class RemoteDispatcher(nn.Module):
 class _Exchange:
     """Everything one forward needs again in backward: a snapshot of clients, plan and step context."""
 
-    __slots__ = ("layer", "clients", "plan", "step", "mb", "wire_dtype", "meta", "save")
+    __slots__ = ("clients", "layer", "mb", "meta", "plan", "save", "step", "wire_dtype")
 
     def __init__(self, disp: RemoteDispatcher, plan: DispatchPlan, step: int, mb: int, save: bool):
         self.layer, self.clients, self.plan = disp.layer_index, disp.clients, plan
@@ -107,8 +114,10 @@ class _Exchange:
         out = torch.empty(x_nd.shape, dtype=x_nd.dtype)
         meta = self.meta if kind == "dispatch" else {"src": self.meta["src"]}
         calls: list[tuple[object, ExpertFuture, ExpertClient]] = []
+        destinations = plan.destinations
+        last = len(destinations) - 1
         try:
-            for dest in plan.destinations:
+            for i, dest in enumerate(destinations):
                 client = self.clients[dest.actor]
                 frame = encode_frame(
                     send_kind, layer=self.layer, step=self.step, mb=self.mb, pv=plan.placement_version,
@@ -116,7 +125,8 @@ class _Exchange:
                     wire_dtype=self.wire_dtype, meta=meta,
                 )  # fmt: skip
                 send = client.dispatch if kind == "dispatch" else client.backward
-                calls.append((dest, send(frame, layer=self.layer, step=self.step), client))
+                # the last call of the fan-out (all others are in flight) runs on this thread: no hand-off
+                calls.append((dest, send(frame, layer=self.layer, step=self.step, wait=i == last), client))
             for dest, fut, client in calls:
                 data = fut.result()
                 try:
@@ -133,7 +143,8 @@ class _Exchange:
                             f"the request (experts {dest.experts}, counts {dest.counts}, {rows} rows)"
                         )
                 except FrameError as e:
-                    raise ExpertCallError(client.address, kind, self.layer, self.step, None, f"bad reply: {e}")
+                    method = "Dispatch" if kind == "dispatch" else "Backward"
+                    raise ExpertCallError(client.address, method, self.layer, self.step, None, f"bad reply: {e}")
                 out[dest.start : dest.stop].copy_(t)
         except BaseException:
             for _, fut, _ in calls:

@@ -332,15 +332,17 @@ class Cluster:
         fb = _get([w.forward_backward.remote(step) for w in self.workers], _step_timeout(self.cfg),
                   f"step {step} forward/backward")
         t1 = time.perf_counter()
+        driver_sync = 0.0
         if self.cfg.cluster.grad_sync == "gloo" or len(self.workers) == 1:
             sync_refs = [w.sync_grads.remote() for w in self.workers]
-        else:
+        else:  # through the driver and the object store
             flats = _get([w.local_grads.remote() for w in self.workers], CONTROL_TIMEOUT_S, "dense grads")
             total = flats[0].clone()
             for f in flats[1:]:
                 total += f
             ref = ray.put(total)
             sync_refs = [w.set_grads.remote(ref) for w in self.workers]
+            driver_sync = time.perf_counter() - t1
         self._sum_replica_grads()
         sq_refs = [a.grad_sq.remote(keys) for a, keys in zip(self.experts, self._primary_keys())]
         sync = _get(sync_refs, CONTROL_TIMEOUT_S + COLLECTIVE_TIMEOUT_S, "dense grad sync")
@@ -363,7 +365,7 @@ class Cluster:
         expert_s = sum(a.get("expert_compute_s", 0.0) for a in applied[W:]) / W
         dispatch_wall = mean("dispatch") + mean("dispatch_bwd")
         combine = max(0.0, mean("moe") - mean("router") - mean("dispatch"))
-        grad_sync = sum(s["grad_sync_s"] for s in sync) / W
+        grad_sync = driver_sync + sum(s["grad_sync_s"] for s in sync) / W
         timings = {
             "step_s": t3 - t0,
             "forward_backward_s": t1 - t0,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import secrets
 import subprocess
 import sys
@@ -32,6 +33,17 @@ ALLOWED = frozenset({"train", "forward", "status", "checkpoint", "restore"})
 
 class SessionError(RuntimeError):
     pass
+
+
+# Plain pickle over send_bytes: Connection.send uses multiprocessing's ForkingPickler, for which torch registers
+# reducers that pass tensors as shared-memory file descriptors through a side channel (resource_sharer) with
+# another authkey: that fails between unrelated processes. Plain pickle copies tensor bytes into the message.
+def _send(conn: Connection, obj: Any) -> None:
+    conn.send_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _recv(conn: Connection) -> Any:
+    return pickle.loads(conn.recv_bytes())
 
 
 def state_file(name: str = "default") -> Path:
@@ -74,22 +86,22 @@ def serve(config_path: str, name: str = "default") -> None:
 def _handle(conn: Connection, cluster: Any) -> bool:
     """One request: (method, args, kwargs). Returns True on shutdown. Errors go back to the caller, never kill us."""
     try:
-        method, args, kwargs = conn.recv()
-    except (EOFError, OSError, ValueError):
+        method, args, kwargs = _recv(conn)
+    except (EOFError, OSError, ValueError, pickle.UnpicklingError):
         return False
     if method == "shutdown":
-        conn.send(("ok", None))
+        _send(conn, ("ok", None))
         return True
     if method not in ALLOWED:
-        conn.send(("error", f"method = {method!r}: expected one of {sorted(ALLOWED)} or 'shutdown'"))
+        _send(conn, ("error", f"method = {method!r}: expected one of {sorted(ALLOWED)} or 'shutdown'"))
         return False
     try:
         if method == "train":
-            kwargs["progress"] = lambda step, loss: conn.send(("progress", (step, loss)))
-        conn.send(("ok", getattr(cluster, method)(*args, **kwargs)))
+            kwargs["progress"] = lambda step, loss: _send(conn, ("progress", (step, loss)))
+        _send(conn, ("ok", getattr(cluster, method)(*args, **kwargs)))
     except Exception as e:  # noqa: BLE001 - report every failure to the CLI and keep serving
         try:
-            conn.send(("error", f"{type(e).__name__}: {e}"))
+            _send(conn, ("error", f"{type(e).__name__}: {e}"))
         except OSError:
             pass
     return False
@@ -111,9 +123,9 @@ class RemoteCluster:
             raise SessionError(f"cannot reach the cluster daemon (pid {self.info['pid']}): {e}; "
                                f"run `moe-runtime down` to clean up, then `up` again") from None
         with conn:
-            conn.send((method, args, kwargs))
+            _send(conn, (method, args, kwargs))
             while True:
-                kind, payload = conn.recv()
+                kind, payload = _recv(conn)
                 if kind == "progress":
                     if progress:
                         progress(*payload)

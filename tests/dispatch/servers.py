@@ -3,7 +3,7 @@
 `ServerProcess(kind="expert", ...)` runs an `ExpertServer` in a child process, bound to 127.0.0.1, and plays
 the owning actor: `call("grads")`, `call("load_shards", shards, replace=True)`, ... run the server's in-process
 control methods in the child over a pipe and return their (pickled) results. `kind="echo"` runs a bare gRPC
-bytes-echo service (the raw-limit baseline of benchmarks/transport.py) with the same channel options.
+bytes-echo service with the same channel options; `server_class="module:Class"` runs an ExpertServer subclass.
 
 Everything is bounded: the child starts within `start_timeout`, each control call returns within `timeout`, and
 a child exits on its own when its parent process dies or its pipe closes (no orphans if a test run is killed).
@@ -17,6 +17,8 @@ import signal
 import time
 from typing import Any
 
+from typing_extensions import Self
+
 ECHO_SERVICE = "moe_runtime.bench.Echo"
 ECHO_METHOD = f"/{ECHO_SERVICE}/Echo"
 
@@ -29,7 +31,7 @@ def _serve(conn: Any, kind: str, kwargs: dict[str, Any], torch_threads: int) -> 
         torch.set_num_threads(torch_threads)
     try:
         server, address = _make_server(kind, kwargs)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001  (any start failure is reported to the parent, which raises it)
         conn.send(("error", f"{type(e).__name__}: {e}", os.getpid()))
         return
     conn.send(("ready", address, os.getpid()))
@@ -46,7 +48,7 @@ def _serve(conn: Any, kind: str, kwargs: dict[str, Any], torch_threads: int) -> 
             name, args, kw = msg
             try:
                 conn.send(("ok", getattr(server, name)(*args, **kw)))
-            except Exception as e:  # reported to the parent, which raises it
+            except Exception as e:  # noqa: BLE001  (reported to the parent, which raises it)
                 conn.send(("err", f"{type(e).__name__}: {e}"))
     finally:
         if kind == "expert":
@@ -59,7 +61,13 @@ def _make_server(kind: str, kwargs: dict[str, Any]) -> tuple[Any, str]:
     if kind == "expert":
         from moe_runtime.dispatch.grpc_service import ExpertServer
 
-        server: Any = ExpertServer(**{"shards": {}, **kwargs})
+        cls: Any = ExpertServer
+        if "server_class" in kwargs:  # "module:Class", an ExpertServer subclass (benchmarks)
+            import importlib
+
+            module, name = kwargs.pop("server_class").split(":")
+            cls = getattr(importlib.import_module(module), name)
+        server: Any = cls(**{"shards": {}, **kwargs})
         return server, server.start()
     if kind == "echo":
         from concurrent import futures
@@ -146,7 +154,7 @@ class ServerProcess:
             self.kill()
         self._conn.close()
 
-    def __enter__(self) -> ServerProcess:
+    def __enter__(self) -> Self:
         self.wait_ready()
         return self
 

@@ -13,7 +13,6 @@ import grpc
 import msgpack
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.testing import assert_close
@@ -173,7 +172,7 @@ def test_concurrent_calls_accumulate_every_weight_grad(server):
                 c.dispatch(dispatch_frame([0, 1], [2, 2], xs[i], mb=i, meta={"src": i % 2})).result()
                 c.backward(dispatch_frame([0, 1], [2, 2], dys[i], mb=i, meta={"src": i % 2}, kind="backward",
                                           name="dy")).result()  # fmt: skip
-        except Exception as e:  # surfaced below
+        except Exception as e:  # noqa: BLE001  (surfaced by the assertion below)
             errors.append(e)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
@@ -300,7 +299,7 @@ def test_server_side_frame_checks(server, client):
         (dispatch_frame([0], [3], x.reshape(3, 4, 4)), "expected [rows, hidden]"),
     ]
     for frame, msg in cases:
-        err = call_code(lambda: client.dispatch(frame).result())
+        err = call_code(lambda frame=frame: client.dispatch(frame).result())
         assert err.code == grpc.StatusCode.INVALID_ARGUMENT and msg in err.details, err
     decode_frame(client.dispatch(dispatch_frame([0], [3], x)).result())
 
@@ -370,7 +369,7 @@ def test_unresponsive_server_hits_the_deadline():
             with ExpertClient(address, TOKEN, deadline_s=1.0) as c:
                 t0 = time.monotonic()
                 err = call_code(lambda: c.dispatch(dispatch_frame([0], [4], torch.randn(4, D), step=5)).result())
-                assert time.monotonic() - t0 < 2.0
+                assert time.monotonic() - t0 < 2.5  # 1 s deadline + slack for a loaded 2-core machine
             assert err.code == grpc.StatusCode.DEADLINE_EXCEEDED and "(layer 0, step 5)" in str(err)
         finally:
             os.kill(proc.pid, signal.SIGCONT)
@@ -412,34 +411,34 @@ def _spec(**over):
 
 # Each strategy yields (message bytes as sent, substring the INVALID_ARGUMENT details must contain).
 _header_mutations = st.sampled_from([
-    (dict(v=2), "header.v = 2: expected format version 1"),
-    (dict(kind="result"), "header.kind = 'result': expected 'dispatch'"),
-    (dict(kind="nope"), "header.kind = 'nope': expected one of"),
-    (dict(layer=-1), "header.layer = -1: expected an int in [0, 2**63)"),
-    (dict(step="1"), "header.step = '1': expected a non-negative int, got str"),
-    (dict(mb=1.5), "header.mb = 1.5: expected a non-negative int, got float"),
-    (dict(pv=None), "header.pv = None: expected a non-negative int, got NoneType"),
-    (dict(experts=[0]), "len(experts) = 1 but len(counts) = 2: expected equal"),
-    (dict(experts=[0, 0]), "experts[1] = 0: duplicate of experts[0]"),
-    (dict(experts=[0, 9]), "experts[1] = (layer 0, expert 9): not hosted by this server"),
-    (dict(layer=1), "experts[0] = (layer 1, expert 0): not hosted by this server"),
-    (dict(counts=[1, 2]), "counts sum to 3: expected 6 rows (tensors[0].shape[0])"),
-    (dict(counts="ab"), "header.counts = 'ab': expected a list of ints, got str"),
-    (dict(tensors={}), "header.tensors = {}: expected a list of tensor specs"),
-    (dict(tensors=[_spec(dtype="float64")]), "tensors[0].dtype = 'float64': expected one of"),
-    (dict(tensors=[_spec(nbytes=5)]), "but nbytes = 5"),
-    (dict(tensors=[_spec(shape=[FUZZ_ROWS, D, 1, 1, 1, 1, 1, 1, 1])]), "has rank 9: expected at most 8"),
-    (dict(tensors=[_spec(name="")]), "tensors[0].name = '': expected a str of 1..64 chars"),
-    (dict(tensors=[_spec(extra=1)]), "tensors[0] has unknown field(s)"),
-    (dict(tensors=[_spec(), _spec()]), "tensors[1].name = 'x': duplicate of tensors[0]"),
-    (dict(tensors=[_spec(name="q")]), "carries exactly one tensor named 'x'"),
-    (dict(tensors=[_spec(shape=[FUZZ_ROWS * 2, D // 2])], counts=[10, 2]),
+    ({"v": 2}, "header.v = 2: expected format version 1"),
+    ({"kind": "result"}, "header.kind = 'result': expected 'dispatch'"),
+    ({"kind": "nope"}, "header.kind = 'nope': expected one of"),
+    ({"layer": -1}, "header.layer = -1: expected an int in [0, 2**63)"),
+    ({"step": "1"}, "header.step = '1': expected a non-negative int, got str"),
+    ({"mb": 1.5}, "header.mb = 1.5: expected a non-negative int, got float"),
+    ({"pv": None}, "header.pv = None: expected a non-negative int, got NoneType"),
+    ({"experts": [0]}, "len(experts) = 1 but len(counts) = 2: expected equal"),
+    ({"experts": [0, 0]}, "experts[1] = 0: duplicate of experts[0]"),
+    ({"experts": [0, 9]}, "experts[1] = (layer 0, expert 9): not hosted by this server"),
+    ({"layer": 1}, "experts[0] = (layer 1, expert 0): not hosted by this server"),
+    ({"counts": [1, 2]}, "counts sum to 3: expected 6 rows (tensors[0].shape[0])"),
+    ({"counts": "ab"}, "header.counts = 'ab': expected a list of ints, got str"),
+    ({"tensors": {}}, "header.tensors = {}: expected a list of tensor specs"),
+    ({"tensors": [_spec(dtype="float64")]}, "tensors[0].dtype = 'float64': expected one of"),
+    ({"tensors": [_spec(nbytes=5)]}, "but nbytes = 5"),
+    ({"tensors": [_spec(shape=[FUZZ_ROWS, D, 1, 1, 1, 1, 1, 1, 1])]}, "has rank 9: expected at most 8"),
+    ({"tensors": [_spec(name="")]}, "tensors[0].name = '': expected a str of 1..64 chars"),
+    ({"tensors": [_spec(extra=1)]}, "tensors[0] has unknown field(s)"),
+    ({"tensors": [_spec(), _spec()]}, "tensors[1].name = 'x': duplicate of tensors[0]"),
+    ({"tensors": [_spec(name="q")]}, "carries exactly one tensor named 'x'"),
+    ({"tensors": [_spec(shape=[FUZZ_ROWS * 2, D // 2])], "counts": [10, 2]},
      "hidden 8 but expert (layer 0, expert 0) has hidden 16"),
-    (dict(meta={"src": "a"}), "meta['src'] = 'a': expected a non-negative int"),
-    (dict(meta={"save": 0}), "meta['save'] = 0: expected a bool"),
-    (dict(meta={1: 2}), "int is not allowed for map key"),
-    (dict(meta={"k": {"a": 1}}), "meta['k'] = {'a': 1}: expected None, bool, int, float or str"),
-    (dict(extra=0), "header has unknown field 'extra'"),
+    ({"meta": {"src": "a"}}, "meta['src'] = 'a': expected a non-negative int"),
+    ({"meta": {"save": 0}}, "meta['save'] = 0: expected a bool"),
+    ({"meta": {1: 2}}, "int is not allowed for map key"),
+    ({"meta": {"k": {"a": 1}}}, "meta['k'] = {'a': 1}: expected None, bool, int, float or str"),
+    ({"extra": 0}, "header has unknown field 'extra'"),
 ])  # fmt: skip
 
 
@@ -455,7 +454,7 @@ def malformed(draw):
 def _malformed_of(draw, kind):
     # a random valid base (step, micro-batch, split of the rows) so every category has many distinct cases
     c0 = draw(st.integers(0, FUZZ_ROWS))
-    base = dict(step=draw(st.integers(0, 2**40)), mb=draw(st.integers(0, 63)), counts=[c0, FUZZ_ROWS - c0])
+    base = {"step": draw(st.integers(0, 2**40)), "mb": draw(st.integers(0, 63)), "counts": [c0, FUZZ_ROWS - c0]}
     payload = draw(st.sampled_from([PAYLOAD, PAYLOAD_2]))
 
     def header(**over):
@@ -498,7 +497,7 @@ def _malformed_of(draw, kind):
                                                            or len(b) < 2))  # fmt: skip
     try:
         obj = msgpack.unpackb(junk)
-    except Exception:
+    except Exception:  # noqa: BLE001  (msgpack raises several types for junk; any of them means "invalid")
         return wrap_frame(raw_frame(None, payload, header_bytes=junk)), "is not valid msgpack"
     return wrap_frame(raw_frame(None, b"", header_bytes=junk)), ("expected a msgpack map" if not isinstance(
         obj, dict) else "header")  # fmt: skip

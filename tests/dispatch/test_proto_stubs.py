@@ -30,7 +30,7 @@ def test_committed_stubs_match_regenerated(tmp_path):
     assert rc == 0, "protoc failed on protos/expert.proto"
     pattern, repl = _makefile_sed()
     grpc_file = tmp_path / "expert_pb2_grpc.py"
-    fixed = re.sub(pattern.replace("\\", ""), repl.replace("\\", ""), grpc_file.read_text(), flags=re.M)
+    fixed = re.sub(pattern.replace("\\", ""), repl.replace("\\", ""), grpc_file.read_text(), flags=re.MULTILINE)
     assert fixed != grpc_file.read_text(), "the relative-import fix did not apply"
     grpc_file.write_text(fixed)
     for name in ("expert_pb2.py", "expert_pb2_grpc.py"):

@@ -78,7 +78,7 @@ def server_grads(servers):
 
 @pytest.mark.parametrize("placement", [CONTIGUOUS, REPLICATED], ids=["contiguous", "replicated"])
 def test_remote_layer_matches_local_fp32(servers, placement):
-    procs, clients = servers
+    procs, _ = servers
     local, experts = build(placement)
     deploy(servers, experts, placement)
     remote = remote_layer(local, servers, placement)

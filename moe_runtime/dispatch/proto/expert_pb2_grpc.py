@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class ExpertServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """The data plane of one expert actor: hosts (layer, expert) shards, runs them on the token copies it is sent.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -57,7 +58,8 @@ class ExpertServiceStub:
 
 
 class ExpertServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """The data plane of one expert actor: hosts (layer, expert) shards, runs them on the token copies it is sent.
+    """
 
     def Dispatch(self, request, context):
         """Forward: token copies for the experts this actor hosts in; expert outputs out (same wire dtype).
@@ -118,7 +120,8 @@ def add_ExpertServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ExpertService:
-    """Missing associated documentation comment in .proto file."""
+    """The data plane of one expert actor: hosts (layer, expert) shards, runs them on the token copies it is sent.
+    """
 
     @staticmethod
     def Dispatch(request,

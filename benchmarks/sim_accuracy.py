@@ -1,0 +1,242 @@
+"""Simulator accuracy: predicted step time against the real local cluster, on the same routing trace.
+
+    python benchmarks/sim_accuracy.py [--quick] [--json] [--out runs/bench/sim_accuracy.json]
+
+1. Calibrate this machine for the benchmark's model (moe_runtime.sim.calibrate: expert SwiGLU, dense layer,
+   head, AdamW, codec, gRPC round trips to a real ExpertServer, gloo all-reduce) -> a host cost table.
+2. For each set-up (expert actors x router workers x routing), start the real cluster
+   (moe_runtime.runtime.cluster.Cluster, one local Ray for the whole run), train W warm-up steps, then N
+   measured steps; record each step's expert load (StepReport.expert_load, or per worker when the cluster reports
+   it) as a routing trace and the step time (StepReport.timings["step_s"], the driver's wall time of the step).
+   Routing: "natural" is the model's own routing at init on the corpus (the small model's routers already favour
+   some experts: max/mean expert load ~2); "skewed" adds one constant vector to every embedding row (weights only,
+   pushed with RouterWorker.load_model_state before the first step): the residual stream of every token then
+   shares that direction and the routers send most tokens to the same few experts of each layer.
+3. Simulate the same trace on the same layout with the host table (every process shares the machine's cores).
+   The control plane around a step (Ray calls to start the step, gather norms, apply the optimizer: 3 rounds)
+   is the step_overhead_s of the table: 3 x the median Ray actor round trip measured on the live cluster.
+   The machine is shared and its load changes from minute to minute: the table holds CPU seconds (this machine
+   idle), and between the measured steps calibrate.machine_state measures how stretched a process is now
+   (wall / CPU seconds of a fixed workload); the table is scaled by it (calibrate.scale_host_table) --
+   measured per set-up, not fitted to the cluster's step times. The cores stay the machine's CPU count.
+4. The simulator's speed: one 256-GPU, 24-layer Yuan-M32 training step (H100 table, co-located, Zipf 1.0).
+
+Last stdout line (and runs/bench/sim_accuracy.json): mean_abs_error, max_abs_error (relative |sim - real| / real
+over set-ups; goals 0.10 / 0.20), sim_seconds_256gpu_24layer_step (wall; CPU seconds alongside; goal < 1 s),
+and one row per set-up (real and simulated step times, error, imbalance, trace source).
+
+The model: the `small` preset (4 layers, d 256, 16 experts, top-2), batch 8 x 128 tokens, fp32 wire, one torch
+thread per process: about a second per step, so compute dominates the ~0.5 ms gRPC overheads as in a real run.
+--quick: quick calibration, 1 warm-up + 2 measured steps per set-up (still minutes: Ray and actors start per
+set-up and the machine is shared).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np
+import torch
+
+from benchmarks._common import emit, make_parser, stderr_console
+from moe_runtime.config import ModelConfig, RuntimeConfig, parse_config
+from moe_runtime.sim.calibrate import calibrate, machine_state, scale_host_table, write_table
+from moe_runtime.sim.cost_model import CostModel, HardwareTable, load_table
+from moe_runtime.sim.simulator import Layout, Simulator
+from moe_runtime.sim.traces import RoutingTrace
+
+SETUPS = [
+    {"name": "2 actors, 1 worker, natural", "expert_actors": 2, "router_workers": 1, "skew": 0.0},
+    {"name": "4 actors, 2 workers, natural", "expert_actors": 4, "router_workers": 2, "skew": 0.0},
+    {"name": "2 actors, 2 workers, skewed", "expert_actors": 2, "router_workers": 2, "skew": 1.0},
+    {"name": "4 actors, 1 worker, skewed", "expert_actors": 4, "router_workers": 1, "skew": 1.0},
+    {"name": "4 actors, 2 workers, skewed", "expert_actors": 4, "router_workers": 2, "skew": 1.0},
+]
+CONTROL_ROUNDS = 3  # Ray round trips of the driver per step: forward_backward, sync + norms, apply
+
+
+def base_config(expert_actors: int, router_workers: int, tmp: Path) -> RuntimeConfig:
+    return parse_config({
+        "model": {"preset": "small"},
+        "data": {"max_files": 60},
+        "train": {"steps": 1000, "batch_size": 8, "seq_len": 128, "micro_batches": 1, "warmup_steps": 2,
+                  "checkpoint_every": 0, "checkpoint_dir": str(tmp / "ckpt")},
+        "cluster": {"num_gpus": 4, "expert_actors": expert_actors, "router_workers": router_workers,
+                    "cpus_per_actor": 0.0, "torch_threads": 1},
+        "transport": {"wire_dtype": "float32"},
+    })  # fmt: skip
+
+
+def skew_dense_state(cfg: RuntimeConfig, alpha: float) -> dict[str, torch.Tensor]:
+    """The cluster's initial dense weights with alpha x (typical embedding row norm) added to every embedding
+    row along one fixed random direction."""
+    from moe_runtime.model.transformer import build_model
+    from moe_runtime.runtime.router_worker import dense_state_from_full
+
+    state = dense_state_from_full(build_model(cfg.model, seed=cfg.train.seed), cfg)
+    emb = state["embed.weight"]
+    g = torch.Generator().manual_seed(1234)
+    direction = torch.randn(emb.shape[1], generator=g)
+    state["embed.weight"] = emb + direction / direction.norm() * emb.norm(dim=1).mean() * alpha
+    return state
+
+
+def chunk_counts(load_le: np.ndarray, chunks: int) -> np.ndarray:
+    """Split a step's [L, E] load over chunks as evenly as integers allow (when only the total is reported)."""
+    base, extra = np.divmod(load_le.astype(np.int64), chunks)
+    return np.stack([base + (c < extra) for c in range(chunks)])
+
+
+def _wait_for_gpus(n: int, timeout: float = 60.0) -> None:
+    """A shut-down cluster's placement group frees its (fake) GPUs asynchronously."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while ray.available_resources().get("GPU", 0.0) < n and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+def ray_round_trip(cluster: Any, n: int = 20) -> float:
+    import ray
+
+    h = cluster.workers[0]
+    ray.get(h.ping.remote())
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        ray.get(h.ping.remote())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run_setup(setup: dict, table: HardwareTable, warmup: int, steps: int, tmp: Path, log) -> dict[str, Any]:
+    import ray
+
+    from moe_runtime.runtime.cluster import Cluster
+
+    cfg = base_config(setup["expert_actors"], setup["router_workers"], tmp / setup["name"].replace(" ", ""))
+    W, M = cfg.cluster.router_workers, cfg.train.micro_batches
+    t0 = time.perf_counter()
+    with Cluster.start(cfg) as c:
+        if setup["skew"]:
+            ref = ray.put(skew_dense_state(cfg, setup["skew"]))
+            ray.get([w.load_model_state.remote(ref) for w in c.workers])
+        rtt = ray_round_trip(c)
+        real, counts, per_worker, probes, timings = [], [], False, [], []
+        for i in range(warmup + steps):
+            if i >= warmup:
+                probes.append(machine_state())  # the machine as it is now (between steps, the cluster idle)
+            rep = c.train_step()
+            if i < warmup:
+                continue
+            real.append(rep.timings["step_s"])
+            timings.append(rep.timings)
+            loads = getattr(rep, "worker_loads", None)
+            if loads is not None and len(loads) == W * M:
+                per_worker = True
+                counts.append(np.stack([np.asarray(x, dtype=np.int64) for x in loads]))
+            else:
+                counts.append(chunk_counts(rep.expert_load.numpy(), W * M))
+        probes.append(machine_state())
+    _wait_for_gpus(cfg.cluster.expert_actors)
+    log(f"  {setup['name']}: cluster up + {warmup + steps} steps in {time.perf_counter() - t0:.1f} s")
+    trace = RoutingTrace(np.stack(counts), cfg.model.top_k, M, {"source": "real cluster", "setup": setup["name"]})
+    overhead = CONTROL_ROUNDS * rtt
+    stretch = statistics.median(p["stretch"] for p in probes)
+    tab = dataclasses.replace(scale_host_table(table, stretch), step_overhead_s=overhead)
+    sim = Simulator.from_config(cfg, tab)
+    results = sim.run(trace)
+    predicted = [r.step_time_s for r in results]
+    real_med, sim_med = statistics.median(real), statistics.median(predicted)
+    return {
+        "setup": setup["name"], "expert_actors": setup["expert_actors"], "router_workers": W,
+        "skew": setup["skew"], "real_step_s": real_med, "sim_step_s": sim_med,
+        "error": (sim_med - real_med) / real_med, "real_steps_s": real, "sim_steps_s": predicted,
+        "imbalance": float(np.mean([r.imbalance for r in results])),
+        "max_expert_share": float((trace.load() / trace.load().sum(axis=1, keepdims=True)).max()),
+        "trace_per_worker": per_worker, "ray_round_trip_s": rtt, "step_overhead_s": overhead,
+        "sim_phases": {k: float(np.mean([r.phases[k] for r in results])) for k in results[0].phases},
+        "real_timings": {k: float(np.mean([t[k] for t in timings])) for k in timings[0]},
+        "machine_stretch": stretch, "machine_states": [p["stretch"] for p in probes],
+    }  # fmt: skip
+
+
+def sim_speed(repeats: int = 3) -> dict[str, float]:
+    m = ModelConfig(preset="yuan-m32")
+    sim = Simulator(CostModel.build(load_table("h100"), m, 4096, 2), Layout.colocated(256, 8))
+    trace = sim.synthetic("zipf", tokens_per_worker=4096, zipf_s=1.0)
+    sim.run_step(trace.step(0))
+    walls, cpus = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        res = sim.run_step(trace.step(0))
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return {"wall_s": min(walls), "cpu_s": min(cpus), "simulated_step_s": res.step_time_s,
+            "messages": res.messages_per_step}  # fmt: skip
+
+
+def main() -> None:
+    p = make_parser("sim_accuracy", __doc__)
+    p.add_argument("--table", type=Path, default=None, help="use this host table instead of calibrating")
+    args = p.parse_args()
+    con = stderr_console()
+    log = con.print
+    tmp = ROOT / "runs" / "bench" / "sim_accuracy_tmp"
+    warmup, steps = (1, 2) if args.quick else (1, 4)
+    setups = SETUPS[:4] if args.quick else SETUPS
+
+    t_start = time.perf_counter()
+    cfg0 = base_config(4, 2, tmp)
+    if args.table:
+        table_path = args.table
+    else:
+        log("calibrating ...")
+        t0 = time.perf_counter()
+        table_path = write_table(calibrate(cfg0, quick=args.quick, log=lambda m: log(f"  {m}")),
+                                 ROOT / "runs" / "sim" / "host-small.yaml")  # fmt: skip
+        log(f"calibrated in {time.perf_counter() - t0:.1f} s -> {table_path}")
+    table = load_table(table_path)
+
+    from moe_runtime.config import ClusterConfig
+    from moe_runtime.runtime.ray_env import start_ray
+
+    env = start_ray(ClusterConfig(num_gpus=8, expert_actors=4), log_to_driver=False)
+    rows = []
+    try:
+        for s in setups:
+            log(f"set-up: {s['name']}")
+            rows.append(run_setup(s, table, warmup, steps, tmp, log))
+            r = rows[-1]
+            log(f"  real {r['real_step_s'] * 1e3:.1f} ms, simulated {r['sim_step_s'] * 1e3:.1f} ms "
+                f"({r['error']:+.1%}); actor imbalance {r['imbalance']:.2f}")  # fmt: skip
+    finally:
+        env.shutdown()
+    speed = sim_speed()
+    log(f"256-GPU 24-layer step simulated in {speed['wall_s']:.3f} s wall ({speed['cpu_s']:.3f} s CPU)")
+    errors = [abs(r["error"]) for r in rows]
+    result = {
+        "mean_abs_error": float(np.mean(errors)),
+        "max_abs_error": float(np.max(errors)),
+        "sim_seconds_256gpu_24layer_step": speed["wall_s"],
+        "sim_cpu_seconds_256gpu_24layer_step": speed["cpu_s"],
+        "goals": {"mean_abs_error": 0.10, "max_abs_error": 0.20, "sim_seconds_256gpu_24layer_step": 1.0},
+        "setups": rows,
+        "table": str(table_path),
+        "quick": bool(args.quick),
+        "wall_s": time.perf_counter() - t_start,
+    }
+    log(f"mean |error| {result['mean_abs_error']:.1%}, max |error| {result['max_abs_error']:.1%}")
+    emit(result, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""One training step on the local Ray cluster against the in-process step, same model and batch, in one run.
+
+Both run the same step function (training.py's decomposition: same chunks, global clip, AdamW), rounds
+interleaved (in-process, cluster, in-process, ...) so machine drift hits both alike; the first round is a warm-up.
+
+Baseline: InProcessTrainer.train_step at its *best* intra-op thread count (1 or all cores, the faster median). On a
+2-core machine shared with other work, 2-thread torch can be 5-10x slower than 1 thread (threads spin against
+each other); taking the better setting keeps the baseline honest rather than flattering the cluster.
+
+Cluster: cluster/local.yaml's layout (4 expert actors with fake GPUs, 2 router workers, gloo grad sync), every
+actor at cluster.torch_threads (1). Breakdown per step (medians; definitions in cluster.Cluster.train_step):
+router_s (dense compute on the router workers), dispatch_s (data-plane wall time not spent computing experts:
+encode, gRPC, decode, waiting), expert_s (expert compute on the actors per router worker), combine_s (plan build,
+gather, combine), grad_sync_s (gloo all-reduce of the dense grads), optimizer_s (norms, clip and AdamW on all
+parties, including the control-plane round trips).
+
+Ratio: remote_vs_inprocess_step_time = cluster step / in-process step (goal <= 3.0), for local.yaml's tiny model.
+The full run adds the `small` preset at batch 16 x 128 tokens, where compute dominates the fixed per-call costs.
+Writes runs/bench/step.json and prints it as the last stdout line.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from benchmarks._common import emit, make_parser, stderr_console  # noqa: E402
+from moe_runtime.config import RuntimeConfig, load_config  # noqa: E402
+
+BREAKDOWN = ("router_s", "dispatch_s", "expert_s", "combine_s", "grad_sync_s", "optimizer_s")
+
+
+def bench_config(preset: str | None, batch: int | None, seq: int | None) -> RuntimeConfig:
+    base = load_config(ROOT / "cluster" / "local.yaml")
+    d = base.model_dump(mode="json")
+    if preset is not None:
+        d["model"] = {"preset": preset, "router": base.model.router}
+    d["train"].update({k: v for k, v in (("batch_size", batch), ("seq_len", seq)) if v is not None})
+    d["train"]["steps"] = 1000  # the lr schedule is irrelevant here; keep warm-up short and identical
+    d["data"]["max_files"] = 200  # corpus load time is not what is measured
+    return RuntimeConfig.model_validate(d)
+
+
+def run_case(name: str, cfg: RuntimeConfig, rounds: int, console) -> dict:
+    from moe_runtime.runtime.cluster import Cluster
+    from moe_runtime.training import InProcessTrainer
+
+    threads = sorted({1, os.cpu_count() or 1})
+    oracle = InProcessTrainer(cfg)
+    inproc: dict[int, list[float]] = {n: [] for n in threads}
+    remote: list[float] = []
+    timings: list[dict] = []
+    default_threads = torch.get_num_threads()
+    with Cluster.start(cfg) as cluster:
+        for r in range(rounds + 1):
+            for n in threads:
+                torch.set_num_threads(n)
+                t0 = time.perf_counter()
+                oracle.train_step(r)
+                if r:
+                    inproc[n].append(time.perf_counter() - t0)
+            torch.set_num_threads(default_threads)
+            t0 = time.perf_counter()
+            rep = cluster.train_step(r)
+            if r:
+                remote.append(time.perf_counter() - t0)
+                timings.append(rep.timings)
+            console.print(f"[{name}] round {r}: cluster {remote[-1] if r else 0:.3f} s", highlight=False)
+    med = {n: statistics.median(v) for n, v in inproc.items()}
+    best = min(med, key=med.get)
+    remote_s = statistics.median(remote)
+    breakdown = {k: statistics.median(t[k] for t in timings) for k in BREAKDOWN}
+    m = cfg.model
+    return {
+        "model": {"preset": m.preset, "hidden_size": m.hidden_size, "num_layers": m.num_layers,
+                  "num_experts": m.num_experts, "top_k": m.top_k, "ffn_hidden_size": m.ffn_hidden_size},
+        "batch_size": cfg.train.batch_size,
+        "seq_len": cfg.train.seq_len,
+        "expert_actors": cfg.cluster.expert_actors,
+        "router_workers": cfg.cluster.router_workers,
+        "rounds": rounds,
+        "inprocess_step_s": med[best],
+        "inprocess_threads": best,
+        "inprocess_step_s_by_threads": {str(n): v for n, v in med.items()},
+        "remote_step_s": remote_s,
+        "remote_vs_inprocess_step_time": remote_s / med[best],
+        "breakdown": breakdown,
+        "breakdown_unattributed_s": max(0.0, remote_s - sum(breakdown.values())),
+        "remote_step_s_all": remote,
+    }
+
+
+def main() -> None:
+    p = make_parser("step", __doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds per case (default 5 quick, 8 full)")
+    args = p.parse_args()
+    console = stderr_console()
+    rounds = args.rounds or (5 if args.quick else 8)
+    result: dict = {"benchmark": "step", "quick": args.quick, "goal_remote_vs_inprocess": 3.0,
+                    "loadavg_start": os.getloadavg()[0]}
+    local = run_case("local.yaml", bench_config(None, None, None), rounds, console)
+    result.update({k: local[k] for k in ("remote_vs_inprocess_step_time", "inprocess_step_s", "remote_step_s",
+                                         "inprocess_threads")})
+    result.update(local["breakdown"])
+    result["local"] = local
+    if not args.quick:
+        result["small"] = run_case("small", bench_config("small", 16, 128), max(3, rounds // 2), console)
+    result["loadavg_end"] = os.getloadavg()[0]
+    console.print(
+        f"remote / in-process step time: {result['remote_vs_inprocess_step_time']:.2f} (goal <= 3.0); "
+        + ", ".join(f"{k} {local['breakdown'][k] * 1e3:.1f} ms" for k in BREAKDOWN), highlight=False)
+    emit(result, args.out)
+
+
+if __name__ == "__main__":
+    main()

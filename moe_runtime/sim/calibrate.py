@@ -1,0 +1,506 @@
+"""Measure this machine and write a host cost table (``kind: host``) for the simulator.
+
+What is measured, for the config's model, with ``cluster.torch_threads`` intra-op threads (what every actor and
+router worker runs with):
+- experts: one expert segment through the expert server's own forward and backward (``ExpertServer``'s grouped
+  SwiGLU, hand-written backward, weight-grad accumulation) on 1 .. 1024 rows: ``fixed_s + s_per_row * rows`` and
+  ``bwd_fixed_s + bwd_s_per_row * rows`` (least squares);
+- dense: one decoder layer without its experts (norms, LFA attention, router, DispatchPlan, gather, combine) on
+  1 .. 4 chunks of ``train.seq_len`` tokens: ``fixed_s + s_per_token * tokens``; backward / forward;
+- head: embedding + final norm + tied LM head + cross-entropy, the same way;
+- optimizer: AdamW (``training.make_adamw``) seconds per parameter;
+- codec: ``encode_frame`` + ``decode_frame`` of dispatch frames: ``2 * fixed_s + s_per_byte * bytes``;
+- RPC: Dispatch round trips to a real ``ExpertServer`` (``dispatch.grpc_service``) in another process, minus the
+  codec: a message costs ``cpu_s`` of a core plus ``bytes / bandwidth``, then waits ``alpha_s`` (half a raw TCP
+  round trip measured to the same process);
+- allreduce: torch.distributed gloo all_reduce between two processes (the router workers' dense grad sync).
+Every figure is the median of several runs. The machine is shared, so in-process compute is timed in CPU seconds
+(``time.process_time``: it does not grow with other tenants' load) and the multi-process measurements (RPC,
+all-reduce) are wall times divided by the stretch ``machine_state`` measured around them: the table describes
+this machine idle; ``scale_host_table(table, stretch, cores)`` with a later ``machine_state`` turns it into the
+machine as it is at that moment (``benchmarks/sim_accuracy.py`` does that per set-up).
+
+``host_cores`` is the number of CPUs this process may use: every process of a local cluster shares them.
+``step_overhead_s`` (the control plane around one step: Ray calls, norms, clip) is 0 unless given, e.g. from a
+live cluster (``benchmarks/sim_accuracy.py`` measures it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from moe_runtime.config import ModelConfig, RuntimeConfig
+from moe_runtime.model.accounting import count_params, flops_per_token
+from moe_runtime.sim.cost_model import HardwareTable, Link
+
+__all__ = [
+    "calibrate",
+    "machine_state",
+    "measure_allreduce",
+    "measure_codec",
+    "measure_dense",
+    "measure_experts",
+    "measure_head",
+    "measure_optimizer",
+    "measure_rpc",
+    "scale_host_table",
+    "write_table",
+]  # fmt: skip
+
+
+def _median_time(fn: Callable[[], Any], repeats: int, inner: int = 1, warmup: int = 1, cpu: bool = False) -> float:
+    """Median seconds per call; `cpu`: this process's CPU seconds instead of wall seconds (on a shared machine
+    the CPU time of single-threaded work does not grow with other tenants' load; wall time does)."""
+    clock = time.process_time if cpu else time.perf_counter
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = clock()
+        for _ in range(inner):
+            fn()
+        times.append((clock() - t0) / inner)
+    return statistics.median(times)
+
+
+def _fit(x: list[float], y: list[float]) -> tuple[float, float]:
+    """Least squares y = a + b x with a, b >= 0."""
+    b, a = np.polyfit(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64), 1)
+    if b < 0:
+        return float(np.mean(y)), 0.0
+    if a < 0:
+        return 0.0, float(np.dot(x, y) / np.dot(x, x))
+    return float(a), float(b)
+
+
+# ----------------------------------------------------------------------------------------------- compute
+
+
+def _probe_work() -> Callable[[], None]:
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(128, 256, generator=g), torch.randn(256, 512, generator=g)
+
+    def work() -> None:  # ~50 ms: long enough to span several scheduler slices
+        for _ in range(48):
+            (a @ b).relu_().sum()
+
+    return work
+
+
+def machine_state(repeats: int = 7) -> dict[str, float]:
+    """How much of this shared machine a process gets now: ``stretch`` = wall / CPU seconds of a fixed
+    single-threaded workload (median of `repeats`; 1.0 on an idle machine, more when other tenants compete for
+    the cores). ``scale_host_table(table, stretch)`` turns a calibrated table (CPU seconds) into wall seconds."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        work = _probe_work()
+        work()
+        ratios = []
+        for _ in range(repeats):
+            w0, c0 = time.perf_counter(), time.thread_time()
+            work()
+            ratios.append((time.perf_counter() - w0) / max(time.thread_time() - c0, 1e-9))
+        return {"stretch": statistics.median(ratios)}
+    finally:
+        torch.set_num_threads(prev)
+
+
+def measure_experts(d: int, f: int, quick: bool = False) -> dict[str, float]:
+    """One expert segment as the expert server computes it: ``ExpertServer._expert_forward`` and
+    ``_expert_backward`` plus the weight-grad accumulation of a Backward call (the server's own code, not a
+    re-implementation), on 1 .. 1024 rows. Forward and backward are each fitted as fixed + per row."""
+    from moe_runtime.dispatch.grpc_service import ExpertServer
+
+    g = torch.Generator().manual_seed(0)
+    w1 = torch.randn(d, 2 * f, generator=g) * 0.02
+    w2 = torch.randn(f, d, generator=g) * 0.02
+    server = ExpertServer({(0, 0): (w1, w2)}, auth_token="calibration")  # never started: no socket
+    g1, g2 = server.grads()[(0, 0)]
+    sizes = [1, 8, 32, 128, 512] if quick else [1, 4, 16, 64, 256, 1024]
+    fwd_t, bwd_t = [], []
+    for n in sizes:
+        x = torch.randn(n, d, generator=g)
+        dy = torch.randn(n, d, generator=g)
+        inner = max(1, 128 // n)
+        _, hs = server._expert_forward(0, [0], [n], x)
+
+        def bwd(x: torch.Tensor = x, hs: list = hs, dy: torch.Tensor = dy, n: int = n) -> None:
+            _, wgrads = server._expert_backward(0, [0], [n], x, hs, dy)
+            for _, dw1, dw2 in wgrads:
+                g1.add_(dw1)
+                g2.add_(dw2)
+
+        fwd_t.append(_median_time(lambda x=x, n=n: server._expert_forward(0, [0], [n], x), 3 if quick else 5,
+                                  inner, cpu=True))  # fmt: skip
+        bwd_t.append(_median_time(bwd, 3 if quick else 5, inner, cpu=True))
+    fixed, per_row = _fit(sizes, fwd_t)
+    bfixed, bper_row = _fit(sizes, bwd_t)
+    return {"fixed_s": fixed, "s_per_row": per_row, "bwd_fixed_s": bfixed, "bwd_s_per_row": bper_row,
+            "backward_factor": bwd_t[-1] / fwd_t[-1], "rows": sizes, "times_s": fwd_t, "bwd_times_s": bwd_t}  # fmt: skip
+
+
+class _NoExperts(nn.Module):
+    """A dispatcher whose experts are the identity: what remains of a decoder layer is its dense part."""
+
+    def __init__(self, num_experts: int):
+        super().__init__()
+        from moe_runtime.runtime.placement import Placement
+
+        self.placement = Placement.contiguous(1, num_experts, 1)
+
+    def forward(self, x_nd: torch.Tensor, plan: Any) -> torch.Tensor:
+        return x_nd * 1.0
+
+
+def _token_sizes(seq_len: int, quick: bool) -> list[int]:
+    return [1, 2, 4] if quick else [1, 2, 4, 8]
+
+
+def measure_dense(model: ModelConfig, seq_len: int, quick: bool = False) -> dict[str, float]:
+    from moe_runtime.model.transformer import DecoderLayer
+
+    torch.manual_seed(0)
+    layer = DecoderLayer(model, 0, _NoExperts(model.num_experts))
+    rows, fwd_t, tot_t = [], [], []
+    for b in _token_sizes(seq_len, quick):
+        x = torch.randn(b, seq_len, model.hidden_size)
+        with torch.no_grad():
+            fwd_t.append(_median_time(lambda x=x: layer(x), 3 if quick else 5, cpu=True))
+        xg = x.clone().requires_grad_(True)
+
+        def fb(xg: torch.Tensor = xg) -> None:
+            out, _ = layer(xg)
+            out.sum().backward()
+            layer.zero_grad(set_to_none=True)
+            xg.grad = None
+
+        tot_t.append(_median_time(fb, 3 if quick else 5, cpu=True))
+        rows.append(b * seq_len)
+    fixed, per_tok = _fit(rows, fwd_t)
+    return {"fixed_s": fixed, "s_per_token": per_tok,
+            "backward_factor": max(1.0, (tot_t[-1] - fwd_t[-1]) / fwd_t[-1]), "tokens": rows, "times_s": fwd_t}  # fmt: skip
+
+
+def measure_head(model: ModelConfig, seq_len: int, quick: bool = False) -> dict[str, float]:
+    from moe_runtime.model.norm import RMSNorm
+
+    torch.manual_seed(0)
+    embed = nn.Embedding(model.vocab_size, model.hidden_size)
+    norm = RMSNorm(model.hidden_size, model.norm_eps)
+    rows, fwd_t, tot_t = [], [], []
+    for b in _token_sizes(seq_len, quick):
+        tok = torch.randint(0, model.vocab_size, (b, seq_len))
+        h = torch.randn(b, seq_len, model.hidden_size)
+
+        def fwd(h: torch.Tensor = h, tok: torch.Tensor = tok) -> torch.Tensor:
+            x = embed(tok)
+            logits = F.linear(norm(h + x), embed.weight)
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tok.reshape(-1))
+
+        with torch.no_grad():
+            fwd_t.append(_median_time(fwd, 3 if quick else 5, cpu=True))
+
+        def fb() -> None:
+            fwd().backward()
+            embed.zero_grad(set_to_none=True)
+            norm.zero_grad(set_to_none=True)
+
+        tot_t.append(_median_time(fb, 3 if quick else 5, cpu=True))
+        rows.append(b * seq_len)
+    fixed, per_tok = _fit(rows, fwd_t)
+    return {"fixed_s": fixed, "s_per_token": per_tok,
+            "backward_factor": max(1.0, (tot_t[-1] - fwd_t[-1]) / fwd_t[-1]), "tokens": rows, "times_s": fwd_t}  # fmt: skip
+
+
+def measure_optimizer(quick: bool = False) -> dict[str, float]:
+    from moe_runtime.config import TrainConfig
+    from moe_runtime.training import make_adamw
+
+    n = 1 << 20 if quick else 1 << 22
+    p = nn.Parameter(torch.randn(n // 1024, 1024))
+    p.grad = torch.randn_like(p)
+    opt = make_adamw([("w", p)], TrainConfig())
+    t = _median_time(opt.step, 3 if quick else 5, warmup=2, cpu=True)
+    return {"s_per_param": t / n}
+
+
+def measure_codec(d: int, wire: torch.dtype, quick: bool = False) -> dict[str, float]:
+    from moe_runtime.dispatch.codec import decode_frame, encode_frame
+
+    sizes, times = [], []
+    for rows in ([4, 64, 1024] if quick else [4, 64, 512, 2048]):
+        x = torch.randn(rows, d)
+
+        def enc_dec(x: torch.Tensor = x, rows: int = rows) -> None:
+            buf = encode_frame("dispatch", layer=0, step=0, mb=0, pv=0, experts=[0], counts=[rows],
+                               tensors={"x": x}, wire_dtype=wire)  # fmt: skip
+            decode_frame(buf, out_dtype=torch.float32)
+
+        times.append(_median_time(enc_dec, 3 if quick else 5, inner=4, cpu=True))
+        sizes.append(rows * d * torch.finfo(wire).bits // 8)
+    two_fixed, per_byte = _fit(sizes, times)
+    return {"fixed_s": two_fixed / 2, "s_per_byte": per_byte}
+
+
+# ----------------------------------------------------------------------------------------------- processes
+
+
+def _child(code: str, *args: object) -> subprocess.Popen:
+    """A fresh interpreter running `code` (a call into this module) with args in argv: no multiprocessing, so
+    it works from any caller (scripts without a __main__ guard included)."""
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def _serve_main() -> None:
+    """Child process: an ExpertServer with one tiny shard (compute ~ 0) and a raw TCP echo socket. Prints
+    "address echo_port", serves until stdin closes."""
+    d, token = int(sys.argv[1]), sys.argv[2]
+    torch.set_num_threads(1)
+    from moe_runtime.dispatch.grpc_service import ExpertServer
+
+    server = ExpertServer({(0, 0): (torch.zeros(d, 2), torch.zeros(1, d))}, "127.0.0.1", 0, auth_token=token)
+    address = server.start()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1)
+
+    def echo() -> None:
+        c, _ = sock.accept()
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        while data := c.recv(64):
+            c.sendall(data)
+
+    threading.Thread(target=echo, daemon=True).start()
+    print(address, sock.getsockname()[1], flush=True)
+    sys.stdin.read()
+    server.stop(0)
+
+
+def measure_rpc(d: int, wire: torch.dtype, codec: dict[str, float], quick: bool = False) -> dict[str, float]:
+    """Dispatch round trips through the real data plane to a server in another process."""
+    from moe_runtime.dispatch.codec import decode_frame, encode_frame
+    from moe_runtime.dispatch.grpc_service import ExpertClient
+
+    token = secrets.token_hex(8)
+    proc = _child("from moe_runtime.sim.calibrate import _serve_main; _serve_main()", d, token)
+    try:
+        line = proc.stdout.readline().split()
+        if len(line) != 2:
+            raise RuntimeError("calibration server did not start")
+        address, echo_port = line[0], int(line[1])
+        s = socket.create_connection(("127.0.0.1", echo_port))
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def ping() -> None:
+            s.sendall(b"x" * 16)
+            s.recv(64)
+
+        stretch0 = machine_state()["stretch"]
+        tcp_rtt = _median_time(ping, 5, inner=50)
+        s.close()
+        client = ExpertClient(address, token)
+        sizes, rtts = [], []
+        step = [0]
+        for rows in ([4, 256, 2048] if quick else [4, 64, 512, 2048, 4096]):
+            x = torch.randn(rows, d)
+
+            def rtt(x: torch.Tensor = x, rows: int = rows) -> None:
+                step[0] += 1
+                buf = encode_frame("dispatch", layer=0, step=step[0], mb=0, pv=0, experts=[0], counts=[rows],
+                                   tensors={"x": x}, wire_dtype=wire, meta={"save": False})  # fmt: skip
+                decode_frame(client.dispatch(buf).result(), out_dtype=torch.float32)
+
+            rtts.append(_median_time(rtt, 5 if quick else 7, inner=3, warmup=3))
+            sizes.append(rows * d * torch.finfo(wire).bits // 8)
+        client.close()
+        stretch = (stretch0 + machine_state()["stretch"]) / 2
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    # wall times on a shared machine: divide by how stretched a process was then (machine_state)
+    rtts = [t / stretch for t in rtts]
+    tcp_rtt /= stretch
+    intercept, slope = _fit(sizes, rtts)
+    alpha = tcp_rtt / 2
+    # RTT = 2 (cpu + alpha) + 2 bytes / bw + 2 codec(bytes), codec(b) = 2 fixed + per_byte b
+    cpu = max(0.0, (intercept - 4 * codec["fixed_s"]) / 2 - alpha)
+    inv_bw = max(slope / 2 - codec["s_per_byte"], 1e-12)
+    return {"alpha_s": alpha, "cpu_s": cpu, "bandwidth": 1.0 / inv_bw, "rtt_intercept_s": intercept,
+            "rtt_s_per_byte": slope, "tcp_rtt_s": tcp_rtt, "bytes": sizes, "rtt_s": rtts, "stretch": stretch}  # fmt: skip
+
+
+def _allreduce_main() -> None:
+    """Child process: rank argv[1] of a 2-rank gloo group on port argv[2]; rank 0 prints the times as JSON."""
+    import json
+
+    import torch.distributed as dist
+
+    rank, port, sizes = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
+    torch.set_num_threads(1)
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    res = []
+    for n in sizes:
+        t = torch.ones(n // 4)
+        res.append(_median_time(lambda t=t: dist.all_reduce(t), 5, warmup=2))
+    dist.destroy_process_group()
+    print(json.dumps(res), flush=True)
+
+
+def measure_allreduce(quick: bool = False) -> dict[str, float]:
+    """gloo all_reduce between two processes: a 2-rank ring takes 2 alpha + bytes / bandwidth."""
+    import json
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sizes = [1 << 12, 1 << 20, 1 << 22] if quick else [1 << 12, 1 << 20, 1 << 22, 1 << 24]
+    code = "from moe_runtime.sim.calibrate import _allreduce_main; _allreduce_main()"
+    stretch0 = machine_state()["stretch"]
+    procs = [_child(code, r, port, json.dumps(sizes)) for r in range(2)]
+    try:
+        out = [p.communicate(timeout=300)[0] for p in procs]
+        stretch = (stretch0 + machine_state()["stretch"]) / 2
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"gloo all-reduce calibration failed (exit codes {[p.returncode for p in procs]})")
+    times = [t / stretch for t in json.loads(out[0].strip().splitlines()[-1])]
+    intercept, slope = _fit(sizes, times)
+    return {"alpha_s": intercept / 2, "bandwidth": 1.0 / max(slope, 1e-12), "bytes": sizes, "times_s": times,
+            "stretch": stretch}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- table
+
+
+def calibrate(cfg: RuntimeConfig, quick: bool = False, step_overhead_s: float = 0.0,
+              log: Callable[[str], None] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Measure everything and return the host table as a dict (see ``write_table``)."""
+    say = log or (lambda _msg: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.cluster.torch_threads)
+    try:
+        m, seq = cfg.model, cfg.train.seq_len
+        wire = getattr(torch, cfg.transport.wire_dtype)
+        t0 = time.perf_counter()
+        say("experts")
+        expert = measure_experts(m.hidden_size, m.ffn_hidden_size, quick)
+        say("dense layer")
+        dense = measure_dense(m, seq, quick)
+        say("head")
+        head = measure_head(m, seq, quick)
+        say("optimizer")
+        opt = measure_optimizer(quick)
+        say("codec")
+        codec = measure_codec(m.hidden_size, wire, quick)
+        say("gRPC round trips")
+        rpc = measure_rpc(m.hidden_size, wire, codec, quick)
+        say("gloo all-reduce")
+        allreduce = measure_allreduce(quick)
+    finally:
+        torch.set_num_threads(threads)
+    state = machine_state()
+    counts = count_params(m)
+    fl = flops_per_token(m, seq)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return {
+        "name": "calibrated-host",
+        "kind": "host",
+        "host_cores": cores,
+        "step_overhead_s": float(step_overhead_s),
+        "grad_bytes_per_param": 4,
+        "links": {"loopback": {k: rpc[k] for k in ("alpha_s", "cpu_s", "bandwidth")}},
+        "measured": {
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "seconds": time.perf_counter() - t0,
+            "torch_threads": cfg.cluster.torch_threads,
+            "machine_state": state,
+            "wire_dtype": cfg.transport.wire_dtype,
+            "model": {
+                "preset": m.preset, "hidden_size": m.hidden_size, "ffn_hidden_size": m.ffn_hidden_size,
+                "num_experts": m.num_experts, "seq_len": seq,
+                "dense_flops_per_token": 2.0 * counts.dense_params_per_layer
+                + fl["attention_score_flops_per_token_causal"] / m.num_layers,
+                "head_flops_per_token": 2.0 * m.vocab_size * m.hidden_size,
+            },
+            "expert": expert,
+            "dense": dense,
+            "head": head,
+            "optimizer": opt,
+            "codec": codec,
+            "rpc": rpc,
+            "allreduce": allreduce,
+        },
+    }
+
+
+def scale_host_table(table: HardwareTable, stretch: float) -> HardwareTable:
+    """The table for a machine where every process runs `stretch` times slower (every time x stretch, every
+    bandwidth / stretch; ``machine_state`` measures it). A calibrated table holds CPU seconds, i.e. stretch 1:
+    this turns it into wall seconds for the machine as it is at one moment."""
+    if table.kind != "host":
+        raise ValueError(f"scale_host_table: {table.name} is a {table.kind} table")
+    if stretch <= 0:
+        raise ValueError(f"stretch = {stretch}: must be > 0")
+    f = stretch
+    m = {k: (dict(v) if isinstance(v, dict) else v) for k, v in table.measured.items()}
+    for part, keys in (("expert", ("fixed_s", "s_per_row", "bwd_fixed_s", "bwd_s_per_row")),
+                       ("dense", ("fixed_s", "s_per_token")),
+                       ("head", ("fixed_s", "s_per_token")), ("optimizer", ("s_per_param",)),
+                       ("codec", ("fixed_s", "s_per_byte")), ("allreduce", ("alpha_s",))):  # fmt: skip
+        for k in keys:
+            if part in m and k in m[part]:
+                m[part][k] = m[part][k] * f
+    if "allreduce" in m and "bandwidth" in m["allreduce"]:
+        m["allreduce"]["bandwidth"] = m["allreduce"]["bandwidth"] / f
+    links = {c: Link(lk.alpha_s * f, lk.bandwidth / f, lk.cpu_s * f) for c, lk in table.links.items()}
+    return dataclasses.replace(table, links=links, measured=m)
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    return x
+
+
+def write_table(table: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = (
+        "# Host cost table measured on this machine by moe_runtime.sim.calibrate (moe-runtime simulate --calibrate).\n"
+        "# kind: host = every process of the local cluster shares host_cores cores; see sim/cost_model.py.\n"
+    )
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(header + yaml.safe_dump(_plain(table), sort_keys=False))
+    tmp.replace(path)
+    return path
