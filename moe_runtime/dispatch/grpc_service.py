@@ -1,13 +1,14 @@
 """ExpertService over gRPC: the server an expert actor runs, and the client a router worker holds per actor.
 
 Contract: protos/expert.proto. Dispatch and Backward carry one codec frame (dispatch/codec.py) inside a
-`Frame` message. They are registered with raw-bytes (de)serializers and the one-field `Frame` envelope is
-built and parsed here by hand (`wrap_frame` / `unwrap_frame`), so protobuf never copies the payload: the
-server decodes tensors as views of the received message. The envelope puts `pad` (field 15) before `data` so
-the codec frame starts 16 bytes into the message (CPython `bytes` payloads are 16-byte aligned), keeping the
-codec's tensor alignment. A client generated from the .proto (writes `data` first, no pad) works too: the
-parser accepts any valid `Frame` encoding. Cost of the envelope: one extra join of the payload per encode
-(0.3-0.4 ms for 4 MB here, see benchmarks/transport.py `envelope_ms`).
+`Frame` message. They are registered with raw-bytes (de)serializers and the `Frame` envelope is built and parsed
+here by hand (`wrap_frame` / `unwrap_frame`), so protobuf never copies the payload: frames are decoded as views of
+the received message. The envelope writes `pad` (field 15) before `data` so the codec frame starts 16 bytes into
+the message, keeping the codec's promise that tensors are at least 16-byte aligned (gRPC hands us `bytes` whose
+payload is 16- but not 64-byte aligned). A client generated from the .proto (writes `data` only) works too: the
+parser accepts any valid `Frame` encoding. Cost of the envelope: one more copy of the payload per message
+(0.15-0.55 ms per 4 MB on this shared machine, `envelope_ms` in benchmarks/transport.py); avoiding it needs the
+codec to write the envelope into its own join (see the note in the transport report).
 
 Server state (all under one lock; the gRPC thread pool calls handlers concurrently):
 - shards: (layer, expert) -> (w1 [d, 2f], w2 [f, d]) fp32; weight grads (g1, g2) accumulate per shard;
@@ -18,12 +19,15 @@ Server state (all under one lock; the gRPC thread pool calls handlers concurrent
 
 Backward is written by hand (two matmuls forward, four backward, `aten.silu_backward` for the activation) rather
 than through autograd on leaf weights: it needs no graph per segment, keeps only x and x @ w1, and accumulates
-the weight grads into preallocated buffers; it matches autograd to rounding (tests/dispatch/test_grpc_service.py)
-and was faster here (benchmarks/transport.py reports `server_backward_handwritten_vs_autograd`).
+the weight grads into preallocated buffers; it matches autograd to rounding (tests/dispatch/test_grpc_service.py).
+Forward + backward of 512 rows over 8 experts (d 512, ffn 256), `server_backward` in benchmarks/transport.py:
+hand-written / autograd = 0.84-0.96 in 4 of 5 runs (one run under heavy background load: 1.34).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ctypes
 import hmac
 import sys
@@ -35,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import grpc.aio
 import torch
 import torch.nn.functional as F
 from typing_extensions import Self
@@ -50,6 +55,7 @@ __all__ = [
     "ExpertClient",
     "ExpertFuture",
     "ExpertServer",
+    "fan_out",
     "sum_replica_grads",
     "tune_malloc",
     "unwrap_frame",
@@ -151,6 +157,11 @@ def unwrap_frame(message: bytes | memoryview) -> memoryview:
     order, unknown fields skipped, last `data` wins (protobuf semantics). Raises EnvelopeError."""
     mv = memoryview(message)
     n = len(mv)
+    # fast path: our own layout (pad field, then data running to the end); anything else takes the general parser
+    if n >= _ALIGN and mv[0] == _PAD_TAG and mv[1] < 0x80 and 2 + mv[1] < n and mv[2 + mv[1]] == _DATA_TAG:
+        length, pos = _read_varint(mv, 3 + mv[1])
+        if pos + length == n:
+            return mv[pos:]
     pos = 0
     start = stop = 0
     while pos < n:
@@ -213,7 +224,7 @@ def _as_shard(key: object, w: object) -> tuple[Key, tuple[torch.Tensor, torch.Te
         raise ValueError(f"shard key {key!r}: expected (layer, expert) of non-negative ints")
     if not (isinstance(w, (tuple, list)) and len(w) == 2):
         raise ValueError(f"shard {key}: expected (w1 [d, 2f], w2 [f, d])")
-    w1, w2 = (torch.as_tensor(t).detach().to(torch.float32).contiguous() for t in w)
+    w1, w2 = (torch.as_tensor(t).detach().to(torch.float32, copy=True).contiguous() for t in w)
     if w1.dim() != 2 or w2.dim() != 2 or w1.shape[1] != 2 * w2.shape[0] or w2.shape[1] != w1.shape[0]:
         raise ValueError(
             f"shard {key}: w1 {list(w1.shape)}, w2 {list(w2.shape)}: expected w1 [d, 2f] and w2 [f, d]"
@@ -316,8 +327,8 @@ class ExpertServer:
     # -------------------------------------------------------------------------------- control (in-process)
 
     def load_shards(self, shards: Shards, *, replace: bool = False) -> None:
-        """Host these shards (fp32 copies); `replace=True` drops every shard not in `shards`. Grads of new
-        shards start at zero."""
+        """Host these shards (the server keeps its own fp32 copies); `replace=True` drops every shard not in
+        `shards`. Grads of (re)loaded shards start at zero."""
         parsed = dict(_as_shard(k, w) for k, w in shards.items())
         with self._lock:
             weights = {} if replace else dict(self._weights)
@@ -686,6 +697,54 @@ def sum_replica_grads(
 # ------------------------------------------------------------------------------------------------ client
 
 
+class _AioLoop:
+    """One asyncio loop in a daemon thread for the whole process: grpc.aio fan-out from synchronous callers."""
+
+    _lock = threading.Lock()
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def get(cls) -> asyncio.AbstractEventLoop:
+        with cls._lock:
+            if cls._loop is None or cls._loop.is_closed():
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, name="expert-aio", daemon=True).start()
+                cls._loop = loop
+            return cls._loop
+
+
+async def _gather(calls: list[tuple[ExpertClient, str, bytes]]) -> list[Any]:
+    async def one(client: ExpertClient, method: str, message: bytes) -> bytes:
+        stub = client._aio_stub(method)
+        return await stub(message, timeout=client.deadline_s, metadata=client._metadata)
+
+    return await asyncio.gather(*(one(*c) for c in calls), return_exceptions=True)
+
+
+def fan_out(requests: Sequence[tuple[ExpertClient, str, bytes, int | None, int | None]]) -> list[memoryview]:
+    """Send (client, "Dispatch" | "Backward", codec frame, layer, step) requests concurrently and return each
+    reply's codec frame (a view), in order. The calls run as grpc.aio calls gathered on one shared event loop: a
+    single hand-off from this thread instead of one per call (faster than gRPC futures here: see remote.py). A lone
+    request is made blocking on this thread instead (cheapest for one call). Every call has its client's deadline.
+    Raises ExpertCallError for the first failed request, in request order, once all have finished."""
+    if len(requests) == 1:
+        client, method, frame, layer, step = requests[0]
+        return [client._call(client._stubs[method], method, frame, layer, step, True).result()]
+    calls = [(client, method, wrap_frame(frame)) for client, method, frame, _, _ in requests]
+    deadline = max((c.deadline_s for c, _, _ in calls), default=0.0) + 5.0
+    pending = asyncio.run_coroutine_threadsafe(_gather(calls), _AioLoop.get())
+    try:
+        outcomes = pending.result(deadline)
+    except futures.TimeoutError:  # only if the loop itself is stuck: every call has its own deadline
+        pending.cancel()
+        client, method, _, layer, step = requests[0]
+        raise ExpertCallError(client.address, method, layer, step, grpc.StatusCode.DEADLINE_EXCEEDED,
+                              f"fan-out to {[c.address for c, *_ in requests]} did not finish in {deadline} s"
+                              ) from None  # fmt: skip
+    return [ExpertFuture(None, client, method, layer, step, outcome).result()
+            for (client, method, _, layer, step), outcome in zip(requests, outcomes)]  # fmt: skip
+
+
 class ExpertCallError(RuntimeError):
     """A data-plane call failed; names the server, the layer, the step and the gRPC status."""
 
@@ -714,14 +773,14 @@ class ExpertFuture:
     def result(self) -> memoryview:
         try:
             if self._call is None:
-                if isinstance(self._outcome, grpc.RpcError):
+                if isinstance(self._outcome, BaseException):
                     raise self._outcome
                 reply = self._outcome
             else:
                 reply = self._call.result()
         except grpc.RpcError as e:
             raise self._client._error(self._method, self._layer, self._step, e) from None
-        except grpc.FutureCancelledError:
+        except (grpc.FutureCancelledError, asyncio.CancelledError):
             raise ExpertCallError(
                 self._client.address, self._method, self._layer, self._step, grpc.StatusCode.CANCELLED, "cancelled"
             ) from None
@@ -758,6 +817,9 @@ class ExpertClient:
         raw: dict[str, Any] = {"request_serializer": None, "response_deserializer": None}
         self._dispatch = self._unary(_METHOD_DISPATCH, **raw)
         self._backward = self._unary(_METHOD_BACKWARD, **raw)
+        self._stubs = {"Dispatch": self._dispatch, "Backward": self._backward}
+        self._aio_channel: grpc.aio.Channel | None = None
+        self._aio_stubs: dict[str, Any] = {}
         self._health = self._unary(
             _METHOD_HEALTH, request_serializer=pb.HealthRequest.SerializeToString,
             response_deserializer=pb.HealthReply.FromString,
@@ -772,6 +834,14 @@ class ExpertClient:
             return self._channel.unary_unary(method, _registered_method=True, **kw)
         except TypeError:
             return self._channel.unary_unary(method, **kw)
+
+    def _aio_stub(self, method: str) -> Any:
+        """The grpc.aio callable for Dispatch/Backward (created on first use, in the shared loop's thread)."""
+        if self._aio_channel is None:
+            self._aio_channel = grpc.aio.insecure_channel(self.address, options=_channel_options(self.max_message_bytes))
+            self._aio_stubs = {name: self._aio_channel.unary_unary(m) for name, m in
+                               (("Dispatch", _METHOD_DISPATCH), ("Backward", _METHOD_BACKWARD))}  # fmt: skip
+        return self._aio_stubs[method]
 
     def _error(self, method: str, layer: int | None, step: int | None, e: grpc.RpcError) -> ExpertCallError:
         code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
@@ -830,6 +900,10 @@ class ExpertClient:
 
     def close(self) -> None:
         self._channel.close()
+        if self._aio_channel is not None:
+            channel, self._aio_channel = self._aio_channel, None
+            with contextlib.suppress(Exception):  # best effort: the loop may be gone at interpreter exit
+                asyncio.run_coroutine_threadsafe(channel.close(), _AioLoop.get()).result(10)
 
     def __enter__(self) -> Self:
         return self

@@ -6,19 +6,18 @@ reply into its row range of a preallocated y. It is a torch.autograd.Function, s
 grad of the outputs back through Backward to the same actors (the ones of the forward, even if the placement is
 refreshed in between) and gets the grad of the inputs; the model code does not change.
 
-Fan-out: gRPC futures from the calling thread (`.future()` per destination; the last call, made when all others
-are in flight, runs blocking on this thread; then `.result()` in order, copying each reply into place). Compared
-with grpc.aio (`asyncio.gather` on a loop kept in a background thread and reached with `run_coroutine_threadsafe`,
-the only way to use aio from a synchronous autograd Function), 4 server processes on loopback, bare bytes echo,
-calls interleaved one by one, medians (machine shared with other jobs; "load" = load average on 2 cores):
-  load ~9:  4 x 16 KiB futures 2.85 ms, aio 3.26 ms;  4 x 1 MiB futures 14.9 ms, aio 14.5 ms; one call: blocking
-            0.60 ms, future 0.63 ms, aio 0.95 ms
-  load ~24: 4 x 16 KiB futures 5.06, futures+last-blocking 4.39, aio 4.50 ms; 4 x 1 MiB 20.5, 17.6, 18.2 ms;
-            one call: blocking 0.64 ms, future 0.90 ms, aio 1.02 ms
-benchmarks/transport.py repeats it (`fanout`): aio was 5-10% ahead of plain futures at 1 MiB in most runs, and
-futures+last-blocking within that noise of aio. No variant wins consistently at the 1 MB sizes dispatch uses;
-aio would cost a loop thread and a second channel per server, and a single call through it is 0.3-0.4 ms slower
-than a blocking one, so futures with the last call blocking are kept.
+Fan-out: every frame is encoded first, then all calls go out at once as grpc.aio calls gathered on one event loop
+shared by the process (`grpc_service.fan_out`: a background thread, reached with one `run_coroutine_threadsafe`
+per fan-out); a single destination is called blocking on this thread instead. The replies are decoded as views and
+copied into their row ranges of the preallocated output. Measured here (4 server processes on loopback, fp32,
+zero-FLOP experts, calls interleaved one by one, medians of 50; the machine is shared with other jobs, load 10-15):
+  RemoteDispatcher forward, 4 MB batch: aio 15.2 / 16.3 ms vs gRPC futures 17.3 / 16.9 ms (two runs);
+  32 token copies:                       aio 6.1 / 5.7 ms   vs futures 6.9 / 6.8 ms.
+Bare echo fan-out (benchmarks/transport.py `fanout`), 4 x 1 MiB: aio 9.6-11.8 ms vs futures 10.4-18.1 ms; 4 x 16 KiB:
+aio 1.8-4.5 ms vs futures 2.4-6.2 ms (aio ahead in 8 of 8 runs; in one separate script run at lower load futures were
+~10% ahead at 16 KiB). One lone call: blocking 0.56-0.75 ms, future 0.63-0.90 ms, aio via the loop 0.91-1.35 ms,
+hence the blocking path for a single destination. With futures each channel's own polling thread has to wake the
+caller; with aio one loop thread polls every call, which costs fewer thread switches on 2 busy cores.
 
 Step context: the router worker calls `set_step(step, micro_batch)` before each forward; the values are captured
 in the autograd context at forward time, so backward uses the key (step, micro-batch, layer, worker) the server
@@ -33,7 +32,7 @@ import torch
 from torch import nn
 
 from moe_runtime.dispatch.codec import FrameError, decode_frame, encode_frame
-from moe_runtime.dispatch.grpc_service import ExpertCallError, ExpertClient, ExpertFuture
+from moe_runtime.dispatch.grpc_service import ExpertCallError, ExpertClient, fan_out
 from moe_runtime.dispatch.plan import DispatchPlan
 from moe_runtime.runtime.placement import Placement
 
@@ -113,43 +112,33 @@ class _Exchange:
         plan = self.plan
         out = torch.empty(x_nd.shape, dtype=x_nd.dtype)
         meta = self.meta if kind == "dispatch" else {"src": self.meta["src"]}
-        calls: list[tuple[object, ExpertFuture, ExpertClient]] = []
         destinations = plan.destinations
-        last = len(destinations) - 1
-        try:
-            for i, dest in enumerate(destinations):
-                client = self.clients[dest.actor]
-                frame = encode_frame(
-                    send_kind, layer=self.layer, step=self.step, mb=self.mb, pv=plan.placement_version,
-                    experts=dest.experts, counts=dest.counts, tensors={name: x_nd[dest.start : dest.stop]},
-                    wire_dtype=self.wire_dtype, meta=meta,
-                )  # fmt: skip
-                send = client.dispatch if kind == "dispatch" else client.backward
-                # the last call of the fan-out (all others are in flight) runs on this thread: no hand-off
-                calls.append((dest, send(frame, layer=self.layer, step=self.step, wait=i == last), client))
-            for dest, fut, client in calls:
-                data = fut.result()
-                try:
-                    reply = decode_frame(data, expected_kind=reply_kind, out_dtype=None)
-                    h = reply.header
-                    rows = dest.stop - dest.start
-                    t = reply.tensors.get(reply_name)
-                    if (h.layer, h.step, h.mb, list(h.experts), list(h.counts)) != (
-                        self.layer, self.step, self.mb, dest.experts, dest.counts
-                    ) or t is None or tuple(t.shape) != (rows, x_nd.shape[1]):  # fmt: skip
-                        raise FrameError(
-                            f"reply (layer {h.layer}, step {h.step}, mb {h.mb}, experts {list(h.experts)}, "
-                            f"counts {list(h.counts)}, tensors {[s.name for s in h.tensors]}) does not answer "
-                            f"the request (experts {dest.experts}, counts {dest.counts}, {rows} rows)"
-                        )
-                except FrameError as e:
-                    method = "Dispatch" if kind == "dispatch" else "Backward"
-                    raise ExpertCallError(client.address, method, self.layer, self.step, None, f"bad reply: {e}")
-                out[dest.start : dest.stop].copy_(t)
-        except BaseException:
-            for _, fut, _ in calls:
-                fut.cancel()
-            raise
+        method = "Dispatch" if kind == "dispatch" else "Backward"
+        requests = []
+        for dest in destinations:
+            frame = encode_frame(
+                send_kind, layer=self.layer, step=self.step, mb=self.mb, pv=plan.placement_version,
+                experts=dest.experts, counts=dest.counts, tensors={name: x_nd[dest.start : dest.stop]},
+                wire_dtype=self.wire_dtype, meta=meta,
+            )  # fmt: skip
+            requests.append((self.clients[dest.actor], method, frame, self.layer, self.step))
+        for dest, (client, *_), data in zip(destinations, requests, fan_out(requests) if requests else []):
+            try:
+                reply = decode_frame(data, expected_kind=reply_kind, out_dtype=None)
+                h = reply.header
+                rows = dest.stop - dest.start
+                t = reply.tensors.get(reply_name)
+                if (h.layer, h.step, h.mb, list(h.experts), list(h.counts)) != (
+                    self.layer, self.step, self.mb, dest.experts, dest.counts
+                ) or t is None or tuple(t.shape) != (rows, x_nd.shape[1]):  # fmt: skip
+                    raise FrameError(
+                        f"reply (layer {h.layer}, step {h.step}, mb {h.mb}, experts {list(h.experts)}, "
+                        f"counts {list(h.counts)}, tensors {[s.name for s in h.tensors]}) does not answer "
+                        f"the request (experts {dest.experts}, counts {dest.counts}, {rows} rows)"
+                    )
+            except FrameError as e:
+                raise ExpertCallError(client.address, method, self.layer, self.step, None, f"bad reply: {e}")
+            out[dest.start : dest.stop].copy_(t)
         return out
 
 

@@ -24,6 +24,7 @@ from moe_runtime.dispatch.grpc_service import (
     ExpertCallError,
     ExpertClient,
     ExpertServer,
+    fan_out,
     sum_replica_grads,
     unwrap_frame,
     wrap_frame,
@@ -98,6 +99,25 @@ def test_envelope_skips_unknown_fields_and_rejects_garbage():
     ]:
         with pytest.raises(EnvelopeError, match=msg):
             unwrap_frame(bad)
+
+
+@settings(max_examples=300, deadline=None, database=None, derandomize=True)
+@given(st.binary(max_size=64), st.binary(max_size=40), st.binary(max_size=40))
+def test_envelope_parser_agrees_with_protobuf(junk, data, pad):
+    """Any bytes: unwrap_frame returns protobuf's `data` or raises EnvelopeError, nothing else."""
+    for message in (junk, pb.Frame(data=data, pad=pad).SerializeToString(), wrap_frame(data), wrap_frame(data) + junk):
+        try:
+            expected = pb.Frame.FromString(message).data
+        except Exception:  # noqa: BLE001  (protobuf's DecodeError and friends: not a Frame)
+            expected = None
+        try:
+            got = bytes(unwrap_frame(message))
+        except EnvelopeError:
+            got = None
+        if expected is not None and got is not None:
+            assert got == expected
+        else:  # we may reject what protobuf accepts only for wire types/groups we do not parse
+            assert got is None, (message, got)
 
 
 def test_generated_stub_interoperates_with_the_raw_bytes_server(server):
@@ -337,6 +357,36 @@ def test_sum_replica_grads_sums_over_replicas_only():
 
 
 # ------------------------------------------------------------------------------------------------ failures
+
+
+def test_fan_out_returns_replies_in_order_and_names_the_failed_server():
+    shards = make_shards([(0, 0), (0, 1)])
+    servers = [ExpertServer(shards, auth_token=TOKEN) for _ in range(3)]
+    clients = []
+    try:
+        for srv in servers:
+            srv.start()
+            clients.append(ExpertClient(srv.address, TOKEN, deadline_s=5.0))
+        xs = [torch.randn(n, D) for n in (2, 3, 4)]
+        requests = [(c, "Dispatch", dispatch_frame([i % 2], [len(x)], x, step=6), 0, 6)
+                    for i, (c, x) in enumerate(zip(clients, xs))]  # fmt: skip
+        replies = fan_out(requests)
+        for i, (reply, x) in enumerate(zip(replies, xs)):
+            assert_close(decode_frame(reply).tensors["y"], swiglu(x, *shards[(0, i % 2)]))
+        assert len(fan_out(requests[:1])) == 1  # the lone-call path
+        servers[1].stop(0)
+        t0 = time.monotonic()
+        with pytest.raises(ExpertCallError) as info:
+            fan_out(requests)
+        assert time.monotonic() - t0 < 5.5
+        assert info.value.address == servers[1].address and info.value.code == grpc.StatusCode.UNAVAILABLE
+        assert "Dispatch (layer 0, step 6)" in str(info.value)
+    finally:
+        for c in clients:
+            c.close()
+        for srv in servers:
+            srv.stop(0)
+
 
 
 def test_killed_server_gives_a_clear_error_within_the_deadline():

@@ -22,7 +22,7 @@ from moe_runtime.model.experts import SwiGLUExperts
 from moe_runtime.model.moe_layer import MoELayer
 from moe_runtime.model.router import AttentionRouter
 from moe_runtime.runtime.placement import Placement
-from tests.dispatch.servers import start_servers
+from tests.dispatch.servers import start_servers, stop_servers
 
 TOKEN = "remote-test-token"
 E, D, FF, K, ACTORS = 8, 32, 64, 2, 4
@@ -42,8 +42,7 @@ def servers():
     yield procs, clients
     for c in clients:
         c.close()
-    for p in procs:
-        p.stop()
+    stop_servers(procs)
 
 
 def deploy(servers, experts: SwiGLUExperts, placement: Placement) -> None:

@@ -82,7 +82,7 @@ class ExpertServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def EndStep(self, request, context):
-        """Free every activation saved for a step (after backward, or when the step is abandoned).
+        """Free every activation saved for steps <= step (after backward, or when a step is abandoned).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
