@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 CONTROL_TIMEOUT_S = 120.0  # any control-plane call (load, save, optimizer step, ...)
 START_TIMEOUT_S = 180.0  # actors up and placement group ready
 COLLECTIVE_TIMEOUT_S = 60.0
+FREE_WAIT_S = 10.0  # how long shutdown waits for Ray to take its placement group back
 
 Key = tuple[int, int]
 
@@ -256,9 +257,17 @@ class Cluster:
             except ValueError as err:  # not an actor handle any more
                 log.debug("kill: %s", err)
         if self._pg is not None:
-            from ray.util.placement_group import remove_placement_group
+            from ray.util.placement_group import placement_group_table, remove_placement_group
 
             remove_placement_group(self._pg)
+            # removal is asynchronous: wait until the bundles' resources are gone so a next start sees the GPUs
+            tag = self._pg.id.hex()
+            deadline = time.monotonic() + FREE_WAIT_S
+            while time.monotonic() < deadline and (
+                placement_group_table(self._pg).get("state") != "REMOVED"
+                or any(tag in k for k in ray.cluster_resources())
+            ):
+                time.sleep(0.05)
         self.env.shutdown()
 
     def __enter__(self) -> Cluster:  # noqa: PYI034
@@ -323,7 +332,15 @@ class Cluster:
 
     def train_step(self, step: int | None = None) -> StepReport:
         """One optimizer step of the global batch of `step` (default: the next one). Raises on failure (no
-        recovery here; `train` recovers)."""
+        recovery here; `train` recovers).
+
+        timings (seconds; concurrent parties overlap, so the parts are estimates that need not sum to step_s):
+        router_s: dense compute on a router worker (mean over workers: forward/backward wall outside the
+        dispatcher and combine); dispatch_s: dispatcher wall (forward + backward exchanges) minus expert_s, i.e.
+        encode, gRPC, decode and waiting; expert_s: expert compute of the slowest actor (expert_cpu_s: all actors);
+        combine_s: plan build + gather + combine (forward); grad_sync_s: dense grad all-reduce; optimizer_s:
+        norms, replica sums, clip and AdamW on every party incl. their control-plane calls; control_s: phase A's
+        Ray call overhead + worker imbalance."""
         import ray
 
         step = self.step if step is None else step
@@ -362,16 +379,20 @@ class Cluster:
         def mean(key: str) -> float:
             return sum(r.get(key, 0.0) for r in fb) / W
 
-        expert_s = sum(a.get("expert_compute_s", 0.0) for a in applied[W:]) / W
+        # actors compute concurrently and each serves every worker: the slowest actor bounds the exchanges
+        expert_cpu = [a.get("expert_compute_s", 0.0) for a in applied[W:]]
+        expert_s = max(expert_cpu, default=0.0)
         dispatch_wall = mean("dispatch") + mean("dispatch_bwd")
         combine = max(0.0, mean("moe") - mean("router") - mean("dispatch"))
         grad_sync = driver_sync + sum(s["grad_sync_s"] for s in sync) / W
         timings = {
             "step_s": t3 - t0,
             "forward_backward_s": t1 - t0,
+            "control_s": max(0.0, (t1 - t0) - max(r["fb_s"] for r in fb)),
             "router_s": max(0.0, mean("fb_s") - dispatch_wall - combine),
             "dispatch_s": max(0.0, dispatch_wall - expert_s),
             "expert_s": expert_s,
+            "expert_cpu_s": sum(expert_cpu),
             "combine_s": combine,
             "grad_sync_s": grad_sync,
             "optimizer_s": (t3 - t2) + max(0.0, (t2 - t1) - grad_sync),
