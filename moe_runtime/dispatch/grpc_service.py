@@ -758,6 +758,9 @@ class ExpertCallError(RuntimeError):
         self.address, self.method, self.layer, self.step, self.code, self.details = (
             address, method, layer, step, code, details)  # fmt: skip
 
+    def __reduce__(self):  # picklable across Ray (its __init__ takes the parts, not the message)
+        return (type(self), (self.address, self.method, self.layer, self.step, self.code, self.details))
+
 
 class ExpertFuture:
     """A Dispatch/Backward call. `result()` returns the reply's codec frame (a view, no copy) or raises

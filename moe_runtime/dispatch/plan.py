@@ -11,6 +11,7 @@ and each replica gets n // R (+1) rows: the load model the scheduler assumes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import groupby
 
 import torch
@@ -132,7 +133,7 @@ class DispatchPlan:
             expert_counts=counts,
         )
 
-    @property
+    @cached_property  # read once per dispatch and once per backward: build it once
     def destinations(self) -> tuple[Destination, ...]:
         return tuple(Destination(a, tuple(segs)) for a, segs in groupby(self.segments, key=lambda s: s.actor))
 

@@ -602,3 +602,15 @@ def test_fuzz_malformed_frames_are_rejected_and_the_server_goes_on(fuzz_server):
     channel.close()
     print(f"fuzz: {seen['n']} malformed frames {seen['kinds']} in {elapsed:.1f} s, "
           f"server RSS {rss0 >> 20} -> {rss1 >> 20} MiB")
+
+
+def test_expert_call_error_survives_pickling():
+    import pickle
+
+    import grpc
+
+    from moe_runtime.dispatch.grpc_service import ExpertCallError
+
+    err = ExpertCallError("127.0.0.1:1", "Dispatch", 3, 7, grpc.StatusCode.UNAVAILABLE, "connection refused")
+    back = pickle.loads(pickle.dumps(err))
+    assert str(back) == str(err) and back.layer == 3 and back.code is grpc.StatusCode.UNAVAILABLE
