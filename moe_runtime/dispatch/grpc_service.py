@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from typing_extensions import Self
 
-from moe_runtime.dispatch.codec import Frame, FrameError, decode_frame, encode_frame
+from moe_runtime.dispatch.codec import Frame, FrameError, FrameHeader, decode_frame, encode_frame
 from moe_runtime.dispatch.proto import expert_pb2 as pb
 
 __all__ = [
@@ -211,6 +211,16 @@ class _Stats:
     overwritten: int = 0  # forward with a key already saved (a retried or recomputed forward)
     steps_ended: int = 0
     steps_aborted: int = 0
+
+    def count(self, kind: str, bytes_in: int, bytes_out: int, decode_s: float, compute_s: float,
+              encode_s: float) -> None:
+        """One served request (call under the server lock)."""
+        self.requests[kind] += 1
+        self.bytes_in += bytes_in
+        self.bytes_out += bytes_out
+        self.decode_s += decode_s
+        self.compute_s += compute_s
+        self.encode_s += encode_s
 
 
 class _Reject(Exception):
@@ -558,12 +568,7 @@ class ExpertServer:
             src, save = int(h.meta.get("src", 0)), bool(h.meta.get("save", True))
             y, hs = self._expert_forward(h.layer, h.experts, h.counts, x)
             t2 = time.perf_counter()
-            reply = wrap_frame(
-                encode_frame(
-                    "result", layer=h.layer, step=h.step, mb=h.mb, pv=h.pv, experts=h.experts, counts=h.counts,
-                    tensors={"y": y}, wire_dtype=wire_dtype,
-                )
-            )  # fmt: skip
+            reply = _reply("result", h, "y", y, wire_dtype)
             t3 = time.perf_counter()
             with self._lock:
                 if save:
@@ -574,13 +579,7 @@ class ExpertServer:
                     self._saved[key] = _Saved(h.experts, h.counts, x, hs, nbytes)
                 for e, n in zip(h.experts, h.counts):
                     self._tokens[(h.layer, e)] = self._tokens.get((h.layer, e), 0) + n
-                s = self._stats
-                s.requests["dispatch"] += 1
-                s.bytes_in += len(request)
-                s.bytes_out += len(reply)
-                s.decode_s += t1 - t0
-                s.compute_s += t2 - t1
-                s.encode_s += t3 - t2
+                self._stats.count("dispatch", len(request), len(reply), t1 - t0, t2 - t1, t3 - t2)
             return reply
         except KeyError as e:  # a shard dropped between the hosted check and the compute
             return self._reject(context, _Reject(grpc.StatusCode.FAILED_PRECONDITION, f"shard {e} was dropped"))
@@ -613,25 +612,14 @@ class ExpertServer:
                 )
             dx, wgrads = self._expert_backward(h.layer, h.experts, h.counts, saved.x, saved.h, dy)
             t2 = time.perf_counter()
-            reply = wrap_frame(
-                encode_frame(
-                    "grad", layer=h.layer, step=h.step, mb=h.mb, pv=h.pv, experts=h.experts, counts=h.counts,
-                    tensors={"dx": dx}, wire_dtype=wire_dtype,
-                )
-            )  # fmt: skip
+            reply = _reply("grad", h, "dx", dx, wire_dtype)
             t3 = time.perf_counter()
             with self._lock:
                 for e, dw1, dw2 in wgrads:
                     g1, g2 = self._grads[(h.layer, e)]
                     g1.add_(dw1)
                     g2.add_(dw2)
-                s = self._stats
-                s.requests["backward"] += 1
-                s.bytes_in += len(request)
-                s.bytes_out += len(reply)
-                s.decode_s += t1 - t0
-                s.compute_s += t2 - t1
-                s.encode_s += t3 - t2
+                self._stats.count("backward", len(request), len(reply), t1 - t0, t2 - t1, t3 - t2)
             return reply
         except KeyError as e:
             return self._reject(context, _Reject(grpc.StatusCode.FAILED_PRECONDITION, f"shard {e} was dropped"))
@@ -743,6 +731,12 @@ def fan_out(requests: Sequence[tuple[ExpertClient, str, bytes, int | None, int |
                               ) from None  # fmt: skip
     return [ExpertFuture(None, client, method, layer, step, outcome).result()
             for (client, method, _, layer, step), outcome in zip(requests, outcomes)]  # fmt: skip
+
+
+def _reply(kind: str, h: FrameHeader, name: str, tensor: torch.Tensor, wire_dtype: torch.dtype) -> bytes:
+    """A result/grad frame answering request header `h`, wrapped for the wire."""
+    return wrap_frame(encode_frame(kind, layer=h.layer, step=h.step, mb=h.mb, pv=h.pv, experts=h.experts,
+                                   counts=h.counts, tensors={name: tensor}, wire_dtype=wire_dtype))
 
 
 class ExpertCallError(RuntimeError):
