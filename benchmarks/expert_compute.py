@@ -23,6 +23,15 @@ Diagnostics (where the time goes; not part of the ratios):
 torch.set_num_threads(2) (override with --threads): the machine has 2 vCPUs, and torch's default would also be 2;
 pinning it makes runs comparable when the host changes. Throughput is rows (token-expert pairs) per second.
 
+Measured here (torch 2.13 CPU, 2 threads; JSON in runs/bench/expert_compute.json). Quiet box (load avg ~1.5):
+grouped_vs_dense 1.06 at 4096 tokens (goal met: the loop's per-expert GEMMs stay in cache, the dense pair writes
+92 MB fresh intermediates), grouped_vs_loop 0.97-1.04 at 64 tokens (goal missed); box shared with other jobs
+(load avg 8-25): grouped_vs_loop 4.4-5.2, grouped_vs_dense 0.3-0.5. Where the time goes at 64 tokens, quiet:
+weights streamed 13 ms (wread), Python + dispatch 1.7 ms (ovh), the rest (~27 ms of 42) is MKL's small-M GEMM on
+the [d, 2f] row-major weight layout (the same GEMMs with weights stored [2f, d] ran near the wread floor).
+Shared, every 2-thread parallel region may wait for a descheduled thread: loop_1t beats loop by 3-7x, and the
+padded path wins by issuing 2 bmm calls instead of ~64 GEMMs. --quick: ~12 s quiet, longer when shared.
+
 Output: a table on stderr; the LAST stdout line is one JSON object: grouped_vs_dense (grouped / dense throughput
 at the largest batch; goal >= 0.85), grouped_vs_loop (loop time / grouped time at the smallest batch; goal >= 2),
 per-size numbers; the same JSON is written to runs/bench/expert_compute.json.
@@ -30,8 +39,6 @@ per-size numbers; the same JSON is written to runs/bench/expert_compute.json.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
@@ -44,6 +51,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._common import emit, make_parser
 from moe_runtime.model.experts import (
     grouped_swiglu,
     grouped_swiglu_loop,
@@ -189,13 +197,7 @@ def table(title: str, results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--quick", action="store_true", help="two sizes (smallest, largest), fewer repeats: < 30 s"
-    )
-    p.add_argument(
-        "--json", action="store_true", help="stdout gets only the JSON line (the table stays on stderr)"
-    )
+    p = make_parser("expert_compute", __doc__)
     p.add_argument("--backward", action="store_true", help="also time forward+backward")
     p.add_argument(
         "--sizes", type=str, default=None, help="comma-separated token counts (default 64,...,4096)"
@@ -209,7 +211,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--skew", type=float, default=0.5, help="popularity = softmax(skew * N(0,1)): 0.5 is mild")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "expert_compute.json")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -270,11 +271,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"load avg {load0:.1f} -> {out['loadavg_1m'][1]:.1f}; {out['seconds']:.1f} s",
         file=sys.stderr,
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1) + "\n")
     if not args.json:
-        print(f"wrote {args.out}")
-    print(json.dumps(out))
+        print(f"writing {args.out}")
+    emit(out, args.out)
     return out
 
 
