@@ -328,8 +328,13 @@ def encode_frame(
     tensors: Mapping[str, torch.Tensor],
     wire_dtype: torch.dtype | None = None,
     meta: Mapping[str, Any] | None = None,
+    validate: bool = True,
 ) -> bytes:
     """Build one frame as a single ``bytes`` object (what a gRPC ``bytes`` field takes).
+
+    ``validate=False`` skips re-checking the header fields (about 30 us of a ~90 us tiny encode): for the
+    runtime's own hot path, whose headers come from a DispatchPlan or an already-decoded request. The receiver
+    validates every frame regardless, so a bad header is still rejected there.
 
     ``tensors`` are written in mapping order; the first one carries the segment rows
     (``shape[0] == sum(counts)``). Floating tensors are cast to ``wire_dtype`` (float32, float16 or
@@ -371,14 +376,17 @@ def encode_frame(
     }
     if meta:
         obj["meta"] = dict(meta)
-    header = _parse_header(obj)  # the same checks the receiver runs
+    if validate:
+        tensor_specs = _parse_header(obj).tensors  # the same checks the receiver runs
+    else:
+        tensor_specs = tuple(TensorSpec(d["name"], d["dtype"], tuple(d["shape"]), d["nbytes"]) for d in specs)
     packed = msgpack.packb(obj, use_bin_type=True)
     if len(packed) > MAX_HEADER_BYTES:
         raise FrameError(f"header is {len(packed)} bytes: exceeds MAX_HEADER_BYTES {MAX_HEADER_BYTES}")
-    offsets, _total = _layout(len(packed), header.tensors)
+    offsets, _total = _layout(len(packed), tensor_specs)
     parts: list[Any] = [MAGIC, len(packed).to_bytes(4, "little"), packed]
     cursor = PREFIX_BYTES + len(packed)
-    for off, t, spec in zip(offsets, prepared, header.tensors):
+    for off, t, spec in zip(offsets, prepared, tensor_specs):
         if off > cursor:
             parts.append(bytes(off - cursor))
         if spec.nbytes:

@@ -736,7 +736,8 @@ def fan_out(requests: Sequence[tuple[ExpertClient, str, bytes, int | None, int |
 def _reply(kind: str, h: FrameHeader, name: str, tensor: torch.Tensor, wire_dtype: torch.dtype) -> bytes:
     """A result/grad frame answering request header `h`, wrapped for the wire."""
     return wrap_frame(encode_frame(kind, layer=h.layer, step=h.step, mb=h.mb, pv=h.pv, experts=h.experts,
-                                   counts=h.counts, tensors={name: tensor}, wire_dtype=wire_dtype))
+                                   counts=h.counts, tensors={name: tensor}, wire_dtype=wire_dtype,
+                                   validate=False))  # header fields copied from a request that passed decode
 
 
 class ExpertCallError(RuntimeError):

@@ -567,3 +567,12 @@ def test_fuzz_valid_frames_round_trip(counts, hidden, dtype, extra, ints, kind):
         assert f.tensors[name].shape == t.shape and torch.equal(bits(f.tensors[name]), bits(t))
     assert len(buf) <= frame_nbytes_upper_bound(rows, hidden, len(counts), dtype) + sum(
         ALIGNMENT + 64 + t.nbytes for n, t in tensors.items() if n != "x")  # fmt: skip
+
+
+def test_unvalidated_encode_gives_the_same_bytes_and_the_decoder_still_rejects_bad_headers():
+    x = torch.randn(6, 8)
+    kw = dict(layer=1, step=2, mb=0, pv=3, experts=[4, 5], counts=[2, 4], tensors={"x": x}, meta={"src": 1})
+    assert encode_frame("dispatch", **kw) == encode_frame("dispatch", validate=False, **kw)
+    bad = encode_frame("dispatch", validate=False, **{**kw, "counts": [2, 3]})  # rows do not add up
+    with pytest.raises(FrameError, match="counts sum to 5"):
+        decode_frame(bad)
