@@ -15,10 +15,14 @@
 3. Simulate the same trace on the same layout with the host table (every process shares the machine's cores).
    The control plane around a step (Ray calls to start the step, gather norms, apply the optimizer: 3 rounds)
    is the step_overhead_s of the table: 3 x the median Ray actor round trip measured on the live cluster.
-   The machine is shared and its load changes from minute to minute: the table holds CPU seconds (this machine
-   idle), and between the measured steps calibrate.machine_state measures how stretched a process is now
-   (wall / CPU seconds of a fixed workload); the table is scaled by it (calibrate.scale_host_table) --
-   measured per set-up, not fitted to the cluster's step times. The cores stay the machine's CPU count.
+   The machine is shared and its load changes from second to second: the table holds CPU seconds (this machine
+   idle), and each measured step is simulated with the cores other tenants left to the cluster during that very
+   step (CpuShare: /proc/stat minus this run's processes' CPU time, measured passively, not fitted to step
+   times): c cores left -> a pool of c cores (fractional; queues.CorePool); and since CPU
+   time itself grows on a busy machine (shared caches, hyperthread siblings), a fixed workload's CPU seconds
+   (calibrate.cpu_probe) between the steps against calibration scale every cost too. The rows also
+   give the prediction for the idle machine (sim_idle_machine_step_s) and the cluster's CPU seconds against the
+   simulated CPU work (cluster_cpu_s, sim_cpu_work_s): the cost model's share of the error.
 4. The simulator's speed: one 256-GPU, 24-layer Yuan-M32 training step (H100 table, co-located, Zipf 1.0).
 
 Last stdout line (and runs/bench/sim_accuracy.json): mean_abs_error, max_abs_error (relative |sim - real| / real
@@ -33,7 +37,9 @@ set-up and the machine is shared).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import statistics
 import sys
 import time
@@ -48,7 +54,7 @@ import torch
 
 from benchmarks._common import emit, make_parser, stderr_console
 from moe_runtime.config import ModelConfig, RuntimeConfig, parse_config
-from moe_runtime.sim.calibrate import calibrate, machine_state, scale_host_table, write_table
+from moe_runtime.sim.calibrate import calibrate, cpu_probe, scale_host_table, write_table
 from moe_runtime.sim.cost_model import CostModel, HardwareTable, load_table
 from moe_runtime.sim.simulator import Layout, Simulator
 from moe_runtime.sim.traces import RoutingTrace
@@ -117,6 +123,52 @@ def ray_round_trip(cluster: Any, n: int = 20) -> float:
     return statistics.median(times)
 
 
+class CpuShare:
+    """How much of this shared machine the cluster had during one step, measured passively: all CPU time used on
+    the machine (/proc/stat) minus the CPU time of this run's own processes (the driver and its descendants: Ray's
+    GCS and raylet, router workers, expert actors) is what other tenants took; the cores left to us = CPUs -
+    others' CPU seconds / wall seconds."""
+
+    def __init__(self) -> None:
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.ncpu = len(os.sched_getaffinity(0))
+
+    def _machine_busy(self) -> float:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        return (sum(v) - v[3] - v[4]) / self.tick
+
+    @staticmethod
+    def _ours(procs: list) -> float:
+        import psutil
+
+        total = 0.0
+        for p in procs:
+            with contextlib.suppress(psutil.Error):  # a process that ended meanwhile
+                total += sum(p.cpu_times()[:2])
+        return total
+
+    def start(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        self.procs = [me, *me.children(recursive=True)]
+        self.m0, self.o0, self.w0 = self._machine_busy(), self._ours(self.procs), time.perf_counter()
+
+    def stop(self) -> dict[str, float]:
+        wall = time.perf_counter() - self.w0
+        busy, ours = self._machine_busy() - self.m0, self._ours(self.procs) - self.o0
+        others = max(0.0, busy - ours)
+        cores = min(float(self.ncpu), max(0.25, self.ncpu - others / wall))
+        return {"cores": cores, "ours_cpu_s": ours, "others_cpu_s": others, "wall_s": wall}
+
+
+def table_for(table: HardwareTable, cores: float, cpu_inflation: float, overhead: float) -> HardwareTable:
+    """`cores` (fractional) CPU capacity left to the cluster, every CPU-second of work costing `cpu_inflation`
+    times what it cost at calibration."""
+    return dataclasses.replace(scale_host_table(table, cpu_inflation), host_cores=cores, step_overhead_s=overhead)
+
+
 def run_setup(setup: dict, table: HardwareTable, warmup: int, steps: int, tmp: Path, log) -> dict[str, Any]:
     import ray
 
@@ -130,42 +182,50 @@ def run_setup(setup: dict, table: HardwareTable, warmup: int, steps: int, tmp: P
             ref = ray.put(skew_dense_state(cfg, setup["skew"]))
             ray.get([w.load_model_state.remote(ref) for w in c.workers])
         rtt = ray_round_trip(c)
-        real, counts, per_worker, probes, timings = [], [], False, [], []
+        meter = CpuShare()
+        real, counts, per_worker, shares, timings, probes = [], [], False, [], [], []
         for i in range(warmup + steps):
             if i >= warmup:
-                probes.append(machine_state())  # the machine as it is now (between steps, the cluster idle)
+                probes.append(cpu_probe())  # between steps, the cluster idle
+            meter.start()
             rep = c.train_step()
+            share = meter.stop()
             if i < warmup:
                 continue
             real.append(rep.timings["step_s"])
             timings.append(rep.timings)
+            shares.append(share)
             loads = getattr(rep, "worker_loads", None)
             if loads is not None and len(loads) == W * M:
                 per_worker = True
                 counts.append(np.stack([np.asarray(x, dtype=np.int64) for x in loads]))
             else:
                 counts.append(chunk_counts(rep.expert_load.numpy(), W * M))
-        probes.append(machine_state())
+        probes.append(cpu_probe())
     _wait_for_gpus(cfg.cluster.expert_actors)
     log(f"  {setup['name']}: cluster up + {warmup + steps} steps in {time.perf_counter() - t0:.1f} s")
     trace = RoutingTrace(np.stack(counts), cfg.model.top_k, M, {"source": "real cluster", "setup": setup["name"]})
     overhead = CONTROL_ROUNDS * rtt
-    stretch = statistics.median(p["stretch"] for p in probes)
-    tab = dataclasses.replace(scale_host_table(table, stretch), step_overhead_s=overhead)
-    sim = Simulator.from_config(cfg, tab)
-    results = sim.run(trace)
+    inflation = statistics.median(probes) / table.measured["cpu_probe_s"]
+    results = [Simulator.from_config(cfg, table_for(table, sh["cores"], inflation, overhead)).run_step(trace.step(i))
+               for i, sh in enumerate(shares)]  # fmt: skip
+    idle = Simulator.from_config(cfg, dataclasses.replace(table, step_overhead_s=overhead)).run(trace)
     predicted = [r.step_time_s for r in results]
     real_med, sim_med = statistics.median(real), statistics.median(predicted)
     return {
         "setup": setup["name"], "expert_actors": setup["expert_actors"], "router_workers": W,
         "skew": setup["skew"], "real_step_s": real_med, "sim_step_s": sim_med,
         "error": (sim_med - real_med) / real_med, "real_steps_s": real, "sim_steps_s": predicted,
+        "sim_idle_machine_step_s": statistics.median(r.step_time_s for r in idle),
         "imbalance": float(np.mean([r.imbalance for r in results])),
         "max_expert_share": float((trace.load() / trace.load().sum(axis=1, keepdims=True)).max()),
         "trace_per_worker": per_worker, "ray_round_trip_s": rtt, "step_overhead_s": overhead,
+        "cores_left_to_cluster": [sh["cores"] for sh in shares],
+        "cpu_inflation_vs_calibration": inflation,
+        "cluster_cpu_s": [sh["ours_cpu_s"] for sh in shares],
+        "sim_cpu_work_s": [r.phases["cpu_work_s"] for r in idle],
         "sim_phases": {k: float(np.mean([r.phases[k] for r in results])) for k in results[0].phases},
         "real_timings": {k: float(np.mean([t[k] for t in timings])) for k in timings[0]},
-        "machine_stretch": stretch, "machine_states": [p["stretch"] for p in probes],
     }  # fmt: skip
 
 

@@ -264,8 +264,12 @@ def simulate(
     from moe_runtime.sim.cli_impl import simulate_command
 
     _load(config)
-    simulate_command(config, trace=trace, steps=steps, what_if=what_if, plot=plot, calibrate=calibrate,
-                     as_json=as_json)
+    try:
+        simulate_command(config, trace=trace, steps=steps, what_if=what_if, plot=plot, calibrate=calibrate,
+                         as_json=as_json)
+    except ValueError as e:  # ConfigError, CostModelError, TraceError, SimError all derive from ValueError
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
 
 
 def main() -> None:  # pragma: no cover

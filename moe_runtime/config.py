@@ -189,6 +189,10 @@ class SimConfig(_Strict):
     trace: Literal["uniform", "zipf", "drift"] = "uniform"
     zipf_s: float = Field(default=1.0, ge=0)
     training: bool = True
+    # colocated: each GPU runs one router worker + one expert actor (Megatron-style EP); separate: the runtime's
+    # default layout (router workers and expert actors on their own devices); auto: colocated when
+    # router_workers == expert_actors == sim.gpus
+    layout: Literal["auto", "colocated", "separate"] = "auto"
 
 
 class RuntimeConfig(_Strict):

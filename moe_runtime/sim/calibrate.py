@@ -53,6 +53,7 @@ from moe_runtime.sim.cost_model import HardwareTable, Link
 
 __all__ = [
     "calibrate",
+    "cpu_probe",
     "machine_state",
     "measure_allreduce",
     "measure_codec",
@@ -120,6 +121,19 @@ def machine_state(repeats: int = 7) -> dict[str, float]:
             work()
             ratios.append((time.perf_counter() - w0) / max(time.thread_time() - c0, 1e-9))
         return {"stretch": statistics.median(ratios)}
+    finally:
+        torch.set_num_threads(prev)
+
+
+def cpu_probe(repeats: int = 7) -> float:
+    """CPU seconds of a fixed single-threaded workload. CPU time also grows on a busy shared machine (caches and
+    the sibling hyperthread are shared): the ratio of two probes says how much more every CPU-second of work
+    costs now than at calibration (``measured.cpu_probe_s``)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        work = _probe_work()
+        return _median_time(work, repeats, cpu=True)
     finally:
         torch.set_num_threads(prev)
 
@@ -409,6 +423,7 @@ def calibrate(cfg: RuntimeConfig, quick: bool = False, step_overhead_s: float = 
         m, seq = cfg.model, cfg.train.seq_len
         wire = getattr(torch, cfg.transport.wire_dtype)
         t0 = time.perf_counter()
+        probe = cpu_probe()
         say("experts")
         expert = measure_experts(m.hidden_size, m.ffn_hidden_size, quick)
         say("dense layer")
@@ -441,6 +456,7 @@ def calibrate(cfg: RuntimeConfig, quick: bool = False, step_overhead_s: float = 
             "seconds": time.perf_counter() - t0,
             "torch_threads": cfg.cluster.torch_threads,
             "machine_state": state,
+            "cpu_probe_s": probe,
             "wire_dtype": cfg.transport.wire_dtype,
             "model": {
                 "preset": m.preset, "hidden_size": m.hidden_size, "ffn_hidden_size": m.ffn_hidden_size,

@@ -84,7 +84,7 @@ class HardwareTable:
     name: str
     kind: Literal["gpu", "host"]
     links: dict[str, Link]
-    host_cores: int = 0
+    host_cores: float = 0.0  # host tables: CPU capacity shared by every process (may be fractional)
     # gpu
     peak_flops: float = 0.0
     mfu_dense: float = 0.0
@@ -127,8 +127,8 @@ class HardwareTable:
         if kind == "host":  # one host: every transfer is loopback
             for cls_name in LINK_CLASSES:
                 links.setdefault(cls_name, links["loopback"])
-            cores = int(d.get("host_cores", 0))
-            if cores <= 0:
+            cores = float(d.get("host_cores", 0))
+            if not cores > 0:
                 raise CostModelError(f"{source}: host_cores = {cores}: must be > 0")
             measured = d.get("measured")
             for part in ("expert", "dense", "head", "optimizer", "codec"):

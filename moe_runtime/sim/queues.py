@@ -5,13 +5,14 @@ A FIFO single server fed jobs (ready r_i, work w_i) in service order ends job i 
 running sum of work, i.e. one cumsum and one running max: many servers (rows) at once, no Python loop.
 Absent jobs are ``r = -inf, w = 0``: they never delay anything.
 
-The pool (host tables) is ``cores`` identical servers shared by every process: jobs start in order of ready
-time on the first free core (list scheduling); a heap of core free times.
+The pool (host tables) is ``cores`` of CPU capacity shared by every process (``CorePool``): jobs are placed in
+order of ready time on a piecewise-constant usage profile.
 """
 
 from __future__ import annotations
 
-import heapq
+import bisect
+import math
 
 import numpy as np
 
@@ -56,34 +57,69 @@ def fifo_makespan(r: np.ndarray, w: np.ndarray, free: np.ndarray) -> np.ndarray:
 
 
 class CorePool:
-    """`cores` identical servers; jobs start in order of ready time on the earliest free core."""
+    """A pool of `cores` (possibly fractional) CPU capacity shared by every process of a host.
 
-    def __init__(self, cores: int):
-        if cores <= 0:
+    Jobs are placed in order of ready time; each runs at rate ``min(1, cores - usage(t))``, where usage is the
+    rate already given to earlier-placed jobs (a job never runs faster than one core, and never slows a job
+    placed before it). With integer cores this is list scheduling that may fill idle gaps; with fractional
+    cores (the share of a busy shared machine left to us) a lone job still runs at full speed when at least one
+    core is free. The usage profile is a piecewise-constant function kept as breakpoints.
+    """
+
+    def __init__(self, cores: float):
+        if not cores > 0:
             raise ValueError(f"cores = {cores}: must be > 0")
-        self.cores = cores
-        self._free = [0.0] * cores
+        self.cores = float(cores)
+        self._t = [0.0]  # breakpoints; usage self._u[i] on [t[i], t[i+1]), the last one up to infinity
+        self._u = [0.0]
         self.busy = 0.0
 
+    def _split(self, t: float) -> int:
+        """Index of the segment starting at t (a breakpoint is inserted if needed)."""
+        i = bisect.bisect_right(self._t, t) - 1
+        if self._t[i] != t:
+            self._t.insert(i + 1, t)
+            self._u.insert(i + 1, self._u[i])
+            i += 1
+        return i
+
+    def _place(self, r: float, w: float) -> tuple[float, float]:
+        i = self._split(max(r, 0.0))
+        start = None
+        cap = self.cores
+        while True:
+            rate = min(1.0, cap - self._u[i])
+            t0 = self._t[i]
+            t1 = self._t[i + 1] if i + 1 < len(self._t) else math.inf
+            if rate > 1e-12:
+                if start is None:
+                    start = t0
+                if rate * (t1 - t0) >= w * (1 - 1e-12):  # ends in this segment (rounding tolerance)
+                    end = min(t0 + w / rate, t1)
+                    if end <= t0:  # nothing left to run
+                        return start, t0
+                    if end < t1:
+                        self._split(end)
+                    self._u[i] += rate
+                    return start, end
+                w -= rate * (t1 - t0)
+                self._u[i] += rate
+            i += 1
+
     def run(self, ready: np.ndarray, work: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Schedule jobs (flat arrays); returns (start, end). Zero-work jobs end when ready."""
+        """Place jobs (flat arrays) in order of ready time; returns (start, end). Zero-work jobs end when ready."""
         ready = np.asarray(ready, dtype=np.float64).ravel()
         work = np.asarray(work, dtype=np.float64).ravel()
         start = ready.copy()
         end = ready.copy()
-        heap = self._free
         for i in np.argsort(ready, kind="stable").tolist():
-            w = work[i]
-            if w <= 0:
-                continue
-            f = heapq.heappop(heap)
-            s = max(f, ready[i])
-            start[i], end[i] = s, s + w
-            heapq.heappush(heap, s + w)
+            if work[i] > 0:
+                start[i], end[i] = self._place(float(ready[i]), float(work[i]))
         self.busy += float(work[work > 0].sum())
         return start, end
 
     @property
     def free_at(self) -> float:
-        """When every core is free."""
-        return max(self._free)
+        """When the last placed job ends (0 when nothing was placed)."""
+        busy = [i for i, u in enumerate(self._u) if u > 1e-12]
+        return self._t[busy[-1] + 1] if busy else 0.0

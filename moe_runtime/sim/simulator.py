@@ -120,7 +120,7 @@ class Layout:
         W, A = c.router_workers, c.expert_actors
         if host:
             return cls.separate(W, A, gpus_per_node=W + A)
-        kind = getattr(s, "layout", "auto")
+        kind = s.layout
         if kind == "auto":
             kind = "colocated" if W == A == s.gpus else "separate"
         if kind == "colocated":
@@ -661,7 +661,7 @@ class Simulator:
             grad_sync_bytes_per_step=float(sync_bytes),
             imbalance=imb,
             phases={"forward_backward_s": fb_end, "grad_sync_s": sync_s, "optimizer_s": opt_s,
-                    "step_overhead_s": overhead},
+                    "step_overhead_s": overhead, "cpu_work_s": eng.pool.busy if eng.host else 0.0},
             layout=lay.kind if not cost.host else "host",
             devices=lay.num_devices,
             workers=W,

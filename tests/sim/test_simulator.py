@@ -39,16 +39,31 @@ def test_fifo_end_matches_a_plain_loop():
     assert np.allclose(fifo_makespan(r, w, free), by_ready[:, -1])
 
 
-def test_core_pool_is_list_scheduling():
+def test_core_pool():
+    # one core: FIFO in order of ready time
     rng = np.random.default_rng(1)
-    ready, work = rng.random(30), rng.random(30)
-    start, end = CorePool(3).run(ready, work)
-    cores = [0.0, 0.0, 0.0]
+    ready, work = rng.random(30), rng.random(30) * 0.1
+    start, end = CorePool(1).run(ready, work)
+    t = 0.0
     for i in np.argsort(ready, kind="stable"):
+        t = max(t, ready[i]) + work[i]
+        assert end[i] == pytest.approx(t)
+    # integer cores, jobs ready in order: list scheduling on the earliest free core
+    start, end = CorePool(3).run(np.arange(10) * 0.01, np.full(10, 1.0))
+    cores = [0.0, 0.0, 0.0]
+    for i in range(10):
         f = heapq.heappop(cores)
-        s = max(f, ready[i])
-        assert start[i] == pytest.approx(s) and end[i] == pytest.approx(s + work[i])
-        heapq.heappush(cores, s + work[i])
+        s = max(f, i * 0.01)
+        assert start[i] == pytest.approx(s) and end[i] == pytest.approx(s + 1.0)
+        heapq.heappush(cores, s + 1.0)
+    # fractional capacity: a lone job at full speed up to one core; the second gets what is left
+    assert CorePool(0.5).run([0.0], [1.0])[1][0] == pytest.approx(2.0)
+    _, end = CorePool(1.5).run([0.0, 0.0], [2.0, 2.0])
+    assert end.tolist() == pytest.approx([2.0, 3.0])
+    pool = CorePool(1.25)
+    _, end = pool.run(ready, work)
+    assert pool.free_at == pytest.approx(end.max())
+    assert end.max() >= ready.min() + work.sum() / 1.25 - 1e-12  # capacity bound
 
 
 def test_split_rows_is_split_over_replicas():
