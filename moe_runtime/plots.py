@@ -33,7 +33,10 @@ def plot_training(losses: Sequence[float], expert_load: Sequence[Sequence[float]
 
 
 def load_heatmap(ax, load: Sequence[Sequence[float]], title: str, xlabel: str = "expert") -> None:
-    im = ax.imshow(load, aspect="auto", cmap="viridis")
+    im = ax.imshow(load, aspect="auto", cmap="viridis", interpolation="nearest")
+    rows, cols = len(load), len(load[0]) if len(load) else 0
+    ax.set_yticks(range(rows))
+    ax.set_xticks(range(cols) if cols <= 32 else range(0, cols, max(1, cols // 16)))
     ax.set_xlabel(xlabel)
     ax.set_ylabel("layer")
     ax.set_title(title)
