@@ -83,6 +83,18 @@ GB = 1e9
 # ----------------------------------------------------------------------------------------------- helpers
 
 
+
+def _copies(ours: int, eplb_aligned: int, eplb_raw: int, bytes_per_expert: int) -> dict[str, int]:
+    """Expert copies of each plan and the bytes they move (weights + AdamW state per copy)."""
+    return {
+        "copies_ours": ours,
+        "copies_eplb_aligned": eplb_aligned,
+        "copies_eplb_raw": eplb_raw,
+        "bytes_ours": ours * bytes_per_expert,
+        "bytes_eplb_aligned": eplb_aligned * bytes_per_expert,
+        "bytes_eplb_raw": eplb_raw * bytes_per_expert,
+    }
+
 def slots_for(experts: int, gpus: int, redundant: int = REDUNDANT) -> int:
     return math.ceil(experts / gpus) + redundant
 
@@ -171,12 +183,7 @@ def synthetic_case(
             "balancedness_ours": snapshot.balancedness(dec.placement),
             "balancedness_eplb": snapshot.balancedness(new_eplb),
             "ours_changed": dec.changed,
-            "copies_ours": c_ours,
-            "copies_eplb_aligned": c_al,
-            "copies_eplb_raw": c_raw,
-            "bytes_ours": c_ours * bytes_per_expert,
-            "bytes_eplb_aligned": c_al * bytes_per_expert,
-            "bytes_eplb_raw": c_raw * bytes_per_expert,
+            **_copies(c_ours, c_al, c_raw, bytes_per_expert),
             "bytes_ours_vs_eplb_aligned": ratio(c_ours, c_al),
             "bytes_ours_vs_eplb_raw": ratio(c_ours, c_raw),
             # share of the new plan's replicas that were not on that GPU before (anchors.md's churn)
@@ -354,12 +361,7 @@ def replay(loads: np.ndarray, actors: int, every: int, decay: float, bytes_per_e
         "balancedness_eplb": _mean(scored["eplb"]),
         "balancedness_ours_on_snapshot": _mean(at_decision["ours"]),
         "balancedness_eplb_on_snapshot": _mean(at_decision["eplb"]),
-        "copies_ours": c_ours,
-        "copies_eplb_aligned": c_al,
-        "copies_eplb_raw": c_raw,
-        "bytes_ours": c_ours * bytes_per_expert,
-        "bytes_eplb_aligned": c_al * bytes_per_expert,
-        "bytes_eplb_raw": c_raw * bytes_per_expert,
+        **_copies(c_ours, c_al, c_raw, bytes_per_expert),
         "bytes_moved_ours_vs_eplb": ratio(c_ours, c_al),
         "bytes_moved_ours_vs_eplb_raw": ratio(c_ours, c_raw),
         "decide_wall_s_mean": _mean(decide_wall),
