@@ -12,26 +12,33 @@
    some experts: max/mean expert load ~2); "skewed" adds one constant vector to every embedding row (weights only,
    pushed with RouterWorker.load_model_state before the first step): the residual stream of every token then
    shares that direction and the routers send most tokens to the same few experts of each layer.
-3. Simulate the same trace on the same layout with the host table (every process shares the machine's cores).
+3. Simulate the same trace on the same layout with the host table (every process shares the machine's cores;
+   ``parallel_efficiency`` from calibration: what two cores do together against one alone).
    The control plane around a step (Ray calls to start the step, gather norms, apply the optimizer: 3 rounds)
    is the step_overhead_s of the table: 3 x the median Ray actor round trip measured on the live cluster.
-   The machine is shared and its load changes from second to second: the table holds CPU seconds (this machine
-   idle), and each measured step is simulated with the cores other tenants left to the cluster during that very
-   step (CpuShare: /proc/stat minus this run's processes' CPU time, measured passively, not fitted to step
-   times): c cores left -> a pool of c cores (fractional; queues.CorePool); and since CPU
-   time itself grows on a busy machine (shared caches, hyperthread siblings), a fixed workload's CPU seconds
-   (calibrate.cpu_probe) between the steps against calibration scale every cost too. The rows also
-   give the prediction for the idle machine (sim_idle_machine_step_s) and the cluster's CPU seconds against the
-   simulated CPU work (cluster_cpu_s, sim_cpu_work_s): the cost model's share of the error.
+   Two things move under a table measured once: other tenants take cores, and this machine's own speed drifts
+   (the same calibration repeated minutes apart measured the same work 1.3x slower; probes of one fixed
+   workload ranged 2x within a minute). So each set-up is simulated:
+   - with the table's CPU costs scaled by one factor for the whole run (``cpu_scale``: the median over set-ups
+     of the CPU seconds of the cluster's processes in 2 calibration steps after the warm-up, which are never
+     predicted, / the CPU work the table gives those steps' traces: the machine's speed during the run and what
+     the single-process measurements miss) and with the cores other tenants left to the cluster during each
+     predicted step (CpuShare: /proc/stat minus this run's processes, measured passively): ``error``;
+   - with the table alone (cores left, no information from the run): ``error_table_only``.
+   A replaced CPU probe (a fixed workload between steps) tracked neither: its own spread was larger than the
+   errors. The rows also give the idle-machine prediction (sim_idle_machine_step_s) and each step's cluster
+   CPU seconds against the simulated CPU work (cluster_cpu_s, sim_cpu_work_s).
 4. The simulator's speed: one 256-GPU, 24-layer Yuan-M32 training step (H100 table, co-located, Zipf 1.0).
 
 Last stdout line (and runs/bench/sim_accuracy.json): mean_abs_error, max_abs_error (relative |sim - real| / real
-over set-ups; goals 0.10 / 0.20), sim_seconds_256gpu_24layer_step (wall; CPU seconds alongside; goal < 1 s),
-and one row per set-up (real and simulated step times, error, imbalance, trace source).
+over set-ups; goals 0.10 / 0.20), the same for the table alone (mean/max_abs_error_table_only),
+sim_seconds_256gpu_24layer_step (wall; CPU seconds alongside; goal < 1 s), and one row per set-up (real and
+simulated step times, errors, imbalance, trace source). The real runs are also written to
+runs/bench/sim_accuracy.runs.json; ``--replay`` re-simulates them (working on the model without the cluster).
 
 The model: the `small` preset (4 layers, d 256, 16 experts, top-2), batch 8 x 128 tokens, fp32 wire, one torch
 thread per process: about a second per step, so compute dominates the ~0.5 ms gRPC overheads as in a real run.
---quick: quick calibration, 1 warm-up + 2 measured steps per set-up (still minutes: Ray and actors start per
+--quick: quick calibration, 2 warm-up + 1 calibration + 2 measured steps per set-up (still minutes: Ray and actors start per
 set-up and the machine is shared).
 """
 
@@ -39,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import statistics
 import sys
@@ -54,7 +62,7 @@ import torch
 
 from benchmarks._common import emit, make_parser, stderr_console
 from moe_runtime.config import ModelConfig, RuntimeConfig, parse_config
-from moe_runtime.sim.calibrate import calibrate, cpu_probe, scale_host_table, write_table
+from moe_runtime.sim.calibrate import calibrate, scale_host_table, write_table
 from moe_runtime.sim.cost_model import CostModel, HardwareTable, load_table
 from moe_runtime.sim.simulator import Layout, Simulator
 from moe_runtime.sim.traces import RoutingTrace
@@ -169,7 +177,10 @@ def table_for(table: HardwareTable, cores: float, cpu_inflation: float, overhead
     return dataclasses.replace(scale_host_table(table, cpu_inflation), host_cores=cores, step_overhead_s=overhead)
 
 
-def run_setup(setup: dict, table: HardwareTable, warmup: int, steps: int, tmp: Path, log) -> dict[str, Any]:
+def measure_setup(setup: dict, warmup: int, calib: int, steps: int, tmp: Path, log) -> dict[str, Any]:
+    """Run the real cluster: per measured step its routing (the trace), wall time, timings, the cores other
+    tenants left to it and the CPU its processes used; the same for `calib` steps before them (calibration_steps,
+    never predicted); the Ray round trip. `warmup` steps before those are dropped."""
     import ray
 
     from moe_runtime.runtime.cluster import Cluster
@@ -183,45 +194,80 @@ def run_setup(setup: dict, table: HardwareTable, warmup: int, steps: int, tmp: P
             ray.get([w.load_model_state.remote(ref) for w in c.workers])
         rtt = ray_round_trip(c)
         meter = CpuShare()
-        real, counts, per_worker, shares, timings, probes = [], [], False, [], [], []
-        for i in range(warmup + steps):
-            if i >= warmup:
-                probes.append(cpu_probe())  # between steps, the cluster idle
+        real, counts, per_worker, shares, timings = [], [], False, [], []
+        calibration = []
+        for i in range(warmup + calib + steps):
             meter.start()
             rep = c.train_step()
             share = meter.stop()
+            loads = getattr(rep, "worker_loads", None)
+            if loads is not None and len(loads) == W * M:
+                per_worker = True
+                step_counts = np.stack([np.asarray(x, dtype=np.int64) for x in loads])
+            else:
+                step_counts = chunk_counts(rep.expert_load.numpy(), W * M)
             if i < warmup:
+                continue
+            if i < warmup + calib:  # the machine's speed (cpu_scale)
+                calibration.append({"counts": step_counts.tolist(), "cluster_cpu_s": share["ours_cpu_s"]})
                 continue
             real.append(rep.timings["step_s"])
             timings.append(rep.timings)
             shares.append(share)
-            loads = getattr(rep, "worker_loads", None)
-            if loads is not None and len(loads) == W * M:
-                per_worker = True
-                counts.append(np.stack([np.asarray(x, dtype=np.int64) for x in loads]))
-            else:
-                counts.append(chunk_counts(rep.expert_load.numpy(), W * M))
-        probes.append(cpu_probe())
+            counts.append(step_counts)
     _wait_for_gpus(cfg.cluster.expert_actors)
-    log(f"  {setup['name']}: cluster up + {warmup + steps} steps in {time.perf_counter() - t0:.1f} s")
-    trace = RoutingTrace(np.stack(counts), cfg.model.top_k, M, {"source": "real cluster", "setup": setup["name"]})
-    overhead = CONTROL_ROUNDS * rtt
-    inflation = statistics.median(probes) / table.measured["cpu_probe_s"]
+    log(f"  {setup['name']}: cluster up + {warmup + calib + steps} steps in {time.perf_counter() - t0:.1f} s")
+    return {"setup": setup, "counts": np.stack(counts).tolist(), "trace_per_worker": per_worker,
+            "real_steps_s": real, "timings": timings, "shares": shares, "ray_round_trip_s": rtt,
+            "calibration_steps": calibration}  # fmt: skip
+
+
+def setup_config(setup: dict, tmp: Path) -> RuntimeConfig:
+    return base_config(setup["expert_actors"], setup["router_workers"], tmp)
+
+
+def cpu_scale(rec: dict[str, Any], table: HardwareTable, tmp: Path) -> float:
+    """The cluster's CPU seconds over a set-up's calibration steps / the CPU work the table gives their traces."""
+    cfg = setup_config(rec["setup"], tmp)
+    sim = Simulator.from_config(cfg, table)
+    steps = rec["calibration_steps"]
+    work = sum(sim.run_step(np.asarray(c["counts"], dtype=np.int64)).phases["cpu_work_s"] for c in steps)
+    return sum(c["cluster_cpu_s"] for c in steps) / work
+
+
+def simulate_setup(rec: dict[str, Any], table: HardwareTable, scale: float, tmp: Path) -> dict[str, Any]:
+    """Simulate a recorded run's trace, step by step, with the table's CPU costs x `scale` and the cores other
+    tenants left during each step; and with the table alone."""
+    setup = rec["setup"]
+    cfg = setup_config(setup, tmp)
+    W, M = cfg.cluster.router_workers, cfg.train.micro_batches
+    trace = RoutingTrace(np.asarray(rec["counts"], dtype=np.int64), cfg.model.top_k, M,
+                         {"source": "real cluster", "setup": setup["name"]})  # fmt: skip
+    real, shares, timings = rec["real_steps_s"], rec["shares"], rec["timings"]
+    overhead = CONTROL_ROUNDS * rec["ray_round_trip_s"]
+    inflation = scale
     results = [Simulator.from_config(cfg, table_for(table, sh["cores"], inflation, overhead)).run_step(trace.step(i))
                for i, sh in enumerate(shares)]  # fmt: skip
+    table_only = [Simulator.from_config(cfg, table_for(table, sh["cores"], 1.0, overhead)).run_step(trace.step(i))
+                  for i, sh in enumerate(shares)]  # fmt: skip
     idle = Simulator.from_config(cfg, dataclasses.replace(table, step_overhead_s=overhead)).run(trace)
     predicted = [r.step_time_s for r in results]
     real_med, sim_med = statistics.median(real), statistics.median(predicted)
+    table_med = statistics.median(r.step_time_s for r in table_only)
     return {
         "setup": setup["name"], "expert_actors": setup["expert_actors"], "router_workers": W,
         "skew": setup["skew"], "real_step_s": real_med, "sim_step_s": sim_med,
         "error": (sim_med - real_med) / real_med, "real_steps_s": real, "sim_steps_s": predicted,
+        "sim_table_only_step_s": table_med, "error_table_only": (table_med - real_med) / real_med,
         "sim_idle_machine_step_s": statistics.median(r.step_time_s for r in idle),
         "imbalance": float(np.mean([r.imbalance for r in results])),
         "max_expert_share": float((trace.load() / trace.load().sum(axis=1, keepdims=True)).max()),
-        "trace_per_worker": per_worker, "ray_round_trip_s": rtt, "step_overhead_s": overhead,
+        "trace_per_worker": rec["trace_per_worker"], "ray_round_trip_s": rec["ray_round_trip_s"],
+        "step_overhead_s": overhead,
         "cores_left_to_cluster": [sh["cores"] for sh in shares],
-        "cpu_inflation_vs_calibration": inflation,
+        "cpu_scale": scale,
+        "cpu_scale_this_setup": cpu_scale(rec, table, tmp),
+        "parallel_efficiency": table.parallel_efficiency,
         "cluster_cpu_s": [sh["ours_cpu_s"] for sh in shares],
         "sim_cpu_work_s": [r.phases["cpu_work_s"] for r in idle],
         "sim_phases": {k: float(np.mean([r.phases[k] for r in results])) for k in results[0].phases},
@@ -247,17 +293,23 @@ def sim_speed(repeats: int = 3) -> dict[str, float]:
 def main() -> None:
     p = make_parser("sim_accuracy", __doc__)
     p.add_argument("--table", type=Path, default=None, help="use this host table instead of calibrating")
+    p.add_argument("--replay", type=Path, default=None,
+                   help="re-simulate the real runs recorded in this JSON file (written by every run next to --out, "
+                        "*.runs.json) instead of running the cluster: for working on the model; the real "
+                        "times are the recorded ones")  # fmt: skip
     args = p.parse_args()
     con = stderr_console()
     log = con.print
     tmp = ROOT / "runs" / "bench" / "sim_accuracy_tmp"
-    warmup, steps = (1, 2) if args.quick else (1, 4)
+    # warm-up: the first steps create optimizer state and grow the allocators (measured: the step time fell
+    # 25% over steps 2-5 after one warm-up step)
+    warmup, calib, steps = (2, 1, 2) if args.quick else (2, 2, 4)
     setups = SETUPS[:4] if args.quick else SETUPS
 
     t_start = time.perf_counter()
     cfg0 = base_config(4, 2, tmp)
-    if args.table:
-        table_path = args.table
+    if args.table or args.replay:
+        table_path = args.table or Path(json.loads(args.replay.read_text())["table"])
     else:
         log("calibrating ...")
         t0 = time.perf_counter()
@@ -269,32 +321,53 @@ def main() -> None:
     from moe_runtime.config import ClusterConfig
     from moe_runtime.runtime.ray_env import start_ray
 
-    env = start_ray(ClusterConfig(num_gpus=8, expert_actors=4), log_to_driver=False)
+    runs_path = Path(args.out).with_suffix(".runs.json")
+    if args.replay:
+        records = json.loads(args.replay.read_text())["runs"]
+    else:
+        env = start_ray(ClusterConfig(num_gpus=8, expert_actors=4), log_to_driver=False)
+        records = []
+        try:
+            for s in setups:
+                log(f"set-up: {s['name']}")
+                records.append(measure_setup(s, warmup, calib, steps, tmp, log))
+        finally:
+            env.shutdown()
+        runs_path.parent.mkdir(parents=True, exist_ok=True)
+        runs_path.write_text(json.dumps({"table": str(table_path), "runs": records}))
+    # One scale for the machine over the whole run (the median over set-ups of their calibration steps), not one
+    # per set-up: what the table misses must carry over from one configuration to another
+    scale = statistics.median(cpu_scale(rec, table, tmp) for rec in records)
+    log(f"CPU scale (cluster CPU seconds / table's CPU work, calibration steps): {scale:.2f}")
     rows = []
-    try:
-        for s in setups:
-            log(f"set-up: {s['name']}")
-            rows.append(run_setup(s, table, warmup, steps, tmp, log))
-            r = rows[-1]
-            log(f"  real {r['real_step_s'] * 1e3:.1f} ms, simulated {r['sim_step_s'] * 1e3:.1f} ms "
-                f"({r['error']:+.1%}); actor imbalance {r['imbalance']:.2f}")  # fmt: skip
-    finally:
-        env.shutdown()
+    for rec in records:
+        rows.append(simulate_setup(rec, table, scale, tmp))
+        r = rows[-1]
+        log(f"{r['setup']}: real {r['real_step_s'] * 1e3:.1f} ms, simulated {r['sim_step_s'] * 1e3:.1f} ms "
+            f"({r['error']:+.1%}; table only {r['error_table_only']:+.1%}); this set-up's own CPU scale "
+            f"{r['cpu_scale_this_setup']:.2f}, actor imbalance {r['imbalance']:.2f}")  # fmt: skip
     speed = sim_speed()
     log(f"256-GPU 24-layer step simulated in {speed['wall_s']:.3f} s wall ({speed['cpu_s']:.3f} s CPU)")
     errors = [abs(r["error"]) for r in rows]
+    errors_table = [abs(r["error_table_only"]) for r in rows]
     result = {
         "mean_abs_error": float(np.mean(errors)),
         "max_abs_error": float(np.max(errors)),
+        "mean_abs_error_table_only": float(np.mean(errors_table)),
+        "cpu_scale": scale,
+        "max_abs_error_table_only": float(np.max(errors_table)),
         "sim_seconds_256gpu_24layer_step": speed["wall_s"],
         "sim_cpu_seconds_256gpu_24layer_step": speed["cpu_s"],
         "goals": {"mean_abs_error": 0.10, "max_abs_error": 0.20, "sim_seconds_256gpu_24layer_step": 1.0},
         "setups": rows,
         "table": str(table_path),
         "quick": bool(args.quick),
+        "replayed": str(args.replay) if args.replay else None,
         "wall_s": time.perf_counter() - t_start,
     }
-    log(f"mean |error| {result['mean_abs_error']:.1%}, max |error| {result['max_abs_error']:.1%}")
+    log(f"mean |error| {result['mean_abs_error']:.1%}, max |error| {result['max_abs_error']:.1%} "
+        f"(table only, no run information: {result['mean_abs_error_table_only']:.1%}, "
+        f"{result['max_abs_error_table_only']:.1%})")
     emit(result, args.out)
 
 

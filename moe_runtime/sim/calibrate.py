@@ -1,24 +1,27 @@
 """Measure this machine and write a host cost table (``kind: host``) for the simulator.
 
 What is measured, for the config's model, with ``cluster.torch_threads`` intra-op threads (what every actor and
-router worker runs with):
+router worker runs with), each as the runtime runs it and on a working set as large as a run's:
 - experts: one expert segment through the expert server's own forward and backward (``ExpertServer``'s grouped
-  SwiGLU, hand-written backward, weight-grad accumulation) on 1 .. 1024 rows: ``fixed_s + s_per_row * rows`` and
-  ``bwd_fixed_s + bwd_s_per_row * rows`` (least squares);
-- dense: one decoder layer without its experts (norms, LFA attention, router, DispatchPlan, gather, combine) on
-  1 .. 4 chunks of ``train.seq_len`` tokens: ``fixed_s + s_per_token * tokens``; backward / forward;
-- head: embedding + final norm + tied LM head + cross-entropy, the same way;
-- optimizer: AdamW (``training.make_adamw``) seconds per parameter;
+  SwiGLU, hand-written backward, weight-grad accumulation) on 1 .. 1024 rows, each call on the next of the
+  model's experts (cold weights: ``distinct_experts``);
+- dense: the decoder layers without their experts (norms, LFA attention, router, DispatchPlan, gather, combine),
+  all ``num_layers`` of them forward with autograd recording then backward, on 1 .. 8 sequences;
+- head: embedding + final norm + tied LM head + cross-entropy, forward and backward;
+- optimizer: an expert actor's optimizer phase (grad norm, clip, AdamW from ``training.make_adamw``, zeroing)
+  per parameter, on expert-shaped tensors;
 - codec: ``encode_frame`` + ``decode_frame`` of dispatch frames: ``2 * fixed_s + s_per_byte * bytes``;
 - RPC: Dispatch round trips to a real ``ExpertServer`` (``dispatch.grpc_service``) in another process, minus the
   codec: a message costs ``cpu_s`` of a core plus ``bytes / bandwidth``, then waits ``alpha_s`` (half a raw TCP
   round trip measured to the same process);
-- allreduce: torch.distributed gloo all_reduce between two processes (the router workers' dense grad sync).
-Every figure is the median of several runs. The machine is shared, so in-process compute is timed in CPU seconds
-(``time.process_time``: it does not grow with other tenants' load) and the multi-process measurements (RPC,
-all-reduce) are wall times divided by the stretch ``machine_state`` measured around them: the table describes
-this machine idle; ``scale_host_table(table, stretch, cores)`` with a later ``machine_state`` turns it into the
-machine as it is at that moment (``benchmarks/sim_accuracy.py`` does that per set-up).
+- allreduce: torch.distributed gloo all_reduce between two processes (the router workers' dense grad sync);
+- parallel efficiency: the expert loop's CPU time alone against while another process runs it on another core.
+Compute keeps its measured points (``CostModel`` interpolates between them) and a least-squares line (fixed +
+per row / token) for other model sizes. Every figure is the median of several runs. The machine is shared, so
+in-process compute is timed in this thread's CPU seconds (they do not grow with other tenants' load) and the
+multi-process measurements (RPC, all-reduce) are wall times divided by the stretch ``machine_state`` measured
+around them: the table describes this machine idle; ``scale_host_table(table, factor)`` turns it into the
+machine at another moment (``benchmarks/sim_accuracy.py`` does that per set-up).
 
 ``host_cores`` is the number of CPUs this process may use: every process of a local cluster shares them.
 ``step_overhead_s`` (the control plane around one step: Ray calls, norms, clip) is 0 unless given, e.g. from a
@@ -53,7 +56,7 @@ from moe_runtime.sim.cost_model import HardwareTable, Link
 
 __all__ = [
     "calibrate",
-    "cpu_probe",
+    "distinct_experts",
     "machine_state",
     "measure_allreduce",
     "measure_codec",
@@ -61,16 +64,19 @@ __all__ = [
     "measure_experts",
     "measure_head",
     "measure_optimizer",
+    "measure_parallel_efficiency",
     "measure_rpc",
     "scale_host_table",
     "write_table",
 ]  # fmt: skip
 
 
-def _median_time(fn: Callable[[], Any], repeats: int, inner: int = 1, warmup: int = 1, cpu: bool = False) -> float:
+def _median_time(fn: Callable[[], Any], repeats: int, inner: int = 1, warmup: int = 1, cpu: bool = False,
+                 clock: Callable[[], float] | None = None) -> float:
     """Median seconds per call; `cpu`: this process's CPU seconds instead of wall seconds (on a shared machine
-    the CPU time of single-threaded work does not grow with other tenants' load; wall time does)."""
-    clock = time.process_time if cpu else time.perf_counter
+    the CPU time of single-threaded work does not grow with other tenants' load; wall time does). `clock`
+    overrides both (``time.thread_time`` where other threads of this process may run meanwhile)."""
+    clock = clock or (time.process_time if cpu else time.perf_counter)
     for _ in range(warmup):
         fn()
     times = []
@@ -125,61 +131,65 @@ def machine_state(repeats: int = 7) -> dict[str, float]:
         torch.set_num_threads(prev)
 
 
-def cpu_probe(repeats: int = 7) -> float:
-    """CPU seconds of a fixed single-threaded workload. CPU time also grows on a busy shared machine (caches and
-    the sibling hyperthread are shared): the ratio of two probes says how much more every CPU-second of work
-    costs now than at calibration (``measured.cpu_probe_s``)."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        work = _probe_work()
-        return _median_time(work, repeats, cpu=True)
-    finally:
-        torch.set_num_threads(prev)
+def distinct_experts(model: ModelConfig, cap_bytes: int = 256 << 20) -> int:
+    """How many distinct experts the calibration cycles through: all of the model's (layers x experts), at most
+    `cap_bytes` of fp32 weights. A run touches every expert's weights once per exchange with the other processes
+    running in between, so they come from memory, not cache; timing one expert over and over keeps its weights in
+    cache and measured 1.1-2.2x less CPU here (16-256 rows, d 256, f 512)."""
+    per_expert = 3 * model.hidden_size * model.ffn_hidden_size * 4
+    return int(max(1, min(model.num_layers * model.num_experts, cap_bytes // per_expert)))
 
 
-def measure_experts(d: int, f: int, quick: bool = False) -> dict[str, float]:
+def measure_experts(d: int, f: int, quick: bool = False, distinct: int = 1) -> dict[str, Any]:
     """One expert segment as the expert server computes it: ``ExpertServer._expert_forward`` and
     ``_expert_backward`` plus the weight-grad accumulation of a Backward call (the server's own code, not a
-    re-implementation), on 1 .. 1024 rows. Forward and backward are each fitted as fixed + per row."""
+    re-implementation), on 1 .. 1024 rows, each call on the next of `distinct` experts (cold weights, see
+    ``distinct_experts``). Forward and backward are each fitted as fixed + per row; the measured points are kept
+    too (``CostModel`` interpolates between them)."""
     from moe_runtime.dispatch.grpc_service import ExpertServer
 
     g = torch.Generator().manual_seed(0)
-    w1 = torch.randn(d, 2 * f, generator=g) * 0.02
-    w2 = torch.randn(f, d, generator=g) * 0.02
-    server = ExpertServer({(0, 0): (w1, w2)}, auth_token="calibration")  # never started: no socket
-    g1, g2 = server.grads()[(0, 0)]
+    shards = {(0, e): (torch.randn(d, 2 * f, generator=g) * 0.02, torch.randn(f, d, generator=g) * 0.02)
+              for e in range(distinct)}  # fmt: skip
+    server = ExpertServer(shards, auth_token="calibration")  # never started: no socket
+    grads = server.grads()
     sizes = [1, 8, 32, 128, 512] if quick else [1, 4, 16, 64, 256, 1024]
     fwd_t, bwd_t = [], []
+    nxt = iter(range(1 << 62))
     for n in sizes:
         x = torch.randn(n, d, generator=g)
         dy = torch.randn(n, d, generator=g)
         inner = max(1, 128 // n)
         _, hs = server._expert_forward(0, [0], [n], x)
 
+        def fwd(x: torch.Tensor = x, n: int = n) -> None:
+            server._expert_forward(0, [next(nxt) % distinct], [n], x)
+
         def bwd(x: torch.Tensor = x, hs: list = hs, dy: torch.Tensor = dy, n: int = n) -> None:
-            _, wgrads = server._expert_backward(0, [0], [n], x, hs, dy)
+            e = next(nxt) % distinct  # hs are expert 0's activations: same shapes, same work
+            _, wgrads = server._expert_backward(0, [e], [n], x, hs, dy)
+            g1, g2 = grads[(0, e)]
             for _, dw1, dw2 in wgrads:
                 g1.add_(dw1)
                 g2.add_(dw2)
 
-        fwd_t.append(_median_time(lambda x=x, n=n: server._expert_forward(0, [0], [n], x), 3 if quick else 5,
-                                  inner, cpu=True))  # fmt: skip
-        bwd_t.append(_median_time(bwd, 3 if quick else 5, inner, cpu=True))
+        fwd_t.append(_median_time(fwd, 3 if quick else 5, inner, clock=time.thread_time))
+        bwd_t.append(_median_time(bwd, 3 if quick else 5, inner, clock=time.thread_time))
     fixed, per_row = _fit(sizes, fwd_t)
     bfixed, bper_row = _fit(sizes, bwd_t)
     return {"fixed_s": fixed, "s_per_row": per_row, "bwd_fixed_s": bfixed, "bwd_s_per_row": bper_row,
-            "backward_factor": bwd_t[-1] / fwd_t[-1], "rows": sizes, "times_s": fwd_t, "bwd_times_s": bwd_t}  # fmt: skip
+            "backward_factor": bwd_t[-1] / fwd_t[-1], "rows": sizes, "times_s": fwd_t, "bwd_times_s": bwd_t,
+            "distinct_experts": distinct}  # fmt: skip
 
 
 class _NoExperts(nn.Module):
     """A dispatcher whose experts are the identity: what remains of a decoder layer is its dense part."""
 
-    def __init__(self, num_experts: int):
+    def __init__(self, num_experts: int, num_layers: int = 1):
         super().__init__()
         from moe_runtime.runtime.placement import Placement
 
-        self.placement = Placement.contiguous(1, num_experts, 1)
+        self.placement = Placement.contiguous(num_layers, num_experts, 1)
 
     def forward(self, x_nd: torch.Tensor, plan: Any) -> torch.Tensor:
         return x_nd * 1.0
@@ -189,29 +199,41 @@ def _token_sizes(seq_len: int, quick: bool) -> list[int]:
     return [1, 2, 4] if quick else [1, 2, 4, 8]
 
 
-def measure_dense(model: ModelConfig, seq_len: int, quick: bool = False) -> dict[str, float]:
+def measure_dense(model: ModelConfig, seq_len: int, quick: bool = False) -> dict[str, Any]:
+    """The dense part of the decoder layers as a router worker runs it in training: all ``num_layers`` layers
+    (their own weights: a real working set, not one layer's weights hot in cache) forward with autograd
+    recording, then backward, on 1 .. 8 sequences; per layer = total / layers. Forward fitted as fixed + per
+    token, points kept; backward as a factor of the forward."""
     from moe_runtime.model.transformer import DecoderLayer
 
     torch.manual_seed(0)
-    layer = DecoderLayer(model, 0, _NoExperts(model.num_experts))
-    rows, fwd_t, tot_t = [], [], []
+    none = _NoExperts(model.num_experts, model.num_layers)
+    layers = [DecoderLayer(model, i, none) for i in range(model.num_layers)]
+    L = len(layers)
+    rows, fwd_t, bwd_t = [], [], []
     for b in _token_sizes(seq_len, quick):
-        x = torch.randn(b, seq_len, model.hidden_size)
-        with torch.no_grad():
-            fwd_t.append(_median_time(lambda x=x: layer(x), 3 if quick else 5, cpu=True))
-        xg = x.clone().requires_grad_(True)
-
-        def fb(xg: torch.Tensor = xg) -> None:
-            out, _ = layer(xg)
-            out.sum().backward()
-            layer.zero_grad(set_to_none=True)
-            xg.grad = None
-
-        tot_t.append(_median_time(fb, 3 if quick else 5, cpu=True))
+        x = torch.randn(b, seq_len, model.hidden_size, requires_grad=True)
+        f_runs, b_runs = [], []
+        for rep in range(1 + (3 if quick else 5)):
+            c0 = time.thread_time()
+            h = x
+            for layer in layers:
+                h, _ = layer(h)
+            c1 = time.thread_time()
+            h.sum().backward()
+            c2 = time.thread_time()
+            for layer in layers:
+                layer.zero_grad(set_to_none=True)
+            x.grad = None
+            if rep:  # the first run is a warm-up
+                f_runs.append((c1 - c0) / L)
+                b_runs.append((c2 - c1) / L)
+        fwd_t.append(statistics.median(f_runs))
+        bwd_t.append(statistics.median(b_runs))
         rows.append(b * seq_len)
     fixed, per_tok = _fit(rows, fwd_t)
-    return {"fixed_s": fixed, "s_per_token": per_tok,
-            "backward_factor": max(1.0, (tot_t[-1] - fwd_t[-1]) / fwd_t[-1]), "tokens": rows, "times_s": fwd_t}  # fmt: skip
+    return {"fixed_s": fixed, "s_per_token": per_tok, "backward_factor": max(1.0, bwd_t[-1] / fwd_t[-1]),
+            "tokens": rows, "times_s": fwd_t, "bwd_times_s": bwd_t, "layers": L}  # fmt: skip
 
 
 def measure_head(model: ModelConfig, seq_len: int, quick: bool = False) -> dict[str, float]:
@@ -245,16 +267,37 @@ def measure_head(model: ModelConfig, seq_len: int, quick: bool = False) -> dict[
             "backward_factor": max(1.0, (tot_t[-1] - fwd_t[-1]) / fwd_t[-1]), "tokens": rows, "times_s": fwd_t}  # fmt: skip
 
 
-def measure_optimizer(quick: bool = False) -> dict[str, float]:
+def measure_optimizer(model: ModelConfig | None = None, quick: bool = False) -> dict[str, float]:
+    """The optimizer phase as an expert actor runs it, per parameter: gradient norm, clip scaling, AdamW
+    (``training.make_adamw``), zeroing the grads; on expert-shaped tensors (foreach over many tensors, as the
+    real shards) totalling up to 4 Mi parameters (2**20 quick)."""
     from moe_runtime.config import TrainConfig
     from moe_runtime.training import make_adamw
 
-    n = 1 << 20 if quick else 1 << 22
-    p = nn.Parameter(torch.randn(n // 1024, 1024))
-    p.grad = torch.randn_like(p)
-    opt = make_adamw([("w", p)], TrainConfig())
-    t = _median_time(opt.step, 3 if quick else 5, warmup=2, cpu=True)
-    return {"s_per_param": t / n}
+    d, f = (model.hidden_size, model.ffn_hidden_size) if model else (1024, 1024)
+    budget = 1 << 20 if quick else 1 << 22
+    per_expert = 3 * d * f
+    pairs = max(1, budget // per_expert)
+    params = []
+    for i in range(pairs):
+        for name, shape in ((f"w1_{i}", (d, 2 * f)), (f"w2_{i}", (f, d))):
+            p = nn.Parameter(torch.randn(*shape) * 0.02)
+            p.grad = torch.randn_like(p)
+            params.append((name, p))
+    opt = make_adamw(params, TrainConfig())
+    tensors = [p for _, p in params]
+
+    def phase() -> None:
+        sq = sum(float(torch.linalg.vector_norm(p.grad)) ** 2 for p in tensors)
+        coef = min(1.0, 1.0 / (sq**0.5 + 1e-6))
+        for p in tensors:
+            p.grad.mul_(coef)
+        opt.step()
+        for p in tensors:
+            p.grad.zero_()  # AdamW's cost does not depend on the values
+
+    t = _median_time(phase, 3 if quick else 5, warmup=2, clock=time.thread_time)
+    return {"s_per_param": t / (pairs * per_expert), "params": pairs * per_expert}
 
 
 def measure_codec(d: int, wire: torch.dtype, quick: bool = False) -> dict[str, float]:
@@ -283,6 +326,67 @@ def _child(code: str, *args: object) -> subprocess.Popen:
     it works from any caller (scripts without a __main__ guard included)."""
     return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def _expert_loop(d: int, f: int, distinct: int) -> Callable[[], None]:
+    """One pass of 128-row expert forwards over `distinct` experts (cold weights, as in a run)."""
+    from moe_runtime.dispatch.grpc_service import ExpertServer
+
+    g = torch.Generator().manual_seed(0)
+    shards = {(0, e): (torch.randn(d, 2 * f, generator=g) * 0.02, torch.randn(f, d, generator=g) * 0.02)
+              for e in range(distinct)}  # fmt: skip
+    server = ExpertServer(shards, auth_token="calibration")
+    x = torch.randn(128, d, generator=g)
+
+    def work() -> None:
+        for e in range(distinct):
+            server._expert_forward(0, [e], [128], x)
+
+    return work
+
+
+def _corun_main() -> None:
+    """Child process: the expert loop over and over until stdin closes (prints "ready" once started)."""
+    from moe_runtime.dispatch.grpc_service import tune_malloc
+
+    d, f, distinct = (int(a) for a in sys.argv[1:4])
+    torch.set_num_threads(1)
+    tune_malloc()
+    work = _expert_loop(d, f, distinct)
+    work()
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    print("ready", flush=True)
+    while not stop.is_set():
+        work()
+
+
+def measure_parallel_efficiency(model: ModelConfig, quick: bool = False) -> dict[str, float]:
+    """How much work the cores do together, against one alone: the CPU seconds of the expert loop (cold
+    weights) alone, then while another process runs the same loop on another core. Memory-bound work slows
+    when the cores stream from memory together (measured here: ~1.3x); the simulator's pool of cores then
+    delivers ``host_cores x efficiency`` core-seconds per second when more than one job runs (one job alone
+    still runs at full speed)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    d, f, distinct = model.hidden_size, model.ffn_hidden_size, distinct_experts(model)
+    work = _expert_loop(d, f, distinct)
+    reps = 3 if quick else 5
+    alone = _median_time(work, reps, clock=time.thread_time)
+    if cores < 2:
+        return {"efficiency": 1.0, "alone_s": alone, "together_s": alone}
+    proc = _child("from moe_runtime.sim.calibrate import _corun_main; _corun_main()", d, f, distinct)
+    try:
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("calibration co-runner did not start")
+        together = _median_time(work, reps, clock=time.thread_time)
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    alone = min(alone, _median_time(work, reps, clock=time.thread_time))  # before and after: the quieter one
+    return {"efficiency": float(min(1.0, max(0.25, alone / together))), "alone_s": alone, "together_s": together}
 
 
 def _serve_main() -> None:
@@ -416,28 +520,35 @@ def measure_allreduce(quick: bool = False) -> dict[str, float]:
 def calibrate(cfg: RuntimeConfig, quick: bool = False, step_overhead_s: float = 0.0,
               log: Callable[[str], None] | None = None) -> dict[str, Any]:  # fmt: skip
     """Measure everything and return the host table as a dict (see ``write_table``)."""
+    from moe_runtime.dispatch.grpc_service import tune_malloc
+
     say = log or (lambda _msg: None)
+    # The runtime's processes keep large buffers resident (ExpertServer and ExpertClient tune malloc); measured
+    # with glibc's defaults, every MB-sized activation was page-faulted afresh: the dense layers' backward on 8
+    # sequences cost 2.8x the 4-sequence one and 1-worker steps were over-predicted by 20-30%.
+    tune_malloc()
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.cluster.torch_threads)
     try:
         m, seq = cfg.model, cfg.train.seq_len
         wire = getattr(torch, cfg.transport.wire_dtype)
         t0 = time.perf_counter()
-        probe = cpu_probe()
         say("experts")
-        expert = measure_experts(m.hidden_size, m.ffn_hidden_size, quick)
+        expert = measure_experts(m.hidden_size, m.ffn_hidden_size, quick, distinct_experts(m))
         say("dense layer")
         dense = measure_dense(m, seq, quick)
         say("head")
         head = measure_head(m, seq, quick)
         say("optimizer")
-        opt = measure_optimizer(quick)
+        opt = measure_optimizer(m, quick)
         say("codec")
         codec = measure_codec(m.hidden_size, wire, quick)
         say("gRPC round trips")
         rpc = measure_rpc(m.hidden_size, wire, codec, quick)
         say("gloo all-reduce")
         allreduce = measure_allreduce(quick)
+        say("parallel efficiency")
+        parallel = measure_parallel_efficiency(m, quick)
     finally:
         torch.set_num_threads(threads)
     state = machine_state()
@@ -448,6 +559,7 @@ def calibrate(cfg: RuntimeConfig, quick: bool = False, step_overhead_s: float = 
         "name": "calibrated-host",
         "kind": "host",
         "host_cores": cores,
+        "parallel_efficiency": parallel["efficiency"],
         "step_overhead_s": float(step_overhead_s),
         "grad_bytes_per_param": 4,
         "links": {"loopback": {k: rpc[k] for k in ("alpha_s", "cpu_s", "bandwidth")}},
@@ -456,7 +568,6 @@ def calibrate(cfg: RuntimeConfig, quick: bool = False, step_overhead_s: float = 
             "seconds": time.perf_counter() - t0,
             "torch_threads": cfg.cluster.torch_threads,
             "machine_state": state,
-            "cpu_probe_s": probe,
             "wire_dtype": cfg.transport.wire_dtype,
             "model": {
                 "preset": m.preset, "hidden_size": m.hidden_size, "ffn_hidden_size": m.ffn_hidden_size,
@@ -472,6 +583,7 @@ def calibrate(cfg: RuntimeConfig, quick: bool = False, step_overhead_s: float = 
             "codec": codec,
             "rpc": rpc,
             "allreduce": allreduce,
+            "parallel": parallel,
         },
     }
 
@@ -493,6 +605,10 @@ def scale_host_table(table: HardwareTable, stretch: float) -> HardwareTable:
         for k in keys:
             if part in m and k in m[part]:
                 m[part][k] = m[part][k] * f
+    for part in ("expert", "dense", "head"):  # the measured points the cost model interpolates
+        for k in ("times_s", "bwd_times_s"):
+            if part in m and k in m[part]:
+                m[part][k] = [t * f for t in m[part][k]]
     if "allreduce" in m and "bandwidth" in m["allreduce"]:
         m["allreduce"]["bandwidth"] = m["allreduce"]["bandwidth"] / f
     links = {c: Link(lk.alpha_s * f, lk.bandwidth / f, lk.cpu_s * f) for c, lk in table.links.items()}

@@ -85,6 +85,9 @@ class HardwareTable:
     kind: Literal["gpu", "host"]
     links: dict[str, Link]
     host_cores: float = 0.0  # host tables: CPU capacity shared by every process (may be fractional)
+    # host tables: work done by the cores together / by each alone (memory-bound work slows when the cores stream
+    # from memory at once); the pool delivers host_cores x this when more than one job runs
+    parallel_efficiency: float = 1.0
     # gpu
     peak_flops: float = 0.0
     mfu_dense: float = 0.0
@@ -130,12 +133,16 @@ class HardwareTable:
             cores = float(d.get("host_cores", 0))
             if not cores > 0:
                 raise CostModelError(f"{source}: host_cores = {cores}: must be > 0")
+            eff = _f(d, "parallel_efficiency", source, 1.0)
+            if not 0 < eff <= 1:
+                raise CostModelError(f"{source}: parallel_efficiency = {eff}: must be in (0, 1]")
             measured = d.get("measured")
             for part in ("expert", "dense", "head", "optimizer", "codec"):
                 if not isinstance(measured, dict) or part not in measured:
                     raise CostModelError(f"{source}: measured.{part}: required for kind host")
             return cls(
                 name=str(d.get("name", "host")), kind="host", links=links, host_cores=cores,
+                parallel_efficiency=eff,
                 step_overhead_s=_f(d, "step_overhead_s", source, 0.0),
                 grad_bytes_per_param=_f(d, "grad_bytes_per_param", source, 4.0),
                 measured=measured, source=source,
@@ -193,6 +200,16 @@ def load_table(name_or_path: str | Path) -> HardwareTable:
 # ----------------------------------------------------------------------------------------------- cost model
 
 
+def _interp(x: np.ndarray, curve: tuple, backward: bool, slope: float) -> np.ndarray:
+    """Piecewise-linear through the measured points; below the first point proportional to x, beyond the last
+    point its time + slope per unit."""
+    xs, ys = np.asarray(curve[0]), np.asarray(curve[2] if backward else curve[1])
+    inside = np.interp(x, xs, ys)
+    below = ys[0] * x / xs[0]
+    beyond = ys[-1] + (x - xs[-1]) * slope
+    return np.where(x < xs[0], below, np.where(x > xs[-1], beyond, inside))
+
+
 @dataclass(frozen=True)
 class CostModel:
     """Per-call costs for one model on one table. All times in seconds, forward unless named otherwise."""
@@ -222,6 +239,11 @@ class CostModel:
     expert_params: int  # one expert
     allreduce_alpha_s: float = 0.0  # host tables: measured gloo all-reduce (0 bandwidth = use the link classes)
     allreduce_bandwidth: float = 0.0
+    # host tables measured on this model: the measured points (x, forward s, backward s), interpolated piecewise
+    # linearly (beyond the last point: its time + the fitted slope). A line through 1..1024 rows missed the
+    # measured 1-row and 64-row expert times by 2.7x and 1.4x.
+    expert_curve: tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]] | None = None
+    dense_curve: tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]] | None = None
 
     @property
     def host(self) -> bool:
@@ -279,6 +301,13 @@ class CostModel:
         d_scale = dense_flops_tok / ref["dense_flops_per_token"] if ref.get("dense_flops_per_token") else 1.0
         h_scale = head_flops_tok / ref["head_flops_per_token"] if ref.get("head_flops_per_token") else 1.0
         w = "measured"
+
+        def curve(part: dict, x_key: str, scale: float) -> tuple | None:
+            xs, fw, bw = part.get(x_key), part.get("times_s"), part.get("bwd_times_s")
+            if scale != 1.0 or not (xs and fw and bw) or not (len(xs) == len(fw) == len(bw)):
+                return None  # another model size: the fitted lines, scaled by FLOPs
+            return tuple(map(float, xs)), tuple(map(float, fw)), tuple(map(float, bw))
+
         return cls(
             **common,
             expert_fixed_s=_f(ex, "fixed_s", f"{w}.expert"),
@@ -300,6 +329,8 @@ class CostModel:
             rpc_overhead_s=0.0,
             allreduce_alpha_s=float(m.get("allreduce", {}).get("alpha_s", 0.0)),
             allreduce_bandwidth=float(m.get("allreduce", {}).get("bandwidth", 0.0)),
+            expert_curve=curve(ex, "rows", e_scale),
+            dense_curve=curve(de, "tokens", d_scale),
         )  # fmt: skip
 
     # ------------------------------------------------------------------ compute
@@ -307,6 +338,9 @@ class CostModel:
     def expert_time(self, rows: np.ndarray, backward: bool = False) -> np.ndarray:
         """Time of one expert segment on `rows` token rows, forward or backward (elementwise; 0 rows -> 0 s)."""
         rows = np.asarray(rows, dtype=np.float64)
+        if self.expert_curve is not None:
+            slope = self.expert_bwd_s_per_row if backward else self.expert_s_per_row
+            return np.where(rows > 0, _interp(rows, self.expert_curve, backward, slope), 0.0)
         if backward:
             t = self.expert_bwd_fixed_s + np.maximum(rows * self.expert_bwd_s_per_row,
                                                      self.expert_bwd_factor * self.expert_floor_s)  # fmt: skip
@@ -317,7 +351,17 @@ class CostModel:
     def dense_time(self, tokens: np.ndarray | float) -> np.ndarray:
         """Forward time of one layer's dense part (norms, attention/LFA, router) on `tokens` tokens."""
         tokens = np.asarray(tokens, dtype=np.float64)
+        if self.dense_curve is not None:
+            return np.where(tokens > 0, _interp(tokens, self.dense_curve, False, self.dense_s_per_token), 0.0)
         return np.where(tokens > 0, self.dense_fixed_s + tokens * self.dense_s_per_token, 0.0)
+
+    def dense_bwd_time(self, tokens: np.ndarray | float) -> np.ndarray:
+        """Backward time of one layer's dense part on `tokens` tokens."""
+        tokens = np.asarray(tokens, dtype=np.float64)
+        if self.dense_curve is not None:
+            slope = self.dense_s_per_token * self.dense_bwd_factor
+            return np.where(tokens > 0, _interp(tokens, self.dense_curve, True, slope), 0.0)
+        return self.dense_time(tokens) * self.dense_bwd_factor
 
     def head_time(self, tokens: np.ndarray | float) -> np.ndarray:
         """Forward time of embedding + final norm + LM head + loss on `tokens` tokens."""
@@ -350,4 +394,5 @@ class CostModel:
         out["links"] = {c: vars(link) for c, link in self.links.items()}
         if self.host:
             out["host_cores"] = self.table.host_cores
+            out["parallel_efficiency"] = self.table.parallel_efficiency
         return out

@@ -309,7 +309,7 @@ class _StepEngine:
         self.cost, self.layout = cost, layout
         D = layout.num_devices
         self.host = cost.host
-        self.pool = CorePool(cost.table.host_cores) if self.host else None
+        self.pool = CorePool(cost.table.host_cores * cost.table.parallel_efficiency) if self.host else None
         self.comp_free = np.zeros(D)
         self.eg_free = np.zeros((3, D))
         self.in_free = np.zeros((3, D))
@@ -623,11 +623,11 @@ class Simulator:
         t_w = np.zeros(W)
         layer_span = np.zeros(L)
         actor_rows = np.zeros((L, A))
-        bwd = cost.dense_bwd_factor
         for m in range(M):
             chunk = counts_cle[m::M] if M > 1 else counts_cle  # chunk c = w * M + m
             tokens = chunk[:, 0, :].sum(axis=1) / k
             dense = cost.dense_time(tokens)
+            dense_bwd = cost.dense_bwd_time(tokens)
             works = [self._work(chunk[:, layer, :], slots[layer]) for layer in range(L)]
             for layer in range(L):
                 w = works[layer]
@@ -644,7 +644,7 @@ class Simulator:
                 w = works[layer]
                 t0 = t_w.min()
                 t_w = eng.moe(t_w, w, True, "experts_bwd", layer)
-                t_w = eng.compute(t_w, dense * bwd, wd, "dense_bwd", layer)
+                t_w = eng.compute(t_w, dense_bwd, wd, "dense_bwd", layer)
                 layer_span[layer] += t_w.max() - t0
         fb_end = max(float(t_w.max()), float(eng.comp_free.max()) if not eng.host else 0.0)
         sync_s, sync_bytes, opt_s = self._step_boundary(eng, placement, fb_end) if self.training else (0.0, 0.0, 0.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -91,6 +92,22 @@ def test_in_process_calibration_pieces_and_table_roundtrip(tmp_path):
     assert sim.run_step(sim.synthetic("zipf", tokens_per_worker=256).step(0)).step_time_s > 0
 
 
+def test_parallel_efficiency_and_distinct_experts():
+    load_table_dict = {"kind": "host", "host_cores": 2, "links": {"loopback": {"alpha_s": 0, "bandwidth": 1}},
+                           "measured": {p: {"fixed_s": 0, "s_per_row": 0, "s_per_token": 0, "s_per_param": 0,
+                                            "s_per_byte": 0} for p in ("expert", "dense", "head", "optimizer", "codec")}}  # fmt: skip
+    assert HardwareTable.from_dict(load_table_dict).parallel_efficiency == 1.0  # default: cores add up
+    assert HardwareTable.from_dict({**load_table_dict, "parallel_efficiency": 0.8}).parallel_efficiency == 0.8
+    for bad in (0, 1.5):
+        with pytest.raises(CostModelError, match=f"parallel_efficiency = {float(bad)}: must be in"):
+            HardwareTable.from_dict({**load_table_dict, "parallel_efficiency": bad})
+    tiny = ModelConfig(preset="tiny")
+    assert cal.distinct_experts(tiny) == tiny.num_layers * tiny.num_experts  # small: every expert of the model
+    assert cal.distinct_experts(M32) == 1  # one Yuan-M32 expert is 201 MB: the 256 MB cap
+    eff = cal.measure_parallel_efficiency(tiny, quick=True)  # a real second process runs the expert loop
+    assert 0.25 <= eff["efficiency"] <= 1.0 and eff["alone_s"] > 0 and eff["together_s"] > 0
+
+
 def test_scaling_a_host_table_scales_the_simulated_step():
     """A machine twice as loaded (every process stretched 2x): every cost doubles, so does the step."""
     from moe_runtime.sim.simulator import Layout, Simulator
@@ -111,3 +128,32 @@ def test_scaling_a_host_table_scales_the_simulated_step():
     with pytest.raises(ValueError, match="gpu"):
         cal.scale_host_table(load_table("h100"), 2.0)
     assert cal.machine_state(repeats=2)["stretch"] > 0
+
+
+def test_host_costs_interpolate_the_measured_points():
+    """Between measured points the cost is piecewise linear through them (a line through all of them missed the
+    small-row expert times 1.4-2.7x); beyond the last point it grows by the fitted slope; another model size
+    falls back to the FLOP-scaled lines."""
+    from tests.sim.helpers import host_table
+
+    t = host_table(cores=2)
+    ex = dict(t.measured["expert"], rows=[1, 4, 16], times_s=[1e-4, 2e-4, 1e-3], bwd_times_s=[3e-4, 5e-4, 2e-3],
+              s_per_row=5e-5, bwd_s_per_row=1e-4)  # fmt: skip
+    de = dict(t.measured["dense"], tokens=[32, 64], times_s=[1e-3, 3e-3], bwd_times_s=[2e-3, 7e-3], s_per_token=2e-5)
+    measured = dict(t.measured, expert=ex, dense=de)
+    import dataclasses
+
+    tiny = ModelConfig(preset="tiny")
+    table = dataclasses.replace(t, measured=dict(measured, model={"hidden_size": tiny.hidden_size,
+                                                                  "ffn_hidden_size": tiny.ffn_hidden_size}))  # fmt: skip
+    c = CostModel.build(table, tiny, 32, 4)
+    got = c.expert_time(np.array([0, 1, 2, 4, 10, 16, 20]))
+    np.testing.assert_allclose(got, [0, 1e-4, 1e-4 + 1e-4 / 3, 2e-4, 6e-4, 1e-3, 1e-3 + 4 * 5e-5])
+    np.testing.assert_allclose(c.expert_time(np.array([10]), backward=True), [1.25e-3])
+    np.testing.assert_allclose(c.dense_time(np.array([16, 48, 64, 74])), [5e-4, 2e-3, 3e-3, 3e-3 + 10 * 2e-5])
+    np.testing.assert_allclose(c.dense_bwd_time(np.array([48])), [4.5e-3])
+    doubled = CostModel.build(cal.scale_host_table(table, 2.0), tiny, 32, 4)
+    np.testing.assert_allclose(doubled.expert_time(np.array([10])), [1.2e-3])
+    small = CostModel.build(table, ModelConfig(preset="small"), 32, 4)  # other size: the scaled line
+    assert small.expert_curve is None
+    assert small.expert_time(np.array([10]))[0] == pytest.approx(small.expert_fixed_s + 10 * small.expert_s_per_row)
