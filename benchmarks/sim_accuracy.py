@@ -270,6 +270,9 @@ def simulate_setup(rec: dict[str, Any], table: HardwareTable, scale: float, tmp:
         "parallel_efficiency": table.parallel_efficiency,
         "cluster_cpu_s": [sh["ours_cpu_s"] for sh in shares],
         "sim_cpu_work_s": [r.phases["cpu_work_s"] for r in idle],
+        # the cost model's error on the experts alone: the actors' compute CPU seconds / the table's
+        "expert_cpu_real_vs_table": float(np.mean([t.get("expert_compute_cpu_s", np.nan) for t in timings])
+                                          / np.mean([r.phases["expert_work_s"] for r in idle])),
         "sim_phases": {k: float(np.mean([r.phases[k] for r in results])) for k in results[0].phases},
         "real_timings": {k: float(np.mean([t[k] for t in timings])) for k in timings[0]},
     }  # fmt: skip

@@ -207,14 +207,16 @@ class _Stats:
     bytes_out: int = 0
     decode_s: float = 0.0
     compute_s: float = 0.0
+    compute_cpu_s: float = 0.0  # CPU seconds of the handler thread in compute (torch runs on it: 1 thread)
     encode_s: float = 0.0
     overwritten: int = 0  # forward with a key already saved (a retried or recomputed forward)
     steps_ended: int = 0
     steps_aborted: int = 0
 
     def count(self, kind: str, bytes_in: int, bytes_out: int, decode_s: float, compute_s: float,
-              encode_s: float) -> None:
+              encode_s: float, compute_cpu_s: float = 0.0) -> None:
         """One served request (call under the server lock)."""
+        self.compute_cpu_s += compute_cpu_s
         self.requests[kind] += 1
         self.bytes_in += bytes_in
         self.bytes_out += bytes_out
@@ -439,6 +441,7 @@ class ExpertServer:
                 "bytes_out": s.bytes_out,
                 "decode_s": s.decode_s,
                 "compute_s": s.compute_s,
+                "compute_cpu_s": s.compute_cpu_s,
                 "encode_s": s.encode_s,
                 "overwritten": s.overwritten,
                 "steps_ended": s.steps_ended,
@@ -566,8 +569,9 @@ class ExpertServer:
             t1 = time.perf_counter()
             h = frame.header
             src, save = int(h.meta.get("src", 0)), bool(h.meta.get("save", True))
+            c1 = time.thread_time()
             y, hs = self._expert_forward(h.layer, h.experts, h.counts, x)
-            t2 = time.perf_counter()
+            c2, t2 = time.thread_time(), time.perf_counter()
             reply = _reply("result", h, "y", y, wire_dtype)
             t3 = time.perf_counter()
             with self._lock:
@@ -579,7 +583,7 @@ class ExpertServer:
                     self._saved[key] = _Saved(h.experts, h.counts, x, hs, nbytes)
                 for e, n in zip(h.experts, h.counts):
                     self._tokens[(h.layer, e)] = self._tokens.get((h.layer, e), 0) + n
-                self._stats.count("dispatch", len(request), len(reply), t1 - t0, t2 - t1, t3 - t2)
+                self._stats.count("dispatch", len(request), len(reply), t1 - t0, t2 - t1, t3 - t2, c2 - c1)
             return reply
         except KeyError as e:  # a shard dropped between the hosted check and the compute
             return self._reject(context, _Reject(grpc.StatusCode.FAILED_PRECONDITION, f"shard {e} was dropped"))
@@ -610,16 +614,19 @@ class ExpertServer:
                     f"backward segments experts={list(h.experts)} counts={list(h.counts)} do not match the "
                     f"forward's experts={list(saved.experts)} counts={list(saved.counts)}",
                 )
+            c1 = time.thread_time()
             dx, wgrads = self._expert_backward(h.layer, h.experts, h.counts, saved.x, saved.h, dy)
-            t2 = time.perf_counter()
+            c2, t2 = time.thread_time(), time.perf_counter()
             reply = _reply("grad", h, "dx", dx, wire_dtype)
             t3 = time.perf_counter()
             with self._lock:
+                c3 = time.thread_time()
                 for e, dw1, dw2 in wgrads:
                     g1, g2 = self._grads[(h.layer, e)]
                     g1.add_(dw1)
                     g2.add_(dw2)
-                self._stats.count("backward", len(request), len(reply), t1 - t0, t2 - t1, t3 - t2)
+                c2 += time.thread_time() - c3  # the accumulation is compute too
+                self._stats.count("backward", len(request), len(reply), t1 - t0, t2 - t1, t3 - t2, c2 - c1)
             return reply
         except KeyError as e:
             return self._reject(context, _Reject(grpc.StatusCode.FAILED_PRECONDITION, f"shard {e} was dropped"))

@@ -337,7 +337,8 @@ class Cluster:
         timings (seconds; concurrent parties overlap, so the parts are estimates that need not sum to step_s):
         router_s: dense compute on a router worker (mean over workers: forward/backward wall outside the
         dispatcher and combine); dispatch_s: dispatcher wall (forward + backward exchanges) minus expert_s, i.e.
-        encode, gRPC, decode and waiting; expert_s: expert compute of the slowest actor (expert_cpu_s: all actors);
+        encode, gRPC, decode and waiting; expert_s: expert compute of the slowest actor (expert_cpu_s: all actors'
+        compute wall time summed; expert_compute_cpu_s: their handler threads' CPU seconds in compute);
         combine_s: plan build + gather + combine (forward); grad_sync_s: dense grad all-reduce; optimizer_s:
         norms, replica sums, clip and AdamW on every party incl. their control-plane calls; control_s: phase A's
         Ray call overhead + worker imbalance."""
@@ -393,6 +394,7 @@ class Cluster:
             "dispatch_s": max(0.0, dispatch_wall - expert_s),
             "expert_s": expert_s,
             "expert_cpu_s": sum(expert_cpu),
+            "expert_compute_cpu_s": sum(a.get("expert_compute_cpu_s", 0.0) for a in applied[W:]),
             "combine_s": combine,
             "grad_sync_s": grad_sync,
             "optimizer_s": (t3 - t2) + max(0.0, (t2 - t1) - grad_sync),

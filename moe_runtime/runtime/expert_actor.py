@@ -186,7 +186,7 @@ class ExpertActor:
         self.server.zero_grads()
         self.server.end_step(step)
         st = self.server.stats()
-        now = {k: st[k] for k in ("compute_s", "decode_s", "encode_s")}
+        now = {k: st[k] for k in ("compute_s", "compute_cpu_s", "decode_s", "encode_s")}
         delta = {f"expert_{k}": max(0.0, v - self._last_stats.get(k, 0.0)) for k, v in now.items()}
         self._last_stats = now
         return {"optimizer_s": time.perf_counter() - t0, **delta}

@@ -661,7 +661,10 @@ class Simulator:
             grad_sync_bytes_per_step=float(sync_bytes),
             imbalance=imb,
             phases={"forward_backward_s": fb_end, "grad_sync_s": sync_s, "optimizer_s": opt_s,
-                    "step_overhead_s": overhead, "cpu_work_s": eng.pool.busy if eng.host else 0.0},
+                    "step_overhead_s": overhead, "cpu_work_s": eng.pool.busy if eng.host else 0.0,
+                    # host tables: the compute part of it, per role (the rest: messages and the optimizer)
+                    "expert_work_s": float(eng.busy[lay.actor_device].sum()) if eng.host else 0.0,
+                    "dense_work_s": float(eng.busy[lay.worker_device].sum()) if eng.host else 0.0},
             layout=lay.kind if not cost.host else "host",
             devices=lay.num_devices,
             workers=W,
