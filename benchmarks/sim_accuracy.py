@@ -12,8 +12,7 @@
    some experts: max/mean expert load ~2); "skewed" adds one constant vector to every embedding row (weights only,
    pushed with RouterWorker.load_model_state before the first step): the residual stream of every token then
    shares that direction and the routers send most tokens to the same few experts of each layer.
-3. Simulate the same trace on the same layout with the host table (every process shares the machine's cores;
-   ``parallel_efficiency`` from calibration: what two cores do together against one alone).
+3. Simulate the same trace on the same layout with the host table (every process shares the machine's cores).
    The control plane around a step (Ray calls to start the step, gather norms, apply the optimizer: 3 rounds)
    is the step_overhead_s of the table: 3 x the median Ray actor round trip measured on the live cluster.
    Two things move under a table measured once: other tenants take cores, and this machine's own speed drifts
@@ -267,7 +266,6 @@ def simulate_setup(rec: dict[str, Any], table: HardwareTable, scale: float, tmp:
         "cores_left_to_cluster": [sh["cores"] for sh in shares],
         "cpu_scale": scale,
         "cpu_scale_this_setup": cpu_scale(rec, table, tmp),
-        "parallel_efficiency": table.parallel_efficiency,
         "cluster_cpu_s": [sh["ours_cpu_s"] for sh in shares],
         "sim_cpu_work_s": [r.phases["cpu_work_s"] for r in idle],
         # the cost model's error on the experts alone: the actors' compute CPU seconds / the table's
@@ -306,7 +304,7 @@ def main() -> None:
     tmp = ROOT / "runs" / "bench" / "sim_accuracy_tmp"
     # warm-up: the first steps create optimizer state and grow the allocators (measured: the step time fell
     # 25% over steps 2-5 after one warm-up step)
-    warmup, calib, steps = (2, 1, 2) if args.quick else (2, 2, 4)
+    warmup, calib, steps = (2, 1, 2) if args.quick else (2, 2, 6)
     setups = SETUPS[:4] if args.quick else SETUPS
 
     t_start = time.perf_counter()

@@ -14,8 +14,7 @@ router worker runs with), each as the runtime runs it and on a working set as la
 - RPC: Dispatch round trips to a real ``ExpertServer`` (``dispatch.grpc_service``) in another process, minus the
   codec: a message costs ``cpu_s`` of a core plus ``bytes / bandwidth``, then waits ``alpha_s`` (half a raw TCP
   round trip measured to the same process);
-- allreduce: torch.distributed gloo all_reduce between two processes (the router workers' dense grad sync);
-- parallel efficiency: the expert loop's CPU time alone against while another process runs it on another core.
+- allreduce: torch.distributed gloo all_reduce between two processes (the router workers' dense grad sync).
 Compute keeps its measured points (``CostModel`` interpolates between them) and a least-squares line (fixed +
 per row / token) for other model sizes. Every figure is the median of several runs. The machine is shared, so
 in-process compute is timed in this thread's CPU seconds (they do not grow with other tenants' load) and the
@@ -64,7 +63,6 @@ __all__ = [
     "measure_experts",
     "measure_head",
     "measure_optimizer",
-    "measure_parallel_efficiency",
     "measure_rpc",
     "scale_host_table",
     "write_table",
@@ -328,67 +326,6 @@ def _child(code: str, *args: object) -> subprocess.Popen:
                             stdout=subprocess.PIPE, text=True)  # fmt: skip
 
 
-def _expert_loop(d: int, f: int, distinct: int) -> Callable[[], None]:
-    """One pass of 128-row expert forwards over `distinct` experts (cold weights, as in a run)."""
-    from moe_runtime.dispatch.grpc_service import ExpertServer
-
-    g = torch.Generator().manual_seed(0)
-    shards = {(0, e): (torch.randn(d, 2 * f, generator=g) * 0.02, torch.randn(f, d, generator=g) * 0.02)
-              for e in range(distinct)}  # fmt: skip
-    server = ExpertServer(shards, auth_token="calibration")
-    x = torch.randn(128, d, generator=g)
-
-    def work() -> None:
-        for e in range(distinct):
-            server._expert_forward(0, [e], [128], x)
-
-    return work
-
-
-def _corun_main() -> None:
-    """Child process: the expert loop over and over until stdin closes (prints "ready" once started)."""
-    from moe_runtime.dispatch.grpc_service import tune_malloc
-
-    d, f, distinct = (int(a) for a in sys.argv[1:4])
-    torch.set_num_threads(1)
-    tune_malloc()
-    work = _expert_loop(d, f, distinct)
-    work()
-    stop = threading.Event()
-    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
-    print("ready", flush=True)
-    while not stop.is_set():
-        work()
-
-
-def measure_parallel_efficiency(model: ModelConfig, quick: bool = False) -> dict[str, float]:
-    """How much work the cores do together, against one alone: the CPU seconds of the expert loop (cold
-    weights) alone, then while another process runs the same loop on another core. Memory-bound work slows
-    when the cores stream from memory together (measured here: ~1.3x); the simulator's pool of cores then
-    delivers ``host_cores x efficiency`` core-seconds per second when more than one job runs (one job alone
-    still runs at full speed)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    d, f, distinct = model.hidden_size, model.ffn_hidden_size, distinct_experts(model)
-    work = _expert_loop(d, f, distinct)
-    reps = 3 if quick else 5
-    alone = _median_time(work, reps, clock=time.thread_time)
-    if cores < 2:
-        return {"efficiency": 1.0, "alone_s": alone, "together_s": alone}
-    proc = _child("from moe_runtime.sim.calibrate import _corun_main; _corun_main()", d, f, distinct)
-    try:
-        if proc.stdout.readline().strip() != "ready":
-            raise RuntimeError("calibration co-runner did not start")
-        together = _median_time(work, reps, clock=time.thread_time)
-    finally:
-        proc.stdin.close()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    alone = min(alone, _median_time(work, reps, clock=time.thread_time))  # before and after: the quieter one
-    return {"efficiency": float(min(1.0, max(0.25, alone / together))), "alone_s": alone, "together_s": together}
-
-
 def _serve_main() -> None:
     """Child process: an ExpertServer with one tiny shard (compute ~ 0) and a raw TCP echo socket. Prints
     "address echo_port", serves until stdin closes."""
@@ -547,8 +484,6 @@ def calibrate(cfg: RuntimeConfig, quick: bool = False, step_overhead_s: float = 
         rpc = measure_rpc(m.hidden_size, wire, codec, quick)
         say("gloo all-reduce")
         allreduce = measure_allreduce(quick)
-        say("parallel efficiency")
-        parallel = measure_parallel_efficiency(m, quick)
     finally:
         torch.set_num_threads(threads)
     state = machine_state()
@@ -559,7 +494,6 @@ def calibrate(cfg: RuntimeConfig, quick: bool = False, step_overhead_s: float = 
         "name": "calibrated-host",
         "kind": "host",
         "host_cores": cores,
-        "parallel_efficiency": parallel["efficiency"],
         "step_overhead_s": float(step_overhead_s),
         "grad_bytes_per_param": 4,
         "links": {"loopback": {k: rpc[k] for k in ("alpha_s", "cpu_s", "bandwidth")}},
@@ -583,7 +517,6 @@ def calibrate(cfg: RuntimeConfig, quick: bool = False, step_overhead_s: float = 
             "codec": codec,
             "rpc": rpc,
             "allreduce": allreduce,
-            "parallel": parallel,
         },
     }
 

@@ -85,9 +85,6 @@ class HardwareTable:
     kind: Literal["gpu", "host"]
     links: dict[str, Link]
     host_cores: float = 0.0  # host tables: CPU capacity shared by every process (may be fractional)
-    # host tables: work done by the cores together / by each alone (memory-bound work slows when the cores stream
-    # from memory at once); the pool delivers host_cores x this when more than one job runs
-    parallel_efficiency: float = 1.0
     # gpu
     peak_flops: float = 0.0
     mfu_dense: float = 0.0
@@ -133,16 +130,12 @@ class HardwareTable:
             cores = float(d.get("host_cores", 0))
             if not cores > 0:
                 raise CostModelError(f"{source}: host_cores = {cores}: must be > 0")
-            eff = _f(d, "parallel_efficiency", source, 1.0)
-            if not 0 < eff <= 1:
-                raise CostModelError(f"{source}: parallel_efficiency = {eff}: must be in (0, 1]")
             measured = d.get("measured")
             for part in ("expert", "dense", "head", "optimizer", "codec"):
                 if not isinstance(measured, dict) or part not in measured:
                     raise CostModelError(f"{source}: measured.{part}: required for kind host")
             return cls(
                 name=str(d.get("name", "host")), kind="host", links=links, host_cores=cores,
-                parallel_efficiency=eff,
                 step_overhead_s=_f(d, "step_overhead_s", source, 0.0),
                 grad_bytes_per_param=_f(d, "grad_bytes_per_param", source, 4.0),
                 measured=measured, source=source,
@@ -394,5 +387,4 @@ class CostModel:
         out["links"] = {c: vars(link) for c, link in self.links.items()}
         if self.host:
             out["host_cores"] = self.table.host_cores
-            out["parallel_efficiency"] = self.table.parallel_efficiency
         return out

@@ -309,7 +309,7 @@ class _StepEngine:
         self.cost, self.layout = cost, layout
         D = layout.num_devices
         self.host = cost.host
-        self.pool = CorePool(cost.table.host_cores * cost.table.parallel_efficiency) if self.host else None
+        self.pool = CorePool(cost.table.host_cores) if self.host else None
         self.comp_free = np.zeros(D)
         self.eg_free = np.zeros((3, D))
         self.in_free = np.zeros((3, D))

@@ -233,22 +233,6 @@ def test_host_table_shares_the_cores():
     assert tr.phases["optimizer_s"] > 0 and tr.step_time_s > 2.5 * t4.step_time_s
 
 
-def test_parallel_efficiency_shrinks_the_pool_but_not_a_lone_job():
-    """4 cores at efficiency 0.5 do the work of 2 when all are busy; a single job still runs at full speed."""
-    import dataclasses
-
-    counts = _counts(1, [100, 0, 100, 0, 100, 0, 100, 0])
-    lay = Layout.separate(1, 4, gpus_per_node=5)
-    four = host_table(cores=4, expert_s_per_row=1e-3)
-    half = dataclasses.replace(four, parallel_efficiency=0.5)
-    t_half = Simulator(cost(half), lay, training=False).run_step(counts)
-    t_two = Simulator(cost(host_table(cores=2, expert_s_per_row=1e-3)), lay, training=False).run_step(counts)
-    assert t_half.step_time_s == pytest.approx(t_two.step_time_s)
-    one = _counts(1, [100, 0, 0, 0, 0, 0, 0, 0])  # one expert busy at a time
-    lone = [Simulator(cost(t), lay, training=False).run_step(one).step_time_s for t in (four, half)]
-    assert lone[0] == pytest.approx(lone[1])
-
-
 def test_256_gpu_24_layer_step_is_fast():
     m = ModelConfig(preset="yuan-m32")
     sim = Simulator(cost(load_table("h100"), m, wire=2), Layout.colocated(256, 8))
