@@ -47,6 +47,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -335,7 +336,9 @@ def main() -> None:
         finally:
             env.shutdown()
         runs_path.parent.mkdir(parents=True, exist_ok=True)
-        runs_path.write_text(json.dumps({"table": str(table_path), "runs": records}))
+        kept = runs_path.with_suffix(".table.yaml")  # the table these runs were measured against (a later
+        shutil.copyfile(table_path, kept)  # calibration overwrites runs/sim/host-small.yaml)
+        runs_path.write_text(json.dumps({"table": str(kept), "runs": records}))
     # One scale for the machine over the whole run (the median over set-ups of their calibration steps), not one
     # per set-up: what the table misses must carry over from one configuration to another
     scale = statistics.median(cpu_scale(rec, table, tmp) for rec in records)
