@@ -93,9 +93,17 @@ def train(
     seed: Optional[int] = typer.Option(None, help="seed for weights and data order (overrides train.seed)"),
     in_process: bool = typer.Option(False, "--in-process", help="train in this process (the numerical oracle)"),
     plot: Optional[Path] = typer.Option(None, help="write a PNG with the loss curve and expert load"),
+    record_trace: Optional[Path] = typer.Option(None, help="write the run's routing trace (.npz or .jsonl) for "
+                                                "`simulate --trace` (cluster runs)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object as the last stdout line"),
 ) -> None:
     """Train the model: on the cluster (default) or in-process."""
+    if record_trace is not None and in_process:
+        raise typer.BadParameter("--record-trace records a cluster run's routing; drop --in-process",
+                                 param_hint="--record-trace")
+    if record_trace is not None and record_trace.suffix not in (".npz", ".jsonl"):
+        raise typer.BadParameter(f"{str(record_trace)!r}: expected a path ending in .npz or .jsonl",
+                                 param_hint="--record-trace")
     cfg = _load(config, model={"router": router}, train={"seed": seed, "steps": steps})
     n = cfg.train.steps
     with _progress() as bar:
@@ -111,9 +119,12 @@ def train(
         else:
             from moe_runtime.runtime.session import run_on_cluster
 
-            result = run_on_cluster(cfg, lambda cluster: cluster.train(n, progress=on_step))
+            trace = str(record_trace.resolve()) if record_trace else None
+            result = run_on_cluster(cfg, lambda cluster: cluster.train(n, progress=on_step, record_trace=trace))
     err.print(f"losses {result.losses[0]:.3f} -> {result.losses[-1]:.3f}, val {result.val_loss:.3f}, "
               f"{result.tokens_per_s:,.0f} tokens/s")
+    if result.extra.get("trace"):
+        err.print(f"routing trace written to {result.extra['trace']} (replay: moe-runtime simulate --trace ...)")
     if plot:
         from moe_runtime.plots import plot_training
 

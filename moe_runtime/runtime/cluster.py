@@ -82,6 +82,9 @@ class StepReport:
     aux: float  # mean aux (load-balancing) loss
     expert_load: torch.Tensor  # [L, E] token copies per expert in this step
     timings: dict[str, float] = field(default_factory=dict)
+    # [L, E] per chunk (chunk = worker x micro-batches + micro-batch, the order a routing trace uses): which
+    # worker sent what, for recording exact traces (sim.traces); sums to expert_load
+    worker_loads: list[torch.Tensor] = field(default_factory=list)
 
 
 def check_config(cfg: RuntimeConfig) -> None:
@@ -401,13 +404,19 @@ class Cluster:
             "grad_norm": total_norm,
             "clip_coef": coef,
         }
-        return StepReport(step, sum(r["lm"] for r in fb), sum(r["aux"] for r in fb), load, timings)
+        chunk_loads = [mb_load for r in fb for mb_load in r.get("loads", [])]
+        return StepReport(step, sum(r["lm"] for r in fb), sum(r["aux"] for r in fb), load, timings, chunk_loads)
 
     def train(self, steps: int | None = None, progress: ProgressFn | None = None,
-              max_recoveries: int | None = None) -> TrainResult:
+              max_recoveries: int | None = None, record_trace: str | Path | None = None) -> TrainResult:
         """Train from the current step up to `steps` (default train.steps) with automatic checkpoints every
-        train.checkpoint_every steps (plus one at the start) and rollback-and-replay on faults."""
+        train.checkpoint_every steps (plus one at the start) and rollback-and-replay on faults. `record_trace`:
+        write the routing of every completed step (per worker and micro-batch) there, a trace the simulator
+        replays (``.npz`` or ``.jsonl``; trace step i = the i-th step of this call)."""
         t = self.cfg.train
+        if record_trace is not None and Path(record_trace).suffix not in (".npz", ".jsonl"):
+            raise ValueError(f"record_trace = {str(record_trace)!r}: expected a path ending in .npz or .jsonl")
+        chunk_loads: dict[int, list[torch.Tensor]] = {}  # a replayed step (after a rollback) overwrites
         steps = t.steps if steps is None else steps
         every = t.checkpoint_every
         root = Path(t.checkpoint_dir).resolve()
@@ -440,6 +449,7 @@ class Cluster:
             failures_here = 0
             losses[step], auxes[step], times[step] = rep.loss, rep.aux, rep.timings["step_s"]
             loads[step] = rep.expert_load
+            chunk_loads[step] = rep.worker_loads
             for k, v in rep.timings.items():
                 timing_sum[k] = timing_sum.get(k, 0.0) + v
             if progress:
@@ -449,6 +459,9 @@ class Cluster:
         load_sum = sum((loads[s] for s in done), torch.zeros(self.cfg.model.num_layers, self.cfg.model.num_experts,
                                                              dtype=torch.long))
         tokens = len(done) * t.batch_size * t.seq_len
+        extra_trace = {}
+        if record_trace is not None and done:
+            extra_trace["trace"] = str(self._save_trace(record_trace, [chunk_loads[s] for s in done]))
         return TrainResult(
             losses=[losses[s] for s in done],
             val_loss=self.evaluate(),
@@ -466,8 +479,21 @@ class Cluster:
                 "router_workers": len(self.workers),
                 "last_decision": self.scheduler.last_decision_str,
                 "rebalances": self.scheduler.rebalances,
+                **extra_trace,
             },
         )
+
+    def _save_trace(self, path: str | Path, steps: list[list[torch.Tensor]]) -> Path:
+        from moe_runtime.sim.traces import TraceRecorder
+
+        m = self.cfg.model
+        rec = TraceRecorder(m.num_layers, m.num_experts, m.top_k, self.cfg.train.micro_batches,
+                            meta={"source": "cluster", "preset": m.preset, "router_workers": len(self.workers),
+                                  "expert_actors": len(self.experts)})  # fmt: skip
+        for i, loads in enumerate(steps):
+            for chunk, load_le in enumerate(loads):
+                rec.record_layers(i, chunk, load_le)
+        return rec.trace().save(path)
 
     def _actor_load(self, load: torch.Tensor) -> list[int]:
         """Token copies served per actor for an [L, E] load (a replicated expert's copies split evenly)."""

@@ -197,6 +197,7 @@ class RouterWorker:
         mine = self.chunks[self.index * t.micro_batches : (self.index + 1) * t.micro_batches]
         lm, aux = 0.0, 0.0
         load = torch.zeros(self.cfg.model.num_layers, self.cfg.model.num_experts, dtype=torch.long)
+        loads = []
         try:
             for mb, rows in enumerate(mine):
                 for d in self.dispatchers:
@@ -205,12 +206,13 @@ class RouterWorker:
                 (loss / n).backward()
                 lm += ce.item() / n
                 aux += (loss - ce).item() / n
-                load += self.model.expert_load()
+                loads.append(self.model.expert_load())
+                load += loads[-1]
         except ExpertCallError as err:
             self.opt.zero_grad(set_to_none=True)
             raise DataPlaneError(f"router worker {self.index}, step {step}: {err}") from None
         tm = self.timer.reset()
-        return {"lm": lm, "aux": aux, "load": load, "fb_s": time.perf_counter() - t0, **tm}
+        return {"lm": lm, "aux": aux, "load": load, "loads": loads, "fb_s": time.perf_counter() - t0, **tm}
 
     def _flat_grads(self) -> torch.Tensor:
         parts = []

@@ -134,8 +134,8 @@ class RemoteCluster:
                     raise SessionError(f"cluster daemon: {payload}")
                 return payload
 
-    def train(self, steps: int, progress: Callable | None = None) -> Any:
-        return self._call("train", steps, progress=progress)
+    def train(self, steps: int, progress: Callable | None = None, record_trace: str | None = None) -> Any:
+        return self._call("train", steps, progress=progress, record_trace=record_trace)
 
     def forward(self, tokens: Any) -> Any:
         return self._call("forward", tokens)

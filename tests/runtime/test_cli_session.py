@@ -39,10 +39,15 @@ def test_up_status_train_forward_down(tmp_path):
         assert status["healthy"] and len(status["expert_actors"]) == 2 and status["step"] == 0
         assert (tmp_path / "load.png").stat().st_size > 1000
 
-        tr = cli(["train", "--config", str(cfg), "--steps", "2", "--json"], env)
+        tr = cli(["train", "--config", str(cfg), "--steps", "2", "--json", "--record-trace",
+                  str(tmp_path / "trace.jsonl")], env)  # fmt: skip
         assert tr.returncode == 0, tr.stderr[-3000:]
         result = json.loads(tr.stdout.strip().splitlines()[-1])
         assert len(result["losses"]) == 2 and "placement" in result and "actor_load" in result
+        # the daemon wrote the routing trace; the simulator replays it
+        sim = cli(["simulate", "--config", str(cfg), "--trace", result["trace"], "--json"], env)
+        assert sim.returncode == 0, sim.stderr[-3000:]
+        assert json.loads(sim.stdout.strip().splitlines()[-1])["step_time_s"] > 0
 
         fw = cli(["forward", "--config", str(cfg), "--text", "import os", "--json"], env)
         assert fw.returncode == 0, fw.stderr[-3000:]

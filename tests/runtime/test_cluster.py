@@ -19,9 +19,12 @@ from tests.runtime.helpers import make_config
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_train_matches_oracle(fresh4, oracle):
+def test_train_matches_oracle(fresh4, oracle, runtime_tmp):
     c = fresh4
-    result = c.train(5)
+    with pytest.raises(ValueError, match=r"record_trace = '.*trace\.txt': expected a path ending in \.npz"):
+        c.train(5, record_trace=runtime_tmp / "trace.txt")
+    assert c.step == 0  # rejected before any step
+    result = c.train(5, record_trace=runtime_tmp / "trace.npz")
     torch.testing.assert_close(torch.tensor(result.losses), torch.tensor(oracle.losses[:5]), rtol=1e-4, atol=0)
     torch.testing.assert_close(torch.tensor(result.aux_losses), torch.tensor(oracle.aux[:5]), rtol=1e-4, atol=1e-7)
     assert result.expert_load == sum(oracle.loads[:5]).tolist()  # same routing, token for token
@@ -43,6 +46,20 @@ def test_train_matches_oracle(fresh4, oracle):
 
     logits = c.forward(oracle.probe)
     torch.testing.assert_close(logits, oracle.logits_after_5, rtol=1e-4, atol=1e-5)
+
+    # the recorded routing trace: per worker and micro-batch, summing to the oracle's load step by step
+    from moe_runtime.sim.simulator import Simulator
+    from moe_runtime.sim.traces import load_trace
+
+    trace = load_trace(result.extra["trace"])
+    m, t = c.cfg.model, c.cfg.train
+    chunks = c.cfg.cluster.router_workers * t.micro_batches
+    assert trace.counts.shape == (5, chunks, m.num_layers, m.num_experts) and trace.micro_batches == t.micro_batches
+    for i in range(5):
+        assert trace.counts[i].sum(axis=0).tolist() == oracle.loads[i].tolist()
+    per_chunk = t.batch_size // chunks * t.seq_len * m.top_k  # every chunk routes all its tokens k times per layer
+    assert (trace.counts.sum(axis=-1) == per_chunk).all()
+    Simulator.from_config(c.cfg).check_trace(trace)  # replayable as is
 
     payload = json.loads(result.to_json())
     assert payload["placement"]["num_actors"] == 4
