@@ -103,6 +103,9 @@ def simulate_command(
         from moe_runtime.sim.whatif import rebalance_whatif
 
         t1 = time.perf_counter()
+        m = cfg.model
+        _say(f"what-if rebalance: the scheduler decides a placement for {sim.layout.num_actors} actors x "
+             f"{m.num_layers} layers x {m.num_experts} experts (about 20 s at 256 GPUs) ...")  # fmt: skip
         wi = rebalance_whatif(sim, tr, n, cfg.scheduler)
         out["what_if"] = {**wi.to_dict(), "wall_s": time.perf_counter() - t1}
         _say(f"what-if rebalance: static {wi.static_step_s * 1e3:.2f} ms -> scheduler {wi.rebalanced_step_s * 1e3:.2f} ms"
