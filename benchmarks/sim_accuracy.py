@@ -62,8 +62,8 @@ import torch
 
 from benchmarks._common import emit, make_parser, stderr_console
 from moe_runtime.config import ModelConfig, RuntimeConfig, parse_config
-from moe_runtime.sim.calibrate import calibrate, scale_host_table, write_table
-from moe_runtime.sim.cost_model import CostModel, HardwareTable, load_table
+from moe_runtime.sim.calibrate import calibrate, ray_round_trip, write_table
+from moe_runtime.sim.cost_model import CostModel, HardwareTable, load_table, scale_host_table
 from moe_runtime.sim.simulator import Layout, Simulator
 from moe_runtime.sim.traces import RoutingTrace
 
@@ -116,19 +116,6 @@ def _wait_for_gpus(n: int, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while ray.available_resources().get("GPU", 0.0) < n and time.monotonic() < deadline:
         time.sleep(0.5)
-
-
-def ray_round_trip(cluster: Any, n: int = 20) -> float:
-    import ray
-
-    h = cluster.workers[0]
-    ray.get(h.ping.remote())
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        ray.get(h.ping.remote())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 class CpuShare:

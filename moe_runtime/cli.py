@@ -269,6 +269,8 @@ def simulate(
     what_if: Optional[str] = typer.Option(None, "--what-if", help="rebalance: static vs the scheduler's placement"),
     plot: Optional[Path] = typer.Option(None, help="PNG: per-GPU timeline and step time vs cluster size"),
     calibrate: bool = typer.Option(False, "--calibrate", help="profile this machine and write its cost table"),
+    against_cluster: bool = typer.Option(False, "--against-cluster", help="with --calibrate: also run the config's "
+                                         "local cluster a few steps and scale the table to its measured CPU"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object as the last stdout line"),
 ) -> None:
     """Predict step time for a cluster far larger than this machine."""
@@ -277,6 +279,7 @@ def simulate(
     _load(config)
     try:
         simulate_command(config, trace=trace, steps=steps, what_if=what_if, plot=plot, calibrate=calibrate,
+                         against_cluster=against_cluster,
                          as_json=as_json)
     except ValueError as e:  # ConfigError, CostModelError, TraceError, SimError all derive from ValueError
         err.print(f"[red]error:[/red] {e}")

@@ -51,13 +51,14 @@ from torch import nn
 
 from moe_runtime.config import ModelConfig, RuntimeConfig
 from moe_runtime.model.accounting import count_params, flops_per_token
-from moe_runtime.sim.cost_model import HardwareTable, Link
+from moe_runtime.sim.cost_model import HardwareTable, scale_host_table
 
 __all__ = [
     "calibrate",
     "distinct_experts",
     "machine_state",
     "measure_allreduce",
+    "measure_cluster_cpu_scale",
     "measure_codec",
     "measure_dense",
     "measure_experts",
@@ -521,31 +522,66 @@ def calibrate(cfg: RuntimeConfig, quick: bool = False, step_overhead_s: float = 
     }
 
 
-def scale_host_table(table: HardwareTable, stretch: float) -> HardwareTable:
-    """The table for a machine where every process runs `stretch` times slower (every time x stretch, every
-    bandwidth / stretch; ``machine_state`` measures it). A calibrated table holds CPU seconds, i.e. stretch 1:
-    this turns it into wall seconds for the machine as it is at one moment."""
-    if table.kind != "host":
-        raise ValueError(f"scale_host_table: {table.name} is a {table.kind} table")
-    if stretch <= 0:
-        raise ValueError(f"stretch = {stretch}: must be > 0")
-    f = stretch
-    m = {k: (dict(v) if isinstance(v, dict) else v) for k, v in table.measured.items()}
-    for part, keys in (("expert", ("fixed_s", "s_per_row", "bwd_fixed_s", "bwd_s_per_row")),
-                       ("dense", ("fixed_s", "s_per_token")),
-                       ("head", ("fixed_s", "s_per_token")), ("optimizer", ("s_per_param",)),
-                       ("codec", ("fixed_s", "s_per_byte")), ("allreduce", ("alpha_s",))):  # fmt: skip
-        for k in keys:
-            if part in m and k in m[part]:
-                m[part][k] = m[part][k] * f
-    for part in ("expert", "dense", "head"):  # the measured points the cost model interpolates
-        for k in ("times_s", "bwd_times_s"):
-            if part in m and k in m[part]:
-                m[part][k] = [t * f for t in m[part][k]]
-    if "allreduce" in m and "bandwidth" in m["allreduce"]:
-        m["allreduce"]["bandwidth"] = m["allreduce"]["bandwidth"] / f
-    links = {c: Link(lk.alpha_s * f, lk.bandwidth / f, lk.cpu_s * f) for c, lk in table.links.items()}
-    return dataclasses.replace(table, links=links, measured=m)
+def _cluster_cpu_s(procs: list) -> float:
+    """User + system CPU seconds of `procs` (psutil.Process) so far; ended processes count 0."""
+    import psutil
+
+    total = 0.0
+    for p in procs:
+        try:
+            total += sum(p.cpu_times()[:2])
+        except psutil.Error:
+            pass
+    return total
+
+
+def ray_round_trip(cluster: Any, n: int = 20) -> float:
+    """Median seconds of a Ray actor call that does nothing (a router worker's ping)."""
+    import ray
+
+    h = cluster.workers[0]
+    ray.get(h.ping.remote())
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        ray.get(h.ping.remote())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_cluster_cpu_scale(cfg: RuntimeConfig, table: HardwareTable, warmup: int = 2, steps: int = 3,
+                              log: Callable[[str], None] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Calibrate a host table against the real local cluster: start the config's cluster (``Cluster.start``),
+    train `warmup` steps (dropped: optimizer state and allocators grow), then `steps` steps, each recording its
+    routing per worker and micro-batch and the CPU seconds of every process of the run (this one and its
+    descendants: Ray, router workers, expert actors). ``cpu_scale`` = those CPU seconds / the CPU work the
+    table gives the same routing (measured here: 1.05-1.5x; the cluster's processes share caches and carry
+    Python, gRPC and Ray costs that single-process measurements miss); ``step_overhead_s`` = the driver's 3
+    Ray round trips per step. Put both in the table (``calibrate --against-cluster`` does)."""
+    import psutil
+
+    from moe_runtime.runtime.cluster import Cluster
+    from moe_runtime.sim.simulator import Simulator
+
+    say = log or (lambda _msg: None)
+    sim = Simulator.from_config(cfg, dataclasses.replace(table, cpu_scale=1.0))
+    cluster_cpu, sim_cpu = [], []
+    with Cluster.start(cfg) as cluster:
+        rtt = ray_round_trip(cluster)
+        me = psutil.Process()
+        procs = [me, *me.children(recursive=True)]
+        for i in range(warmup + steps):
+            c0 = _cluster_cpu_s(procs)
+            rep = cluster.train_step()
+            used = _cluster_cpu_s(procs) - c0
+            if i < warmup:
+                continue
+            counts = np.stack([np.asarray(x, dtype=np.int64) for x in rep.worker_loads])
+            cluster_cpu.append(used)
+            sim_cpu.append(sim.run_step(counts).phases["cpu_work_s"])
+            say(f"step {i}: cluster {used:.2f} CPU s, table {sim_cpu[-1]:.2f} CPU s")
+    return {"cpu_scale": sum(cluster_cpu) / sum(sim_cpu), "step_overhead_s": 3 * rtt, "ray_round_trip_s": rtt,
+            "cluster_cpu_s": cluster_cpu, "table_cpu_s": sim_cpu, "warmup": warmup}  # fmt: skip
 
 
 def _plain(x: Any) -> Any:

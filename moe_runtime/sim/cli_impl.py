@@ -59,8 +59,11 @@ def simulate_command(
     plot: str | Path | None = None,
     calibrate: bool = False,
     as_json: bool = False,
+    against_cluster: bool = False,
 ) -> dict[str, Any]:
     """Simulate the config's cluster; returns the JSON summary (and prints it with as_json)."""
+    if against_cluster and not calibrate:
+        raise ValueError("--against-cluster: it refines a calibration; add --calibrate")
     cfg = load_config(config_path)
     table: HardwareTable | None = None
     calibration_path = None
@@ -71,6 +74,20 @@ def simulate_command(
         _say("calibrating this machine (experts, dense layer, head, optimizer, codec, gRPC, gloo) ...")
         t0 = time.perf_counter()
         measured = run_calibration(cfg, log=lambda m: _say(f"  {m}"))
+        if against_cluster:
+            from moe_runtime.runtime.ray_env import ClusterStartError
+            from moe_runtime.sim.calibrate import measure_cluster_cpu_scale
+
+            _say(f"calibrating against the real local cluster of {config_path} ...")
+            try:
+                check = measure_cluster_cpu_scale(cfg, HardwareTable.from_dict(measured),
+                                                  log=lambda m: _say(f"  {m}"))  # fmt: skip
+            except ClusterStartError as e:
+                raise ValueError(f"--against-cluster: the cluster of {config_path} cannot start here: {e}") from None
+            measured["cpu_scale"] = check["cpu_scale"]
+            measured["step_overhead_s"] = check["step_overhead_s"]
+            measured["measured"]["cluster"] = check
+            _say(f"  cluster CPU / table CPU: {check['cpu_scale']:.2f} (every cost scaled by it)")
         calibration_path = write_table(measured, CALIBRATION_DIR / f"host-{cfg.model.preset or 'custom'}.yaml")
         table = load_table(calibration_path)
         _say(f"calibration written to {calibration_path} ({time.perf_counter() - t0:.1f} s)")

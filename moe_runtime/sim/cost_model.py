@@ -23,7 +23,7 @@ Links are alpha-beta per class: ``loopback`` (same device / same host), ``intra_
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -85,6 +85,9 @@ class HardwareTable:
     kind: Literal["gpu", "host"]
     links: dict[str, Link]
     host_cores: float = 0.0  # host tables: CPU capacity shared by every process (may be fractional)
+    # host tables: every cost x this (measured against the real local cluster: its processes' CPU seconds per
+    # step / the table's CPU work for the same routing; calibrate.measure_cluster_cpu_scale)
+    cpu_scale: float = 1.0
     # gpu
     peak_flops: float = 0.0
     mfu_dense: float = 0.0
@@ -130,12 +133,15 @@ class HardwareTable:
             cores = float(d.get("host_cores", 0))
             if not cores > 0:
                 raise CostModelError(f"{source}: host_cores = {cores}: must be > 0")
+            cpu_scale = _f(d, "cpu_scale", source, 1.0)
+            if not cpu_scale > 0:
+                raise CostModelError(f"{source}: cpu_scale = {cpu_scale}: must be > 0")
             measured = d.get("measured")
             for part in ("expert", "dense", "head", "optimizer", "codec"):
                 if not isinstance(measured, dict) or part not in measured:
                     raise CostModelError(f"{source}: measured.{part}: required for kind host")
             return cls(
-                name=str(d.get("name", "host")), kind="host", links=links, host_cores=cores,
+                name=str(d.get("name", "host")), kind="host", links=links, host_cores=cores, cpu_scale=cpu_scale,
                 step_overhead_s=_f(d, "step_overhead_s", source, 0.0),
                 grad_bytes_per_param=_f(d, "grad_bytes_per_param", source, 4.0),
                 measured=measured, source=source,
@@ -166,6 +172,32 @@ class HardwareTable:
 
     def with_host_links(self, link: Link) -> HardwareTable:
         return self.with_links(**{c: link for c in LINK_CLASSES})
+
+
+def scale_host_table(table: HardwareTable, stretch: float) -> HardwareTable:
+    """The table for a machine where every process runs `stretch` times slower: every time x stretch, every
+    bandwidth / stretch (the table's own ``cpu_scale`` is kept: ``CostModel.build`` applies it on top)."""
+    if table.kind != "host":
+        raise ValueError(f"scale_host_table: {table.name} is a {table.kind} table")
+    if stretch <= 0:
+        raise ValueError(f"stretch = {stretch}: must be > 0")
+    f = stretch
+    m = {k: (dict(v) if isinstance(v, dict) else v) for k, v in table.measured.items()}
+    for part, keys in (("expert", ("fixed_s", "s_per_row", "bwd_fixed_s", "bwd_s_per_row")),
+                       ("dense", ("fixed_s", "s_per_token")),
+                       ("head", ("fixed_s", "s_per_token")), ("optimizer", ("s_per_param",)),
+                       ("codec", ("fixed_s", "s_per_byte")), ("allreduce", ("alpha_s",))):  # fmt: skip
+        for k in keys:
+            if part in m and k in m[part]:
+                m[part][k] = m[part][k] * f
+    for part in ("expert", "dense", "head"):  # the measured points the cost model interpolates
+        for k in ("times_s", "bwd_times_s"):
+            if part in m and k in m[part]:
+                m[part][k] = [t * f for t in m[part][k]]
+    if "allreduce" in m and "bandwidth" in m["allreduce"]:
+        m["allreduce"]["bandwidth"] = m["allreduce"]["bandwidth"] / f
+    links = {c: Link(lk.alpha_s * f, lk.bandwidth / f, lk.cpu_s * f) for c, lk in table.links.items()}
+    return replace(table, links=links, measured=m)
 
 
 def table_names() -> list[str]:
@@ -249,6 +281,8 @@ class CostModel:
 
     @classmethod
     def build(cls, table: HardwareTable, model: ModelConfig, seq_len: int, wire_bytes: int = 2) -> CostModel:
+        if table.kind == "host" and table.cpu_scale != 1.0:  # measured against the real cluster: costs x it
+            table = replace(scale_host_table(table, table.cpu_scale), cpu_scale=1.0)
         counts = count_params(model)
         d, f = model.hidden_size, model.ffn_hidden_size
         dense_params_per_worker = (
