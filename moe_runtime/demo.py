@@ -50,7 +50,7 @@ def main() -> None:
             result = cluster.train(
                 steps, progress=lambda s, loss: bar.update(task, completed=s + 1, info=f"loss {loss:.3f}"))
         preds = next_token_predictions(cluster.forward(encode_text(PROMPT, cfg.model.max_seq_len)), 3)
-        console.print(f"forward after training: " + ", ".join(f"{p.text!r} {p.prob:.2f}" for p in preds))
+        console.print("forward after training: " + ", ".join(f"{p.text!r} {p.prob:.2f}" for p in preds))
         status = cluster.status()
         _print_status(status)
         decision = result.extra.get("last_decision")
