@@ -398,6 +398,10 @@ class Cluster:
             "expert_s": expert_s,
             "expert_cpu_s": sum(expert_cpu),
             "expert_compute_cpu_s": sum(a.get("expert_compute_cpu_s", 0.0) for a in applied[W:]),
+            # router workers' CPU seconds in forward/backward, all workers: the main thread (dense compute,
+            # autograd, encode/decode) and the whole process (+ gRPC's and Ray's threads)
+            "worker_main_cpu_s": sum(r.get("fb_cpu_s", 0.0) for r in fb),
+            "worker_cpu_s": sum(r.get("fb_process_cpu_s", 0.0) for r in fb),
             "combine_s": combine,
             "grad_sync_s": grad_sync,
             "optimizer_s": (t3 - t2) + max(0.0, (t2 - t1) - grad_sync),

@@ -187,7 +187,7 @@ class RouterWorker:
     def forward_backward(self, step: int) -> dict[str, Any]:
         """This worker's micro-batches of `step`: forward, backward (expert grads accumulate on the actors).
         Returns the chunk-mean lm / aux loss contributions, the expert load [L, E] and timings."""
-        t0 = time.perf_counter()
+        t0, c0, p0 = time.perf_counter(), time.thread_time(), time.process_time()
         t = self.cfg.train
         n = self.world * t.micro_batches
         self.model.train()
@@ -212,7 +212,8 @@ class RouterWorker:
             self.opt.zero_grad(set_to_none=True)
             raise DataPlaneError(f"router worker {self.index}, step {step}: {err}") from None
         tm = self.timer.reset()
-        return {"lm": lm, "aux": aux, "load": load, "loads": loads, "fb_s": time.perf_counter() - t0, **tm}
+        return {"lm": lm, "aux": aux, "load": load, "loads": loads, "fb_s": time.perf_counter() - t0,
+                "fb_cpu_s": time.thread_time() - c0, "fb_process_cpu_s": time.process_time() - p0, **tm}
 
     def _flat_grads(self) -> torch.Tensor:
         parts = []

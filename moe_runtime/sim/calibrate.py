@@ -19,8 +19,10 @@ Compute keeps its measured points (``CostModel`` interpolates between them) and 
 per row / token) for other model sizes. Every figure is the median of several runs. The machine is shared, so
 in-process compute is timed in this thread's CPU seconds (they do not grow with other tenants' load) and the
 multi-process measurements (RPC, all-reduce) are wall times divided by the stretch ``machine_state`` measured
-around them: the table describes this machine idle; ``scale_host_table(table, factor)`` turns it into the
-machine at another moment (``benchmarks/sim_accuracy.py`` does that per set-up).
+around them: the table describes this machine idle, one process at a time. The real cluster's processes use more
+CPU for the same work (shared caches, Python, gRPC and Ray: 1.05-1.5x measured here); ``measure_cluster_cpu_scale``
+measures that against the config's local cluster (``simulate --calibrate --against-cluster`` writes it into the
+table as ``cpu_scale``; ``benchmarks/sim_accuracy.py`` measures it per run).
 
 ``host_cores`` is the number of CPUs this process may use: every process of a local cluster shares them.
 ``step_overhead_s`` (the control plane around one step: Ray calls, norms, clip) is 0 unless given, e.g. from a
