@@ -208,15 +208,17 @@ class _Stats:
     decode_s: float = 0.0
     compute_s: float = 0.0
     compute_cpu_s: float = 0.0  # CPU seconds of the handler thread in compute (torch runs on it: 1 thread)
+    handler_cpu_s: float = 0.0  # CPU seconds of the handler thread, whole request (decode, compute, encode, ...)
     encode_s: float = 0.0
     overwritten: int = 0  # forward with a key already saved (a retried or recomputed forward)
     steps_ended: int = 0
     steps_aborted: int = 0
 
     def count(self, kind: str, bytes_in: int, bytes_out: int, decode_s: float, compute_s: float,
-              encode_s: float, compute_cpu_s: float = 0.0) -> None:
+              encode_s: float, compute_cpu_s: float = 0.0, handler_cpu_s: float = 0.0) -> None:
         """One served request (call under the server lock)."""
         self.compute_cpu_s += compute_cpu_s
+        self.handler_cpu_s += handler_cpu_s
         self.requests[kind] += 1
         self.bytes_in += bytes_in
         self.bytes_out += bytes_out
@@ -442,6 +444,7 @@ class ExpertServer:
                 "decode_s": s.decode_s,
                 "compute_s": s.compute_s,
                 "compute_cpu_s": s.compute_cpu_s,
+                "handler_cpu_s": s.handler_cpu_s,
                 "encode_s": s.encode_s,
                 "overwritten": s.overwritten,
                 "steps_ended": s.steps_ended,
@@ -558,7 +561,7 @@ class ExpertServer:
     def _rpc_dispatch(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         try:
             self._check_token(context)
-            t0 = time.perf_counter()
+            t0, h0 = time.perf_counter(), time.thread_time()
             frame, x, wire_dtype = self._decode(request, "dispatch", "x")
             if x.dtype == wire_dtype:
                 # An fp32 frame decodes to a view of the request, only 16-byte aligned in memory (gRPC allocates the
@@ -583,7 +586,8 @@ class ExpertServer:
                     self._saved[key] = _Saved(h.experts, h.counts, x, hs, nbytes)
                 for e, n in zip(h.experts, h.counts):
                     self._tokens[(h.layer, e)] = self._tokens.get((h.layer, e), 0) + n
-                self._stats.count("dispatch", len(request), len(reply), t1 - t0, t2 - t1, t3 - t2, c2 - c1)
+                self._stats.count("dispatch", len(request), len(reply), t1 - t0, t2 - t1, t3 - t2, c2 - c1,
+                                  time.thread_time() - h0)
             return reply
         except KeyError as e:  # a shard dropped between the hosted check and the compute
             return self._reject(context, _Reject(grpc.StatusCode.FAILED_PRECONDITION, f"shard {e} was dropped"))
@@ -593,7 +597,7 @@ class ExpertServer:
     def _rpc_backward(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         try:
             self._check_token(context)
-            t0 = time.perf_counter()
+            t0, h0 = time.perf_counter(), time.thread_time()
             frame, dy, wire_dtype = self._decode(request, "backward", "dy")
             t1 = time.perf_counter()
             h = frame.header
@@ -626,7 +630,8 @@ class ExpertServer:
                     g1.add_(dw1)
                     g2.add_(dw2)
                 c2 += time.thread_time() - c3  # the accumulation is compute too
-                self._stats.count("backward", len(request), len(reply), t1 - t0, t2 - t1, t3 - t2, c2 - c1)
+                self._stats.count("backward", len(request), len(reply), t1 - t0, t2 - t1, t3 - t2, c2 - c1,
+                                  time.thread_time() - h0)
             return reply
         except KeyError as e:
             return self._reject(context, _Reject(grpc.StatusCode.FAILED_PRECONDITION, f"shard {e} was dropped"))

@@ -398,6 +398,9 @@ class Cluster:
             "expert_s": expert_s,
             "expert_cpu_s": sum(expert_cpu),
             "expert_compute_cpu_s": sum(a.get("expert_compute_cpu_s", 0.0) for a in applied[W:]),
+            # the actors' request handlers' CPU (decode, compute, encode, bookkeeping) and optimizer CPU
+            "expert_handler_cpu_s": sum(a.get("expert_handler_cpu_s", 0.0) for a in applied[W:]),
+            "expert_optimizer_cpu_s": sum(a.get("optimizer_cpu_s", 0.0) for a in applied[W:]),
             # router workers' CPU seconds in forward/backward, all workers: the main thread (dense compute,
             # autograd, encode/decode) and the whole process (+ gRPC's and Ray's threads)
             "worker_main_cpu_s": sum(r.get("fb_cpu_s", 0.0) for r in fb),

@@ -175,7 +175,7 @@ class ExpertActor:
 
     def apply(self, coef: float, lr: float, step: int) -> dict[str, float]:
         """Scale grads by the global clip coefficient, AdamW step at `lr`, zero grads, free the step."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         assert self._opt is not None
         if coef < 1.0:
             for p1, p2 in self._params.values():
@@ -186,10 +186,10 @@ class ExpertActor:
         self.server.zero_grads()
         self.server.end_step(step)
         st = self.server.stats()
-        now = {k: st[k] for k in ("compute_s", "compute_cpu_s", "decode_s", "encode_s")}
+        now = {k: st[k] for k in ("compute_s", "compute_cpu_s", "handler_cpu_s", "decode_s", "encode_s")}
         delta = {f"expert_{k}": max(0.0, v - self._last_stats.get(k, 0.0)) for k, v in now.items()}
         self._last_stats = now
-        return {"optimizer_s": time.perf_counter() - t0, **delta}
+        return {"optimizer_s": time.perf_counter() - t0, "optimizer_cpu_s": time.thread_time() - c0, **delta}
 
     def abort(self, step: int) -> None:
         """Forget a failed step: free its activations and zero the grads."""
