@@ -5,9 +5,10 @@
 1. Calibrate this machine for the benchmark's model (moe_runtime.sim.calibrate: expert SwiGLU, dense layer,
    head, AdamW, codec, gRPC round trips to a real ExpertServer, gloo all-reduce) -> a host cost table.
 2. For each set-up (expert actors x router workers x routing), start the real cluster
-   (moe_runtime.runtime.cluster.Cluster, one local Ray for the whole run), train W warm-up steps, then N
-   measured steps; record each step's expert load (StepReport.expert_load, or per worker when the cluster reports
-   it) as a routing trace and the step time (StepReport.timings["step_s"], the driver's wall time of the step).
+   (moe_runtime.runtime.cluster.Cluster, one local Ray for the whole run), train 2 warm-up steps (dropped), 2
+   calibration steps and 6 measured steps; record each step's routing per worker and micro-batch
+   (StepReport.worker_loads) as a routing trace and the step time (StepReport.timings["step_s"], the driver's
+   wall time of the step).
    Routing: "natural" is the model's own routing at init on the corpus (the small model's routers already favour
    some experts: max/mean expert load ~2); "skewed" adds one constant vector to every embedding row (weights only,
    pushed with RouterWorker.load_model_state before the first step): the residual stream of every token then
@@ -37,8 +38,7 @@ runs/bench/sim_accuracy.runs.json; ``--replay`` re-simulates them (working on th
 
 The model: the `small` preset (4 layers, d 256, 16 experts, top-2), batch 8 x 128 tokens, fp32 wire, one torch
 thread per process: about a second per step, so compute dominates the ~0.5 ms gRPC overheads as in a real run.
---quick: quick calibration, 2 warm-up + 1 calibration + 2 measured steps per set-up (still minutes: Ray and actors start per
-set-up and the machine is shared).
+--quick: quick calibration, 4 set-ups, 2 warm-up + 1 calibration + 2 measured steps each (about a minute).
 """
 
 from __future__ import annotations
