@@ -24,7 +24,9 @@
      predicted, / the CPU work the table gives those steps' traces: the machine's speed during the run and what
      the single-process measurements miss) and with the cores other tenants left to the cluster during each
      predicted step (CpuShare: /proc/stat minus this run's processes, measured passively): ``error``;
-   - with the table alone (cores left, no information from the run): ``error_table_only``.
+   - with the table alone (cores left, no information from the run): ``error_table_only``;
+   - a variant with one scale per role (experts, router workers' dense work, the rest; from the actors' and
+     workers' own CPU counters on the same calibration steps): ``error_per_role``, ``cpu_scales_per_role``.
    A replaced CPU probe (a fixed workload between steps) tracked neither: its own spread was larger than the
    errors. The rows also give the idle-machine prediction (sim_idle_machine_step_s) and each step's cluster
    CPU seconds against the simulated CPU work (cluster_cpu_s, sim_cpu_work_s).
@@ -63,7 +65,7 @@ import torch
 from benchmarks._common import emit, make_parser, stderr_console
 from moe_runtime.config import ModelConfig, RuntimeConfig, parse_config
 from moe_runtime.sim.calibrate import calibrate, ray_round_trip, write_table
-from moe_runtime.sim.cost_model import CostModel, HardwareTable, load_table, scale_host_table
+from moe_runtime.sim.cost_model import CostModel, HardwareTable, load_table, scale_host_roles, scale_host_table
 from moe_runtime.sim.simulator import Layout, Simulator
 from moe_runtime.sim.traces import RoutingTrace
 
@@ -196,7 +198,8 @@ def measure_setup(setup: dict, warmup: int, calib: int, steps: int, tmp: Path, l
             if i < warmup:
                 continue
             if i < warmup + calib:  # the machine's speed (cpu_scale)
-                calibration.append({"counts": step_counts.tolist(), "cluster_cpu_s": share["ours_cpu_s"]})
+                calibration.append({"counts": step_counts.tolist(), "cluster_cpu_s": share["ours_cpu_s"],
+                                    "timings": rep.timings})
                 continue
             real.append(rep.timings["step_s"])
             timings.append(rep.timings)
@@ -222,7 +225,31 @@ def cpu_scale(rec: dict[str, Any], table: HardwareTable, tmp: Path) -> float:
     return sum(c["cluster_cpu_s"] for c in steps) / work
 
 
-def simulate_setup(rec: dict[str, Any], table: HardwareTable, scale: float, tmp: Path) -> dict[str, Any]:
+def role_scales(rec: dict[str, Any], table: HardwareTable, tmp: Path) -> dict[str, float]:
+    """`cpu_scale` per role over a set-up's calibration steps: experts (the actors' compute CPU / the table's
+    expert work), dense (the router workers' main-thread CPU in forward/backward / the table's dense + head
+    work), the rest (all other CPU of the cluster's processes / all other CPU work of the table)."""
+    cfg = setup_config(rec["setup"], tmp)
+    sim = Simulator.from_config(cfg, table)
+    real = {"expert": 0.0, "dense": 0.0, "total": 0.0}
+    model = {"expert": 0.0, "dense": 0.0, "total": 0.0}
+    for c in rec["calibration_steps"]:
+        ph = sim.run_step(np.asarray(c["counts"], dtype=np.int64)).phases
+        t = c["timings"]
+        real["expert"] += t["expert_compute_cpu_s"]
+        real["dense"] += t["worker_main_cpu_s"]
+        real["total"] += c["cluster_cpu_s"]
+        model["expert"] += ph["expert_work_s"]
+        model["dense"] += ph["dense_work_s"]
+        model["total"] += ph["cpu_work_s"]
+    rest_real = real["total"] - real["expert"] - real["dense"]
+    rest_model = model["total"] - model["expert"] - model["dense"]
+    return {"expert": real["expert"] / model["expert"], "dense": real["dense"] / model["dense"],
+            "rest": rest_real / rest_model}  # fmt: skip
+
+
+def simulate_setup(rec: dict[str, Any], table: HardwareTable, scale: float, tmp: Path,
+                   roles: dict[str, float] | None = None) -> dict[str, Any]:  # fmt: skip
     """Simulate a recorded run's trace, step by step, with the table's CPU costs x `scale` and the cores other
     tenants left during each step; and with the table alone."""
     setup = rec["setup"]
@@ -237,6 +264,12 @@ def simulate_setup(rec: dict[str, Any], table: HardwareTable, scale: float, tmp:
                for i, sh in enumerate(shares)]  # fmt: skip
     table_only = [Simulator.from_config(cfg, table_for(table, sh["cores"], 1.0, overhead)).run_step(trace.step(i))
                   for i, sh in enumerate(shares)]  # fmt: skip
+    per_role = None
+    if roles is not None:  # a variant: one scale per role instead of one for all CPU work
+        scaled = scale_host_roles(table, roles["expert"], roles["dense"], roles["rest"])
+        per_role = statistics.median(
+            Simulator.from_config(cfg, table_for(scaled, sh["cores"], 1.0, overhead)).run_step(trace.step(i)).step_time_s
+            for i, sh in enumerate(shares))
     idle = Simulator.from_config(cfg, dataclasses.replace(table, step_overhead_s=overhead)).run(trace)
     predicted = [r.step_time_s for r in results]
     real_med, sim_med = statistics.median(real), statistics.median(predicted)
@@ -246,6 +279,8 @@ def simulate_setup(rec: dict[str, Any], table: HardwareTable, scale: float, tmp:
         "skew": setup["skew"], "real_step_s": real_med, "sim_step_s": sim_med,
         "error": (sim_med - real_med) / real_med, "real_steps_s": real, "sim_steps_s": predicted,
         "sim_table_only_step_s": table_med, "error_table_only": (table_med - real_med) / real_med,
+        "sim_per_role_step_s": per_role,
+        "error_per_role": None if per_role is None else (per_role - real_med) / real_med,
         "sim_idle_machine_step_s": statistics.median(r.step_time_s for r in idle),
         "imbalance": float(np.mean([r.imbalance for r in results])),
         "max_expert_share": float((trace.load() / trace.load().sum(axis=1, keepdims=True)).max()),
@@ -310,6 +345,7 @@ def main() -> None:
     from moe_runtime.config import ClusterConfig
     from moe_runtime.runtime.ray_env import start_ray
 
+    speed = sim_speed()  # first, while nothing else of ours runs (Ray's processes take seconds to exit)
     runs_path = Path(args.out).with_suffix(".runs.json")
     if args.replay:
         records = json.loads(args.replay.read_text())["runs"]
@@ -330,14 +366,19 @@ def main() -> None:
     # per set-up: what the table misses must carry over from one configuration to another
     scale = statistics.median(cpu_scale(rec, table, tmp) for rec in records)
     log(f"CPU scale (cluster CPU seconds / table's CPU work, calibration steps): {scale:.2f}")
+    roles = None
+    if all("timings" in c for rec in records for c in rec["calibration_steps"]):  # older recordings lack them
+        per_setup = [role_scales(rec, table, tmp) for rec in records]
+        roles = {k: statistics.median(r[k] for r in per_setup) for k in ("expert", "dense", "rest")}
+        log("per-role CPU scales: " + ", ".join(f"{k} {v:.2f}" for k, v in roles.items()))
     rows = []
     for rec in records:
-        rows.append(simulate_setup(rec, table, scale, tmp))
+        rows.append(simulate_setup(rec, table, scale, tmp, roles))
         r = rows[-1]
+        per_role = "" if r["error_per_role"] is None else f"; per-role scales {r['error_per_role']:+.1%}"
         log(f"{r['setup']}: real {r['real_step_s'] * 1e3:.1f} ms, simulated {r['sim_step_s'] * 1e3:.1f} ms "
-            f"({r['error']:+.1%}; table only {r['error_table_only']:+.1%}); this set-up's own CPU scale "
-            f"{r['cpu_scale_this_setup']:.2f}, actor imbalance {r['imbalance']:.2f}")  # fmt: skip
-    speed = sim_speed()
+            f"({r['error']:+.1%}; table only {r['error_table_only']:+.1%}{per_role}); this set-up's own CPU "
+            f"scale {r['cpu_scale_this_setup']:.2f}, actor imbalance {r['imbalance']:.2f}")  # fmt: skip
     log(f"256-GPU 24-layer step simulated in {speed['wall_s']:.3f} s wall ({speed['cpu_s']:.3f} s CPU)")
     errors = [abs(r["error"]) for r in rows]
     errors_table = [abs(r["error_table_only"]) for r in rows]
@@ -346,6 +387,9 @@ def main() -> None:
         "max_abs_error": float(np.max(errors)),
         "mean_abs_error_table_only": float(np.mean(errors_table)),
         "cpu_scale": scale,
+        "cpu_scales_per_role": roles,
+        "mean_abs_error_per_role": None if roles is None else float(np.mean([abs(r["error_per_role"]) for r in rows])),
+        "max_abs_error_per_role": None if roles is None else float(np.max([abs(r["error_per_role"]) for r in rows])),
         "max_abs_error_table_only": float(np.max(errors_table)),
         "sim_seconds_256gpu_24layer_step": speed["wall_s"],
         "sim_cpu_seconds_256gpu_24layer_step": speed["cpu_s"],

@@ -177,26 +177,31 @@ class HardwareTable:
 def scale_host_table(table: HardwareTable, stretch: float) -> HardwareTable:
     """The table for a machine where every process runs `stretch` times slower: every time x stretch, every
     bandwidth / stretch (the table's own ``cpu_scale`` is kept: ``CostModel.build`` applies it on top)."""
+    return scale_host_roles(table, stretch, stretch, stretch)
+
+
+def scale_host_roles(table: HardwareTable, expert: float, dense: float, rest: float) -> HardwareTable:
+    """`scale_host_table` per role: the experts' compute x `expert`, the router workers' dense layers and head x
+    `dense`, everything else (messages: RPC, codec, links; optimizer; all-reduce) x `rest`."""
     if table.kind != "host":
         raise ValueError(f"scale_host_table: {table.name} is a {table.kind} table")
-    if stretch <= 0:
-        raise ValueError(f"stretch = {stretch}: must be > 0")
-    f = stretch
+    for name, f in (("expert", expert), ("dense", dense), ("rest", rest)):
+        if not f > 0:
+            raise ValueError(f"{name} scale = {f}: must be > 0")
     m = {k: (dict(v) if isinstance(v, dict) else v) for k, v in table.measured.items()}
-    for part, keys in (("expert", ("fixed_s", "s_per_row", "bwd_fixed_s", "bwd_s_per_row")),
-                       ("dense", ("fixed_s", "s_per_token")),
-                       ("head", ("fixed_s", "s_per_token")), ("optimizer", ("s_per_param",)),
-                       ("codec", ("fixed_s", "s_per_byte")), ("allreduce", ("alpha_s",))):  # fmt: skip
+    for part, keys, f in (("expert", ("fixed_s", "s_per_row", "bwd_fixed_s", "bwd_s_per_row"), expert),
+                          ("dense", ("fixed_s", "s_per_token"), dense), ("head", ("fixed_s", "s_per_token"), dense),
+                          ("optimizer", ("s_per_param",), rest), ("codec", ("fixed_s", "s_per_byte"), rest),
+                          ("allreduce", ("alpha_s",), rest)):  # fmt: skip
         for k in keys:
             if part in m and k in m[part]:
                 m[part][k] = m[part][k] * f
-    for part in ("expert", "dense", "head"):  # the measured points the cost model interpolates
-        for k in ("times_s", "bwd_times_s"):
+        for k in ("times_s", "bwd_times_s"):  # the measured points the cost model interpolates
             if part in m and k in m[part]:
                 m[part][k] = [t * f for t in m[part][k]]
     if "allreduce" in m and "bandwidth" in m["allreduce"]:
-        m["allreduce"]["bandwidth"] = m["allreduce"]["bandwidth"] / f
-    links = {c: Link(lk.alpha_s * f, lk.bandwidth / f, lk.cpu_s * f) for c, lk in table.links.items()}
+        m["allreduce"]["bandwidth"] = m["allreduce"]["bandwidth"] / rest
+    links = {c: Link(lk.alpha_s * rest, lk.bandwidth / rest, lk.cpu_s * rest) for c, lk in table.links.items()}
     return replace(table, links=links, measured=m)
 
 

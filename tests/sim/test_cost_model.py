@@ -147,3 +147,22 @@ def test_host_costs_interpolate_the_measured_points():
     small = CostModel.build(table, ModelConfig(preset="small"), 32, 4)  # other size: the scaled line
     assert small.expert_curve is None
     assert small.expert_time(np.array([10]))[0] == pytest.approx(small.expert_fixed_s + 10 * small.expert_s_per_row)
+
+
+def test_scaling_per_role_touches_only_that_role():
+    from tests.sim.helpers import host_table
+
+    from moe_runtime.sim.cost_model import scale_host_roles
+
+    t = host_table(cores=2)
+    model = ModelConfig(preset="tiny")
+    base = CostModel.build(t, model, 32, 4)
+    c = CostModel.build(scale_host_roles(t, 2.0, 3.0, 5.0), model, 32, 4)
+    assert c.expert_s_per_row == pytest.approx(2 * base.expert_s_per_row)
+    assert c.dense_s_per_token == pytest.approx(3 * base.dense_s_per_token)
+    assert c.head_s_per_token == pytest.approx(3 * base.head_s_per_token)
+    assert c.optimizer_s_per_param == pytest.approx(5 * base.optimizer_s_per_param)
+    assert c.links["loopback"].cpu_s == pytest.approx(5 * base.links["loopback"].cpu_s)
+    assert c.links["loopback"].bandwidth == pytest.approx(base.links["loopback"].bandwidth / 5)
+    with pytest.raises(ValueError, match="dense scale = 0.0: must be > 0"):
+        scale_host_roles(t, 1.0, 0.0, 1.0)
