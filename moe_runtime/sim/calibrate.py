@@ -72,12 +72,11 @@ __all__ = [
 ]  # fmt: skip
 
 
-def _median_time(fn: Callable[[], Any], repeats: int, inner: int = 1, warmup: int = 1, cpu: bool = False,
-                 clock: Callable[[], float] | None = None) -> float:
-    """Median seconds per call; `cpu`: this process's CPU seconds instead of wall seconds (on a shared machine
-    the CPU time of single-threaded work does not grow with other tenants' load; wall time does). `clock`
-    overrides both (``time.thread_time`` where other threads of this process may run meanwhile)."""
-    clock = clock or (time.process_time if cpu else time.perf_counter)
+def _median_time(fn: Callable[[], Any], repeats: int, inner: int = 1, warmup: int = 1,
+                 clock: Callable[[], float] = time.perf_counter) -> float:
+    """Median seconds per call on `clock`: wall time by default; ``time.process_time`` for this process's CPU
+    seconds (on a shared machine the CPU time of single-threaded work does not grow with other tenants' load;
+    wall time does); ``time.thread_time`` where other threads of this process may run meanwhile."""
     for _ in range(warmup):
         fn()
     times = []
@@ -288,14 +287,14 @@ def measure_head(model: ModelConfig, seq_len: int, quick: bool = False) -> dict[
             return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tok.reshape(-1))
 
         with torch.no_grad():
-            fwd_t.append(_median_time(fwd, 3 if quick else 5, cpu=True))
+            fwd_t.append(_median_time(fwd, 3 if quick else 5, clock=time.process_time))
 
         def fb() -> None:
             fwd().backward()
             embed.zero_grad(set_to_none=True)
             norm.zero_grad(set_to_none=True)
 
-        tot_t.append(_median_time(fb, 3 if quick else 5, cpu=True))
+        tot_t.append(_median_time(fb, 3 if quick else 5, clock=time.process_time))
         rows.append(b * seq_len)
     fixed, per_tok = _fit(rows, fwd_t)
     return {"fixed_s": fixed, "s_per_token": per_tok,
@@ -347,7 +346,7 @@ def measure_codec(d: int, wire: torch.dtype, quick: bool = False) -> dict[str, f
                                tensors={"x": x}, wire_dtype=wire)  # fmt: skip
             decode_frame(buf, out_dtype=torch.float32)
 
-        times.append(_median_time(enc_dec, 3 if quick else 5, inner=4, cpu=True))
+        times.append(_median_time(enc_dec, 3 if quick else 5, inner=4, clock=time.process_time))
         sizes.append(rows * d * torch.finfo(wire).bits // 8)
     two_fixed, per_byte = _fit(sizes, times)
     return {"fixed_s": two_fixed / 2, "s_per_byte": per_byte}
