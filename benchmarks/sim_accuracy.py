@@ -45,7 +45,6 @@ thread per process: about a second per step, so compute dominates the ~0.5 ms gR
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -64,7 +63,7 @@ import torch
 
 from benchmarks._common import emit, make_parser, stderr_console
 from moe_runtime.config import ModelConfig, RuntimeConfig, parse_config
-from moe_runtime.sim.calibrate import calibrate, ray_round_trip, write_table
+from moe_runtime.sim.calibrate import calibrate, processes_cpu_s, ray_round_trip, write_table
 from moe_runtime.sim.cost_model import CostModel, HardwareTable, load_table, scale_host_roles, scale_host_table
 from moe_runtime.sim.simulator import Layout, Simulator
 from moe_runtime.sim.traces import RoutingTrace
@@ -105,12 +104,6 @@ def skew_dense_state(cfg: RuntimeConfig, alpha: float) -> dict[str, torch.Tensor
     return state
 
 
-def chunk_counts(load_le: np.ndarray, chunks: int) -> np.ndarray:
-    """Split a step's [L, E] load over chunks as evenly as integers allow (when only the total is reported)."""
-    base, extra = np.divmod(load_le.astype(np.int64), chunks)
-    return np.stack([base + (c < extra) for c in range(chunks)])
-
-
 def _wait_for_gpus(n: int, timeout: float = 60.0) -> None:
     """A shut-down cluster's placement group frees its (fake) GPUs asynchronously."""
     import ray
@@ -135,26 +128,16 @@ class CpuShare:
             v = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
         return (sum(v) - v[3] - v[4]) / self.tick
 
-    @staticmethod
-    def _ours(procs: list) -> float:
-        import psutil
-
-        total = 0.0
-        for p in procs:
-            with contextlib.suppress(psutil.Error):  # a process that ended meanwhile
-                total += sum(p.cpu_times()[:2])
-        return total
-
     def start(self) -> None:
         import psutil
 
         me = psutil.Process()
         self.procs = [me, *me.children(recursive=True)]
-        self.m0, self.o0, self.w0 = self._machine_busy(), self._ours(self.procs), time.perf_counter()
+        self.m0, self.o0, self.w0 = self._machine_busy(), processes_cpu_s(self.procs), time.perf_counter()
 
     def stop(self) -> dict[str, float]:
         wall = time.perf_counter() - self.w0
-        busy, ours = self._machine_busy() - self.m0, self._ours(self.procs) - self.o0
+        busy, ours = self._machine_busy() - self.m0, processes_cpu_s(self.procs) - self.o0
         others = max(0.0, busy - ours)
         cores = min(float(self.ncpu), max(0.25, self.ncpu - others / wall))
         return {"cores": cores, "ours_cpu_s": ours, "others_cpu_s": others, "wall_s": wall}
@@ -175,7 +158,6 @@ def measure_setup(setup: dict, warmup: int, calib: int, steps: int, tmp: Path, l
     from moe_runtime.runtime.cluster import Cluster
 
     cfg = base_config(setup["expert_actors"], setup["router_workers"], tmp / setup["name"].replace(" ", ""))
-    W, M = cfg.cluster.router_workers, cfg.train.micro_batches
     t0 = time.perf_counter()
     with Cluster.start(cfg) as c:
         if setup["skew"]:
@@ -183,18 +165,13 @@ def measure_setup(setup: dict, warmup: int, calib: int, steps: int, tmp: Path, l
             ray.get([w.load_model_state.remote(ref) for w in c.workers])
         rtt = ray_round_trip(c)
         meter = CpuShare()
-        real, counts, per_worker, shares, timings = [], [], False, [], []
+        real, counts, shares, timings = [], [], [], []
         calibration = []
         for i in range(warmup + calib + steps):
             meter.start()
             rep = c.train_step()
             share = meter.stop()
-            loads = getattr(rep, "worker_loads", None)
-            if loads is not None and len(loads) == W * M:
-                per_worker = True
-                step_counts = np.stack([np.asarray(x, dtype=np.int64) for x in loads])
-            else:
-                step_counts = chunk_counts(rep.expert_load.numpy(), W * M)
+            step_counts = np.stack([x.numpy().astype(np.int64) for x in rep.worker_loads])  # [W * M, L, E]
             if i < warmup:
                 continue
             if i < warmup + calib:  # the machine's speed (cpu_scale)
@@ -207,7 +184,7 @@ def measure_setup(setup: dict, warmup: int, calib: int, steps: int, tmp: Path, l
             counts.append(step_counts)
     _wait_for_gpus(cfg.cluster.expert_actors)
     log(f"  {setup['name']}: cluster up + {warmup + calib + steps} steps in {time.perf_counter() - t0:.1f} s")
-    return {"setup": setup, "counts": np.stack(counts).tolist(), "trace_per_worker": per_worker,
+    return {"setup": setup, "counts": np.stack(counts).tolist(),
             "real_steps_s": real, "timings": timings, "shares": shares, "ray_round_trip_s": rtt,
             "calibration_steps": calibration}  # fmt: skip
 
@@ -216,39 +193,28 @@ def setup_config(setup: dict, tmp: Path) -> RuntimeConfig:
     return base_config(setup["expert_actors"], setup["router_workers"], tmp)
 
 
-def cpu_scale(rec: dict[str, Any], table: HardwareTable, tmp: Path) -> float:
-    """The cluster's CPU seconds over a set-up's calibration steps / the CPU work the table gives their traces."""
-    cfg = setup_config(rec["setup"], tmp)
-    sim = Simulator.from_config(cfg, table)
+def calibration_scales(rec: dict[str, Any], table: HardwareTable, tmp: Path) -> dict[str, float]:
+    """Real / table CPU over a set-up's calibration steps: ``total`` (the cluster's processes / the table's CPU
+    work) and, where the steps carry the runtime's CPU counters, per role: ``expert`` (the actors' compute CPU /
+    the table's expert work), ``dense`` (the router workers' main-thread CPU in forward/backward / the table's
+    dense + head work), ``rest`` (all other CPU / all other CPU work)."""
+    sim = Simulator.from_config(setup_config(rec["setup"], tmp), table)
     steps = rec["calibration_steps"]
-    work = sum(sim.run_step(np.asarray(c["counts"], dtype=np.int64)).phases["cpu_work_s"] for c in steps)
-    return sum(c["cluster_cpu_s"] for c in steps) / work
+    phases = [sim.run_step(np.asarray(c["counts"], dtype=np.int64)).phases for c in steps]
+    real_total = sum(c["cluster_cpu_s"] for c in steps)
+    model_total = sum(ph["cpu_work_s"] for ph in phases)
+    out = {"total": real_total / model_total}
+    if all("timings" in c for c in steps):  # older recordings lack them
+        real_e = sum(c["timings"]["expert_compute_cpu_s"] for c in steps)
+        real_d = sum(c["timings"]["worker_main_cpu_s"] for c in steps)
+        model_e = sum(ph["expert_work_s"] for ph in phases)
+        model_d = sum(ph["dense_work_s"] for ph in phases)
+        out.update(expert=real_e / model_e, dense=real_d / model_d,
+                   rest=(real_total - real_e - real_d) / (model_total - model_e - model_d))
+    return out
 
 
-def role_scales(rec: dict[str, Any], table: HardwareTable, tmp: Path) -> dict[str, float]:
-    """`cpu_scale` per role over a set-up's calibration steps: experts (the actors' compute CPU / the table's
-    expert work), dense (the router workers' main-thread CPU in forward/backward / the table's dense + head
-    work), the rest (all other CPU of the cluster's processes / all other CPU work of the table)."""
-    cfg = setup_config(rec["setup"], tmp)
-    sim = Simulator.from_config(cfg, table)
-    real = {"expert": 0.0, "dense": 0.0, "total": 0.0}
-    model = {"expert": 0.0, "dense": 0.0, "total": 0.0}
-    for c in rec["calibration_steps"]:
-        ph = sim.run_step(np.asarray(c["counts"], dtype=np.int64)).phases
-        t = c["timings"]
-        real["expert"] += t["expert_compute_cpu_s"]
-        real["dense"] += t["worker_main_cpu_s"]
-        real["total"] += c["cluster_cpu_s"]
-        model["expert"] += ph["expert_work_s"]
-        model["dense"] += ph["dense_work_s"]
-        model["total"] += ph["cpu_work_s"]
-    rest_real = real["total"] - real["expert"] - real["dense"]
-    rest_model = model["total"] - model["expert"] - model["dense"]
-    return {"expert": real["expert"] / model["expert"], "dense": real["dense"] / model["dense"],
-            "rest": rest_real / rest_model}  # fmt: skip
-
-
-def simulate_setup(rec: dict[str, Any], table: HardwareTable, scale: float, tmp: Path,
+def simulate_setup(rec: dict[str, Any], table: HardwareTable, scale: float, own_scale: float, tmp: Path,
                    roles: dict[str, float] | None = None) -> dict[str, Any]:  # fmt: skip
     """Simulate a recorded run's trace, step by step, with the table's CPU costs x `scale` and the cores other
     tenants left during each step; and with the table alone."""
@@ -259,8 +225,7 @@ def simulate_setup(rec: dict[str, Any], table: HardwareTable, scale: float, tmp:
                          {"source": "real cluster", "setup": setup["name"]})  # fmt: skip
     real, shares, timings = rec["real_steps_s"], rec["shares"], rec["timings"]
     overhead = CONTROL_ROUNDS * rec["ray_round_trip_s"]
-    inflation = scale
-    results = [Simulator.from_config(cfg, table_for(table, sh["cores"], inflation, overhead)).run_step(trace.step(i))
+    results = [Simulator.from_config(cfg, table_for(table, sh["cores"], scale, overhead)).run_step(trace.step(i))
                for i, sh in enumerate(shares)]  # fmt: skip
     table_only = [Simulator.from_config(cfg, table_for(table, sh["cores"], 1.0, overhead)).run_step(trace.step(i))
                   for i, sh in enumerate(shares)]  # fmt: skip
@@ -284,11 +249,11 @@ def simulate_setup(rec: dict[str, Any], table: HardwareTable, scale: float, tmp:
         "sim_idle_machine_step_s": statistics.median(r.step_time_s for r in idle),
         "imbalance": float(np.mean([r.imbalance for r in results])),
         "max_expert_share": float((trace.load() / trace.load().sum(axis=1, keepdims=True)).max()),
-        "trace_per_worker": rec["trace_per_worker"], "ray_round_trip_s": rec["ray_round_trip_s"],
+        "ray_round_trip_s": rec["ray_round_trip_s"],
         "step_overhead_s": overhead,
         "cores_left_to_cluster": [sh["cores"] for sh in shares],
         "cpu_scale": scale,
-        "cpu_scale_this_setup": cpu_scale(rec, table, tmp),
+        "cpu_scale_this_setup": own_scale,
         "cluster_cpu_s": [sh["ours_cpu_s"] for sh in shares],
         "sim_cpu_work_s": [r.phases["cpu_work_s"] for r in idle],
         # the cost model's error on the experts alone: the actors' compute CPU seconds / the table's
@@ -364,16 +329,16 @@ def main() -> None:
         runs_path.write_text(json.dumps({"table": str(kept), "runs": records}))
     # One scale for the machine over the whole run (the median over set-ups of their calibration steps), not one
     # per set-up: what the table misses must carry over from one configuration to another
-    scale = statistics.median(cpu_scale(rec, table, tmp) for rec in records)
+    per_setup = [calibration_scales(rec, table, tmp) for rec in records]
+    scale = statistics.median(sc["total"] for sc in per_setup)
     log(f"CPU scale (cluster CPU seconds / table's CPU work, calibration steps): {scale:.2f}")
     roles = None
-    if all("timings" in c for rec in records for c in rec["calibration_steps"]):  # older recordings lack them
-        per_setup = [role_scales(rec, table, tmp) for rec in records]
-        roles = {k: statistics.median(r[k] for r in per_setup) for k in ("expert", "dense", "rest")}
+    if all("expert" in sc for sc in per_setup):
+        roles = {k: statistics.median(sc[k] for sc in per_setup) for k in ("expert", "dense", "rest")}
         log("per-role CPU scales: " + ", ".join(f"{k} {v:.2f}" for k, v in roles.items()))
     rows = []
-    for rec in records:
-        rows.append(simulate_setup(rec, table, scale, tmp, roles))
+    for rec, sc in zip(records, per_setup):
+        rows.append(simulate_setup(rec, table, scale, sc["total"], tmp, roles))
         r = rows[-1]
         per_role = "" if r["error_per_role"] is None else f"; per-role scales {r['error_per_role']:+.1%}"
         log(f"{r['setup']}: real {r['real_step_s'] * 1e3:.1f} ms, simulated {r['sim_step_s'] * 1e3:.1f} ms "

@@ -411,7 +411,7 @@ class Cluster:
             "grad_norm": total_norm,
             "clip_coef": coef,
         }
-        chunk_loads = [mb_load for r in fb for mb_load in r.get("loads", [])]
+        chunk_loads = [mb_load for r in fb for mb_load in r["loads"]]
         return StepReport(step, sum(r["lm"] for r in fb), sum(r["aux"] for r in fb), load, timings, chunk_loads)
 
     def train(self, steps: int | None = None, progress: ProgressFn | None = None,

@@ -67,6 +67,7 @@ __all__ = [
     "measure_head",
     "measure_optimizer",
     "measure_rpc",
+    "processes_cpu_s",
     "scale_host_table",
     "write_table",
 ]  # fmt: skip
@@ -557,8 +558,8 @@ def calibrate(cfg: RuntimeConfig, quick: bool = False, step_overhead_s: float = 
     }
 
 
-def _cluster_cpu_s(procs: list) -> float:
-    """User + system CPU seconds of `procs` (psutil.Process) so far; ended processes count 0."""
+def processes_cpu_s(procs: list) -> float:
+    """User + system CPU seconds of `procs` (psutil.Process) so far; a process that ended meanwhile counts 0."""
     import psutil
 
     total = 0.0
@@ -606,9 +607,9 @@ def measure_cluster_cpu_scale(cfg: RuntimeConfig, table: HardwareTable, warmup: 
         me = psutil.Process()
         procs = [me, *me.children(recursive=True)]
         for i in range(warmup + steps):
-            c0 = _cluster_cpu_s(procs)
+            c0 = processes_cpu_s(procs)
             rep = cluster.train_step()
-            used = _cluster_cpu_s(procs) - c0
+            used = processes_cpu_s(procs) - c0
             if i < warmup:
                 continue
             counts = np.stack([np.asarray(x, dtype=np.int64) for x in rep.worker_loads])
