@@ -59,7 +59,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np
 
 from benchmarks._common import emit, make_parser, stderr_console
-from moe_runtime.runtime.placement import Placement
+from moe_runtime.placement import Placement
 from moe_runtime.scheduler.eplb import eplb_placement
 from moe_runtime.scheduler.load import LoadSnapshot, LoadTracker
 from moe_runtime.scheduler.policy import (

@@ -42,9 +42,9 @@ import torch.nn.functional as F
 
 from moe_runtime.dispatch.codec import decode_frame, encode_frame
 from moe_runtime.dispatch.grpc_service import ExpertClient, ExpertServer, unwrap_frame, wrap_frame
-from moe_runtime.dispatch.plan import DispatchPlan
+from moe_runtime.model.plan import DispatchPlan
 from moe_runtime.dispatch.remote import RemoteDispatcher
-from moe_runtime.runtime.placement import Placement
+from moe_runtime.placement import Placement
 from tests.dispatch.servers import ServerProcess, stop_servers
 
 TOKEN = "bench-token"

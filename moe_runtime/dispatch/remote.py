@@ -33,8 +33,8 @@ from torch import nn
 
 from moe_runtime.dispatch.codec import FrameError, decode_frame, encode_frame
 from moe_runtime.dispatch.grpc_service import ExpertCallError, ExpertClient, fan_out
-from moe_runtime.dispatch.plan import DispatchPlan
-from moe_runtime.runtime.placement import Placement
+from moe_runtime.model.plan import DispatchPlan
+from moe_runtime.placement import Placement
 
 __all__ = ["RemoteDispatcher"]
 

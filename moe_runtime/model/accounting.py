@@ -46,6 +46,20 @@ class ModelCounts:
         return self.breakdown["dense_per_layer"]
 
 
+# What an expert actor holds per expert: fp32 weights + AdamW exp_avg + exp_avg_sq (the bytes a migration moves).
+EXPERT_STATE_BYTES_PER_PARAM = 12
+
+
+def expert_param_count(cfg: ModelConfig) -> int:
+    """Parameters of one SwiGLU expert: w1 [d, 2f] + w2 [f, d]."""
+    return 3 * cfg.hidden_size * cfg.ffn_hidden_size
+
+
+def expert_state_bytes(cfg: ModelConfig) -> int:
+    """Bytes of one expert's state on its actor (weights and AdamW moments, fp32): what moving one copy costs."""
+    return expert_param_count(cfg) * EXPERT_STATE_BYTES_PER_PARAM
+
+
 def count_params(cfg: ModelConfig) -> ModelCounts:
     d = cfg.hidden_size
     w = cfg.num_heads * cfg.head_dim

@@ -1,13 +1,45 @@
-"""MoELayer(router, dispatcher): route -> plan -> dispatch -> combine. Knows nothing about where experts live."""
+"""MoELayer(router, dispatcher): route -> plan -> dispatch -> combine. Knows nothing about where experts live.
+
+The layer declares the one seam it consumes, `Dispatcher`; `LocalDispatcher` (experts in this process) is the
+numerical oracle every distributed path is compared against. Transports (dispatch/) implement the same protocol.
+"""
 
 from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from moe_runtime.dispatch.base import Dispatcher
-from moe_runtime.dispatch.plan import DispatchPlan
+from moe_runtime.model.experts import SwiGLUExperts
+from moe_runtime.model.plan import DispatchPlan
 from moe_runtime.model.router import RouterOutput
+from moe_runtime.placement import Placement
+
+
+@runtime_checkable
+class Dispatcher(Protocol):
+    """Takes token copies already gathered in plan order, returns the expert outputs in the same order.
+
+    Gather and combine stay in MoELayer (plain autograd ops), so the router gets its gradient through the gates
+    whatever the dispatcher is.
+    """
+
+    placement: Placement
+
+    def __call__(self, x_nd: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:  # [T*k, d] -> [T*k, d]
+        ...
+
+
+class LocalDispatcher(nn.Module):
+    def __init__(self, experts: SwiGLUExperts, placement: Placement | None = None, num_layers: int = 1):
+        super().__init__()
+        self.experts = experts
+        # One "actor" (this process) holds every expert; the layer index is irrelevant to the split.
+        self.placement = placement or Placement.contiguous(num_layers, experts.num_experts, 1)
+
+    def forward(self, x_nd: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        return self.experts(x_nd, [s.count for s in plan.segments], [s.expert for s in plan.segments])
 
 
 class MoELayer(nn.Module):

@@ -15,11 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_runtime.config import ModelConfig
-from moe_runtime.dispatch.base import Dispatcher
-from moe_runtime.dispatch.local import LocalDispatcher
 from moe_runtime.model.attention import build_attention
 from moe_runtime.model.experts import SwiGLUExperts
-from moe_runtime.model.moe_layer import MoELayer
+from moe_runtime.model.moe_layer import Dispatcher, LocalDispatcher, MoELayer
 from moe_runtime.model.norm import RMSNorm
 from moe_runtime.model.router import build_router
 

@@ -55,7 +55,7 @@ from moe_runtime.dispatch.grpc_service import ExpertCallError
 from moe_runtime.model.transformer import build_model, expert_param_name
 from moe_runtime.runtime import checkpoint as ckpt
 from moe_runtime.runtime.expert_actor import ExpertActor
-from moe_runtime.runtime.placement import Placement
+from moe_runtime.placement import Placement
 from moe_runtime.runtime.ray_env import ClusterStartError, RayEnv, check_layout, start_ray
 from moe_runtime.runtime.router_worker import DataPlaneError, RouterWorker, dense_state_from_full
 from moe_runtime.scheduler.hook import SchedulerHook

@@ -36,7 +36,7 @@ from moe_runtime.dispatch.remote import RemoteDispatcher
 from moe_runtime.model.transformer import MoETransformer, build_model
 from moe_runtime.runtime import checkpoint as ckpt
 from moe_runtime.runtime.expert_actor import max_message_bytes
-from moe_runtime.runtime.placement import Placement
+from moe_runtime.placement import Placement
 from moe_runtime.runtime.ray_env import LOOPBACK, pick_device
 from moe_runtime.training import chunk_rows, make_adamw, set_lr
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from moe_runtime.runtime.placement import Placement
+from moe_runtime.placement import Placement
 
 __all__ = [
     "balanced_packing",

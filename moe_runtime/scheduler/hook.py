@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from moe_runtime.config import RuntimeConfig
-from moe_runtime.runtime.placement import Placement
+from moe_runtime.placement import Placement
 from moe_runtime.scheduler.load import LoadTracker, balancedness
 from moe_runtime.scheduler.migrate import MigrationReport, apply_decision, moves_between
 from moe_runtime.scheduler.policy import Capacities, PlacementDecision, PolicyParams, decide

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from moe_runtime.runtime.placement import Placement
+from moe_runtime.placement import Placement
 
 if TYPE_CHECKING:
     from moe_runtime.config import SchedulerConfig

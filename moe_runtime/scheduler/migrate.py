@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from moe_runtime.runtime.placement import Placement
+from moe_runtime.placement import Placement
 from moe_runtime.scheduler.policy import Move, PlacementDecision
 
 __all__ = ["MigrationError", "MigrationReport", "apply_decision", "moves_between"]

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from moe_runtime.runtime.placement import Placement
+from moe_runtime.placement import Placement
 from moe_runtime.scheduler.eplb import eplb_placement
 from moe_runtime.scheduler.load import LoadSnapshot, actor_loads
 

@@ -209,7 +209,7 @@ class _NoExperts(nn.Module):
 
     def __init__(self, num_experts: int, num_layers: int = 1):
         super().__init__()
-        from moe_runtime.runtime.placement import Placement
+        from moe_runtime.placement import Placement
 
         self.placement = Placement.contiguous(num_layers, num_experts, 1)
 

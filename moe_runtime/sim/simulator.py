@@ -35,7 +35,7 @@ from typing import Any, Literal
 import numpy as np
 
 from moe_runtime.config import RuntimeConfig
-from moe_runtime.runtime.placement import Placement
+from moe_runtime.placement import Placement
 from moe_runtime.sim.cost_model import LINK_CLASSES, CostModel, HardwareTable, Link, load_table
 from moe_runtime.sim.queues import CorePool, fifo_end, tie_groups
 from moe_runtime.sim.traces import RoutingTrace, synthetic_trace

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from moe_runtime.config import SchedulerConfig
-from moe_runtime.runtime.placement import Placement
+from moe_runtime.placement import Placement
 from moe_runtime.scheduler.load import LoadTracker
 from moe_runtime.scheduler.policy import Capacities, PlacementDecision, PolicyParams, decide
 from moe_runtime.sim.cost_model import CostModel

@@ -32,7 +32,7 @@ from moe_runtime.dispatch.grpc_service import (
 from moe_runtime.dispatch.proto import expert_pb2 as pb
 from moe_runtime.dispatch.proto import expert_pb2_grpc
 from moe_runtime.model.experts import swiglu
-from moe_runtime.runtime.placement import Placement
+from moe_runtime.placement import Placement
 from tests.dispatch.servers import ServerProcess
 
 TOKEN = "test-token"

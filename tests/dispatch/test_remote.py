@@ -15,13 +15,13 @@ import torch
 from torch.testing import assert_close
 
 from moe_runtime.dispatch.grpc_service import ExpertCallError, ExpertClient, sum_replica_grads
-from moe_runtime.dispatch.local import LocalDispatcher
-from moe_runtime.dispatch.plan import DispatchPlan
+from moe_runtime.model.moe_layer import LocalDispatcher
+from moe_runtime.model.plan import DispatchPlan
 from moe_runtime.dispatch.remote import RemoteDispatcher
 from moe_runtime.model.experts import SwiGLUExperts
 from moe_runtime.model.moe_layer import MoELayer
 from moe_runtime.model.router import AttentionRouter
-from moe_runtime.runtime.placement import Placement
+from moe_runtime.placement import Placement
 from tests.dispatch.servers import start_servers, stop_servers
 
 TOKEN = "remote-test-token"

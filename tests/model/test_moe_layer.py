@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from moe_runtime.dispatch.local import LocalDispatcher
+from moe_runtime.model.moe_layer import LocalDispatcher
 from moe_runtime.model.experts import SwiGLUExperts, grouped_swiglu
 from moe_runtime.model.moe_layer import MoELayer
 from moe_runtime.model.router import AttentionRouter, LinearRouter
-from moe_runtime.runtime.placement import Placement
+from moe_runtime.placement import Placement
 
 
 def dense_reference(x_td, router, w1, w2):

@@ -11,7 +11,7 @@ import torch
 from moe_runtime.dispatch.codec import decode_frame, encode_frame
 from moe_runtime.dispatch.grpc_service import ExpertCallError, ExpertClient
 from moe_runtime.model.transformer import expert_param_name
-from moe_runtime.runtime.placement import Placement
+from moe_runtime.placement import Placement
 from moe_runtime.scheduler.hook import SchedulerHook
 from moe_runtime.scheduler.migrate import MigrationError, moves_between
 

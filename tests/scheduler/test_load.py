@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from moe_runtime.config import SchedulerConfig
-from moe_runtime.runtime.placement import Placement
+from moe_runtime.placement import Placement
 from moe_runtime.scheduler.load import LoadSnapshot, LoadTracker, actor_loads, balancedness, imbalance
 
 

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moe_runtime.config import SchedulerConfig
-from moe_runtime.runtime.placement import Placement
+from moe_runtime.placement import Placement
 from moe_runtime.scheduler.eplb import eplb_placement
 from moe_runtime.scheduler.load import LoadSnapshot
 from moe_runtime.scheduler.policy import (

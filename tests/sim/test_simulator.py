@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from moe_runtime.config import ModelConfig
-from moe_runtime.dispatch.plan import split_over_replicas
-from moe_runtime.runtime.placement import Placement
+from moe_runtime.placement import split_over_replicas
+from moe_runtime.placement import Placement
 from moe_runtime.sim.cost_model import Link, load_table
 from moe_runtime.sim.queues import CorePool, fifo_end, fifo_makespan
 from moe_runtime.sim.simulator import Layout, Simulator, _Slots, split_rows, static_placement

@@ -16,27 +16,7 @@ from itertools import groupby
 
 import torch
 
-from moe_runtime.runtime.placement import Placement
-
-
-def split_over_replicas(
-    expert_counts: list[int], replicas: tuple[tuple[int, ...], ...]
-) -> list[tuple[int, int, int]]:
-    """(actor, expert, rows) pieces, sorted by (actor, expert): each expert's rows split evenly over its replicas.
-
-    Replica i of R gets n // R rows, plus one for i < n % R. Pure and cheap: the simulator calls it on token
-    counts for thousands of (worker, layer) pairs, and DispatchPlan.build uses it on real tokens.
-    """
-    pieces = []
-    for expert, n in enumerate(expert_counts):
-        actors = replicas[expert]
-        base, extra = divmod(n, len(actors))
-        for i, actor in enumerate(actors):
-            c = base + (i < extra)
-            if c:
-                pieces.append((actor, expert, c))
-    pieces.sort()
-    return pieces
+from moe_runtime.placement import Placement, split_over_replicas
 
 
 def _expert_offsets(expert_counts: list[int]) -> list[int]:

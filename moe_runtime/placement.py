@@ -1,6 +1,7 @@
 """Placement: which actors hold a replica of each (layer, expert). Versioned, serialisable, validated.
 
-Pure data; no Ray here (the name `runtime/` is where DESIGN.md puts it because the runtime owns it).
+The bottom layer: pure, typed data with its own rules (the replica split, primary shards, diffs into moves, static
+layouts), imported by the model, dispatch, runtime, scheduler and simulator alike. No torch, Ray or gRPC here.
 """
 
 from __future__ import annotations
@@ -11,6 +12,26 @@ from dataclasses import dataclass, field
 
 class PlacementError(ValueError):
     pass
+
+
+def split_over_replicas(
+    expert_counts: list[int], replicas: tuple[tuple[int, ...], ...]
+) -> list[tuple[int, int, int]]:
+    """(actor, expert, rows) pieces, sorted by (actor, expert): each expert's rows split evenly over its replicas.
+
+    Replica i of R gets n // R rows, plus one for i < n % R. Pure and cheap: the simulator calls it on token
+    counts for thousands of (worker, layer) pairs, and DispatchPlan.build uses it on real tokens.
+    """
+    pieces = []
+    for expert, n in enumerate(expert_counts):
+        actors = replicas[expert]
+        base, extra = divmod(n, len(actors))
+        for i, actor in enumerate(actors):
+            c = base + (i < extra)
+            if c:
+                pieces.append((actor, expert, c))
+    pieces.sort()
+    return pieces
 
 
 @dataclass(frozen=True)

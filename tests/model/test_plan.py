@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from moe_runtime.dispatch.plan import DispatchPlan
-from moe_runtime.runtime.placement import Placement
+from moe_runtime.model.plan import DispatchPlan
+from moe_runtime.placement import Placement
 
 
 def test_plan_sorts_by_actor_then_expert_and_inverts():

@@ -1,6 +1,6 @@
 import pytest
 
-from moe_runtime.runtime.placement import Placement, PlacementError
+from moe_runtime.placement import Placement, PlacementError
 
 
 def test_contiguous_and_round_trip():
