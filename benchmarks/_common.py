@@ -2,8 +2,8 @@
 
 Every benchmark takes ``--quick`` (a reduced run, < 60 s on this machine), ``--json`` (stdout gets only the
 JSON line; tables stay on stderr) and ``--out`` (default runs/bench/<name>.json), writes its result there and
-prints the same object as the last line of stdout. Not a benchmark itself: run as a script it does nothing
-(``make bench`` runs every benchmarks/*.py, this one included).
+prints the same object as the last line of stdout. Modules named ``_*.py`` (this one) are helpers, not
+benchmarks: ``make bench`` runs the others.
 
 Use from a benchmark run as a script (``python benchmarks/x.py``) or imported from tests::
 
@@ -26,7 +26,17 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = ROOT / "runs" / "bench"
 
-__all__ = ["BENCH_DIR", "ROOT", "emit", "jsonable", "make_parser", "stderr_console", "write_result"]
+__all__ = [
+    "BENCH_DIR",
+    "ROOT",
+    "emit",
+    "float_list",
+    "int_list",
+    "jsonable",
+    "make_parser",
+    "stderr_console",
+    "write_result",
+]
 
 
 def make_parser(name: str, description: str) -> argparse.ArgumentParser:
@@ -49,6 +59,16 @@ def make_parser(name: str, description: str) -> argparse.ArgumentParser:
         help=f"result file (default runs/bench/{name}.json)",
     )
     return p
+
+
+def float_list(text: str) -> list[float]:
+    """argparse type for a comma-separated list of floats: "1.0,1.2" -> [1.0, 1.2]."""
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def int_list(text: str) -> list[int]:
+    """argparse type for a comma-separated list of ints: "8,16" -> [8, 16]."""
+    return [int(x) for x in text.split(",") if x.strip()]
 
 
 def stderr_console(width: int | None = None):
@@ -90,7 +110,3 @@ def emit(result: Mapping[str, Any], out: str | Path) -> str:
     sys.stdout.flush()
     print(line, flush=True)
     return line
-
-
-if __name__ == "__main__":  # `make bench` runs every benchmarks/*.py: nothing to measure here
-    pass

@@ -23,14 +23,8 @@ Diagnostics (where the time goes; not part of the ratios):
 torch.set_num_threads(2) (override with --threads): the machine has 2 vCPUs, and torch's default would also be 2;
 pinning it makes runs comparable when the host changes. Throughput is rows (token-expert pairs) per second.
 
-Measured here (torch 2.13 CPU, 2 threads; JSON in runs/bench/expert_compute.json). Quiet box (load avg ~1.5):
-grouped_vs_dense 1.06 at 4096 tokens (goal met: the loop's per-expert GEMMs stay in cache, the dense pair writes
-92 MB fresh intermediates), grouped_vs_loop 0.97-1.04 at 64 tokens (goal missed); box shared with other jobs
-(load avg 8-25): grouped_vs_loop 4.4-5.2, grouped_vs_dense 0.3-0.5. Where the time goes at 64 tokens, quiet:
-weights streamed 13 ms (wread), Python + dispatch 1.7 ms (ovh), the rest (~27 ms of 42) is MKL's small-M GEMM on
-the [d, 2f] row-major weight layout (the same GEMMs with weights stored [2f, d] ran near the wread floor).
-Shared, every 2-thread parallel region may wait for a descheduled thread: loop_1t beats loop by 3-7x, and the
-padded path wins by issuing 2 bmm calls instead of ~64 GEMMs. --quick: ~12 s quiet, longer when shared.
+Results of past runs and where the time goes: docs/measurements.md. --quick: ~12 s on a quiet box, longer when
+shared.
 
 Output: a table on stderr; the LAST stdout line is one JSON object: grouped_vs_dense (grouped / dense throughput
 at the largest batch; goal >= 0.85), grouped_vs_loop (loop time / grouped time at the smallest batch; goal >= 2),
@@ -46,7 +40,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -58,6 +51,7 @@ from moe_runtime.model.experts import (
     grouped_swiglu_padded,
     padded_is_faster,
     swiglu,
+    swiglu_gate,
 )
 
 GOAL_VS_DENSE = 0.85
@@ -110,8 +104,7 @@ def bench_size(tokens: int, args, w1, w2, dense_w1, dense_w2, popularity, gen, b
             t.requires_grad_(True)
 
     def gmm():
-        a, g = torch._grouped_mm(x, w1, offs=offs).chunk(2, dim=-1)
-        return torch._grouped_mm((F.silu(a) * g).contiguous(), w2, offs=offs)
+        return torch._grouped_mm(swiglu_gate(torch._grouped_mm(x, w1, offs=offs)).contiguous(), w2, offs=offs)
 
     fns = {
         "grouped": lambda: grouped_swiglu(x, counts, w1, w2),

@@ -4,21 +4,22 @@
 
 1. Calibrate this machine for the benchmark's model (moe_runtime.sim.calibrate: expert SwiGLU, dense layer,
    head, AdamW, codec, gRPC round trips to a real ExpertServer, gloo all-reduce) -> a host cost table.
+   The live-cluster helpers (CPU seconds of the run's processes, the Ray round trip) are
+   moe_runtime.runtime.calibrate_cluster's, the same ones `simulate --calibrate --against-cluster` uses.
 2. For each set-up (expert actors x router workers x routing), start the real cluster
    (moe_runtime.runtime.cluster.Cluster, one local Ray for the whole run), train 2 warm-up steps (dropped), 2
    calibration steps and 6 measured steps; record each step's routing per worker and micro-batch
-   (StepReport.worker_loads) as a routing trace and the step time (StepReport.timings["step_s"], the driver's
+   (StepReport.worker_loads) as a routing trace and the step time (StepReport.timings.step_s, the driver's
    wall time of the step).
    Routing: "natural" is the model's own routing at init on the corpus (the small model's routers already favour
-   some experts: max/mean expert load ~2); "skewed" adds one constant vector to every embedding row (weights only,
+   some experts); "skewed" adds one constant vector to every embedding row (weights only,
    pushed with RouterWorker.load_model_state before the first step): the residual stream of every token then
    shares that direction and the routers send most tokens to the same few experts of each layer.
 3. Simulate the same trace on the same layout with the host table (every process shares the machine's cores).
    The control plane around a step (Ray calls to start the step, gather norms, apply the optimizer: 3 rounds)
    is the step_overhead_s of the table: 3 x the median Ray actor round trip measured on the live cluster.
    Two things move under a table measured once: other tenants take cores, and this machine's own speed drifts
-   (the same calibration repeated minutes apart measured the same work 1.3x slower; probes of one fixed
-   workload ranged 2x within a minute). So each set-up is simulated:
+   (docs/measurements.md). So each set-up is simulated:
    - with the table's CPU costs scaled by one factor for the whole run (``cpu_scale``: the median over set-ups
      of the CPU seconds of the cluster's processes in 2 calibration steps after the warm-up, which are never
      predicted, / the CPU work the table gives those steps' traces: the machine's speed during the run and what
@@ -63,9 +64,12 @@ import torch
 
 from benchmarks._common import emit, make_parser, stderr_console
 from moe_runtime.config import ModelConfig, RuntimeConfig, parse_config
-from moe_runtime.sim.calibrate import calibrate, processes_cpu_s, ray_round_trip, write_table
-from moe_runtime.sim.cost_model import CostModel, HardwareTable, load_table, scale_host_roles, scale_host_table
-from moe_runtime.sim.simulator import Layout, Simulator
+from moe_runtime.runtime.calibrate_cluster import CONTROL_ROUNDS, processes_cpu_s, ray_round_trip
+from moe_runtime.sim.calibrate import calibrate, write_table
+from moe_runtime.sim.gpu_cost import GpuCostModel
+from moe_runtime.sim.hardware import HardwareTable, load_table, scale_host_roles, scale_host_table
+from moe_runtime.sim.layout import Layout
+from moe_runtime.sim.simulator import Simulator
 from moe_runtime.sim.traces import RoutingTrace
 
 SETUPS = [
@@ -75,7 +79,6 @@ SETUPS = [
     {"name": "4 actors, 1 worker, skewed", "expert_actors": 4, "router_workers": 1, "skew": 1.0},
     {"name": "4 actors, 2 workers, skewed", "expert_actors": 4, "router_workers": 2, "skew": 1.0},
 ]
-CONTROL_ROUNDS = 3  # Ray round trips of the driver per step: forward_backward, sync + norms, apply
 
 
 def base_config(expert_actors: int, router_workers: int, tmp: Path) -> RuntimeConfig:
@@ -176,10 +179,10 @@ def measure_setup(setup: dict, warmup: int, calib: int, steps: int, tmp: Path, l
                 continue
             if i < warmup + calib:  # the machine's speed (cpu_scale)
                 calibration.append({"counts": step_counts.tolist(), "cluster_cpu_s": share["ours_cpu_s"],
-                                    "timings": rep.timings})
+                                    "timings": rep.timings.as_dict()})
                 continue
-            real.append(rep.timings["step_s"])
-            timings.append(rep.timings)
+            real.append(rep.timings.step_s)
+            timings.append(rep.timings.as_dict())
             shares.append(share)
             counts.append(step_counts)
     _wait_for_gpus(cfg.cluster.expert_actors)
@@ -266,7 +269,7 @@ def simulate_setup(rec: dict[str, Any], table: HardwareTable, scale: float, own_
 
 def sim_speed(repeats: int = 3) -> dict[str, float]:
     m = ModelConfig(preset="yuan-m32")
-    sim = Simulator(CostModel.build(load_table("h100"), m, 4096, 2), Layout.colocated(256, 8))
+    sim = Simulator(GpuCostModel.build(load_table("h100"), m, 4096, 2), Layout.colocated(256, 8))
     trace = sim.synthetic("zipf", tokens_per_worker=4096, zipf_s=1.0)
     sim.run_step(trace.step(0))
     walls, cpus = [], []
@@ -290,8 +293,7 @@ def main() -> None:
     con = stderr_console()
     log = con.print
     tmp = ROOT / "runs" / "bench" / "sim_accuracy_tmp"
-    # warm-up: the first steps create optimizer state and grow the allocators (measured: the step time fell
-    # 25% over steps 2-5 after one warm-up step)
+    # warm-up: the first steps create optimizer state and grow the allocators (docs/measurements.md)
     warmup, calib, steps = (2, 1, 2) if args.quick else (2, 2, 6)
     setups = SETUPS[:4] if args.quick else SETUPS
 

@@ -72,7 +72,7 @@ def run_case(name: str, cfg: RuntimeConfig, rounds: int, console) -> dict:
             rep = cluster.train_step(r)
             if r:
                 remote.append(time.perf_counter() - t0)
-                timings.append(rep.timings)
+                timings.append(rep.timings.as_dict())
             console.print(f"[{name}] round {r}: cluster {remote[-1] if r else 0:.3f} s", highlight=False)
     med = {n: statistics.median(v) for n, v in inproc.items()}
     best = min(med, key=med.get)

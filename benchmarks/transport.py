@@ -1,7 +1,8 @@
 """Data-plane transport against its baselines, in one run, servers in separate processes on loopback.
 
-Four server processes, each one `BenchExpertServer`: the real ExpertServer plus a bare bytes `Echo` method on the
-same gRPC server (same process, port, thread pool and channel options), so raw and ours differ only in our stack.
+Four server processes, each one `BenchExpertServer` over `BenchShards`: the real ExpertServer plus a bare bytes
+`Echo` method on the same gRPC server (same process, port, thread pool and channel options), so raw and ours differ
+only in our stack; the real ExpertShards, with zero-FLOP experts on request.
 Measured (medians, interleaved rounds so drift hits every variant alike):
 1. raw gRPC: Echo (no protobuf, no codec, no auth) at several payload sizes on one server: the loopback limit.
 2. dispatch: RemoteDispatcher forward + plan.combine of a 4 MB layer batch (fp32, d 512, 2048 token copies, 32
@@ -14,8 +15,8 @@ Measured (medians, interleaved rounds so drift hits every variant alike):
    (the allocation pattern the codec must have: gRPC wants one new bytes object per message).
 4. call overhead: a 1-row frame through the whole stack (encode, envelope, auth, decode, expert, encode, decode)
    against a bare 16-byte unary call to the echo service.
-Also: fan-out with gRPC futures vs grpc.aio (the choice in remote.py), and the server's hand-written SwiGLU
-backward vs autograd on leaf weights (the choice in grpc_service.py).
+Also: fan-out with gRPC futures vs grpc.aio (the choice in dispatch/fanout.py), and the hand-written SwiGLU
+backward the expert shards run vs autograd on leaf weights (the choice in model/experts.py).
 
 Ratios: dispatch_vs_raw_grpc = dispatch GB/s / raw GB/s (goal >= 0.5); call_overhead_vs_bare_rpc = our tiny
 call time / bare call time (goal <= 2.0); codec_vs_memcpy = codec time / memcpy time (1.0 = the codec costs one
@@ -38,13 +39,17 @@ sys.path.insert(0, str(ROOT))
 
 import grpc
 import torch
-import torch.nn.functional as F
 
+from moe_runtime.dispatch.client import ExpertClient
 from moe_runtime.dispatch.codec import decode_frame, encode_frame
-from moe_runtime.dispatch.grpc_service import ExpertClient, ExpertServer, unwrap_frame, wrap_frame
-from moe_runtime.model.plan import DispatchPlan
+from moe_runtime.dispatch.envelope import unwrap_frame, wrap_frame
 from moe_runtime.dispatch.remote import RemoteDispatcher
+from moe_runtime.dispatch.server import ExpertServer
+from moe_runtime.model.experts import grouped_swiglu_backward, grouped_swiglu_forward_saving, swiglu
+from moe_runtime.model.moe_layer import StepContext
+from moe_runtime.model.plan import DispatchPlan
 from moe_runtime.placement import Placement
+from moe_runtime.runtime.expert_shards import ExpertShards
 from tests.dispatch.servers import ServerProcess, stop_servers
 
 TOKEN = "bench-token"
@@ -59,22 +64,26 @@ ECHO_METHOD = f"/{ECHO_SERVICE}/Echo"
 
 
 class BenchExpertServer(ExpertServer):
-    """ExpertServer + a bare bytes Echo method on the same gRPC server + zero-FLOP experts on request."""
+    """ExpertServer + a bare bytes Echo method on the same gRPC server."""
+
+    def _handlers(self) -> list:
+        echo = grpc.unary_unary_rpc_method_handler(lambda request, context: request)
+        return super()._handlers() + [grpc.method_handlers_generic_handler(ECHO_SERVICE, {"Echo": echo})]
+
+
+class BenchShards(ExpertShards):
+    """ExpertShards with zero-FLOP experts on request (y = x, dx = dy; keys, counters and frees stay real)."""
 
     identity = False
 
     def set_identity(self, on: bool) -> None:
         self.identity = on
 
-    def _handlers(self) -> list:
-        echo = grpc.unary_unary_rpc_method_handler(lambda request, context: request)
-        return super()._handlers() + [grpc.method_handlers_generic_handler(ECHO_SERVICE, {"Echo": echo})]
+    def _compute_forward(self, weights, counts, x_nd):
+        return (x_nd, []) if self.identity else super()._compute_forward(weights, counts, x_nd)
 
-    def _expert_forward(self, layer, experts, counts, x):
-        return (x, []) if self.identity else super()._expert_forward(layer, experts, counts, x)
-
-    def _expert_backward(self, layer, experts, counts, x, hs, dy):
-        return (dy, []) if self.identity else super()._expert_backward(layer, experts, counts, x, hs, dy)
+    def _compute_backward(self, weights, counts, saved, dy_nd):
+        return (dy_nd, []) if self.identity else super()._compute_backward(weights, counts, saved, dy_nd)
 
 
 def interleaved(fns: dict, rounds: int, reps: int, warmup: int = 2) -> dict[str, float]:
@@ -110,7 +119,8 @@ def main() -> None:
     t_start = time.perf_counter()
 
     placement = Placement.contiguous(1, E, ACTORS)
-    procs = [ServerProcess("expert", server_class="benchmarks.transport:BenchExpertServer", auth_token=TOKEN,
+    procs = [ServerProcess("expert", server_class="benchmarks.transport:BenchExpertServer",
+                           shards_class="benchmarks.transport:BenchShards", auth_token=TOKEN,
                            max_message_bytes=MAX_MSG, threads=4, shards=shards_for(a, placement, ffn=8))
              for a in range(ACTORS)]  # fmt: skip
     try:
@@ -155,7 +165,7 @@ def run(experts, placement, rounds, reps, quick) -> dict:
     x_nd = plan.gather(x_td)
     batch_bytes = x_nd.nbytes
     disp = RemoteDispatcher(0, placement, clients)
-    disp.set_step(0, 0)
+    ctx = StepContext(0)
     per_server = [bytes((d.stop - d.start) * D * 4) for d in plan.destinations]
 
     def raw_fanout():
@@ -165,7 +175,7 @@ def run(experts, placement, rounds, reps, quick) -> dict:
 
     def dispatch_combine():
         with torch.no_grad():
-            plan.combine(disp(x_nd, plan), gates)
+            plan.combine(disp(x_nd, plan, ctx), gates)
 
     y_stack = torch.empty_like(x_nd)
 
@@ -227,9 +237,8 @@ def run(experts, placement, rounds, reps, quick) -> dict:
     step = [1]
 
     def fwd_bwd():
-        disp.set_step(step[0], 0)
+        disp(x_req, plan, StepContext(step[0])).backward(x_nd)
         step[0] += 1
-        disp(x_req, plan).backward(x_nd)
 
     res["dispatch_fwd_bwd_ms"] = round(interleaved({"fb": fwd_bwd}, rounds, max(2, reps // 2))["fb"] * 1e3, 3)
     for c in clients:
@@ -237,9 +246,8 @@ def run(experts, placement, rounds, reps, quick) -> dict:
 
     # bf16 wire (half the bytes; the casts cost CPU time on both sides)
     disp_bf16 = RemoteDispatcher(0, placement, clients, wire_dtype=torch.bfloat16)
-    disp_bf16.set_step(0, 0)
     with torch.no_grad():
-        tb = interleaved({"bf16": lambda: disp_bf16(x_nd, plan)}, rounds, reps)["bf16"]
+        tb = interleaved({"bf16": lambda: disp_bf16(x_nd, plan, ctx)}, rounds, reps)["bf16"]
     res["dispatch_bf16_wire_ms"] = round(tb * 1e3, 3)
 
     # ---------------------------------------------------------------- 3. codec vs memcpy (4 MB)
@@ -269,7 +277,7 @@ def run(experts, placement, rounds, reps, quick) -> dict:
 
     def ours():  # through the RemoteDispatcher: encode, envelope, auth, decode, expert, encode, decode, assemble
         with torch.no_grad():
-            disp(tiny_x, tiny_plan)
+            disp(tiny_x, tiny_plan, ctx)
 
     set_identity(True)  # the stack's overhead: zero-FLOP expert, everything else real
     t = interleaved({"bare": lambda: echo_rpc[0](tiny, timeout=60), "ours": ours}, rounds, reps * 10)
@@ -291,9 +299,9 @@ def run(experts, placement, rounds, reps, quick) -> dict:
     # ---------------------------------------------------------------- with real expert compute (ffn 1408)
     if not quick:
         for a, p in enumerate(experts):
-            p.call("load_shards", shards_for(a, placement, ffn=1408), replace=True)
+            p.call("load", shards_for(a, placement, ffn=1408), replace=True)
         with torch.no_grad():
-            tc = interleaved({"c": lambda: plan.combine(disp(x_nd, plan), gates)}, 2, 3, warmup=1)["c"]
+            tc = interleaved({"c": lambda: plan.combine(disp(x_nd, plan, ctx), gates)}, 2, 3, warmup=1)["c"]
         res["dispatch_with_compute_ms"] = round(tc * 1e3, 3)
         res["dispatch_with_compute_note"] = "ffn 1408, fp32, 1 torch thread per server, 4 servers on 2 cores"
 
@@ -332,8 +340,9 @@ def tiny_pieces(x) -> dict:
     f = encode_frame("dispatch", layer=0, step=0, mb=0, pv=0, experts=[0], counts=[1], tensors={"x": x},
                      meta={"src": 0, "save": False})  # fmt: skip
     env = wrap_frame(f)
-    srv = BenchExpertServer({(0, 0): (torch.zeros(D, 16), torch.zeros(8, D))}, auth_token=TOKEN)
-    srv.set_identity(True)
+    shards = BenchShards({(0, 0): (torch.zeros(D, 16), torch.zeros(8, D))})
+    shards.set_identity(True)
+    srv = BenchExpertServer(shards, auth_token=TOKEN)
     ctx = _Ctx(TOKEN)
     reply = srv._rpc_dispatch(env, ctx)
     pieces = {
@@ -360,7 +369,7 @@ def _fanout_variants(payload: bytes, echo_rpc, arpc, loop) -> dict:
         for f in fs:
             f.result()
 
-    async def gather():  # what RemoteDispatcher does (grpc_service.fan_out)
+    async def gather():  # what RemoteDispatcher does (dispatch/fanout.py)
         await asyncio.gather(*(r(payload, timeout=60) for r in arpc))
 
     def aio():
@@ -400,7 +409,8 @@ def fanout(echo, echo_rpc, rounds, reps) -> dict:
 
 def backward_compare(rounds, reps) -> dict:
     """One server's forward + backward compute for 512 rows over 8 experts (d 512, ffn 256): the hand-written
-    backward in grpc_service.py vs autograd on leaf weights (what an ExpertServer using autograd would run)."""
+    backward the expert shards run (model/experts.py, with their weight-grad accumulation) vs autograd on leaf
+    weights (what an expert server using autograd would run)."""
     g = torch.Generator().manual_seed(1)
     ffn, n_exp, rows = 256, 8, 512
     w1 = [torch.randn(D, 2 * ffn, generator=g) * 0.02 for _ in range(n_exp)]
@@ -410,25 +420,14 @@ def backward_compare(rounds, reps) -> dict:
     n = rows // n_exp
     g1 = [torch.zeros_like(w) for w in w1]
     g2 = [torch.zeros_like(w) for w in w2]
+    weights, counts = list(zip(w1, w2)), [n] * n_exp
 
     def handwritten():
-        y = torch.empty(rows, D)
-        hs = []
-        for e in range(n_exp):
-            h = x[e * n : (e + 1) * n] @ w1[e]
-            a, gg = h.chunk(2, -1)
-            torch.mm(F.silu(a) * gg, w2[e], out=y[e * n : (e + 1) * n])
-            hs.append(h)
-        dx = torch.empty(rows, D)
-        for e in range(n_exp):
-            a, gg = hs[e].chunk(2, -1)
-            sa = F.silu(a)
-            dys = dy[e * n : (e + 1) * n]
-            du = dys @ w2[e].t()
-            g2[e].add_((sa * gg).t() @ dys)
-            dh = torch.cat((torch.ops.aten.silu_backward(du * gg, a), du * sa), -1)
-            torch.mm(dh, w1[e].t(), out=dx[e * n : (e + 1) * n])
-            g1[e].add_(x[e * n : (e + 1) * n].t() @ dh)
+        _, hs = grouped_swiglu_forward_saving(x, counts, weights)
+        dx, wgrads = grouped_swiglu_backward(dy, counts, x, hs, weights)
+        for e, (dw1, dw2) in enumerate(wgrads):
+            g1[e].add_(dw1)
+            g2[e].add_(dw2)
         return dx
 
     lw1 = [w.clone().requires_grad_() for w in w1]
@@ -436,10 +435,7 @@ def backward_compare(rounds, reps) -> dict:
 
     def autograd():
         xr = x.clone().requires_grad_()
-        ys = []
-        for e in range(n_exp):
-            a, gg = (xr[e * n : (e + 1) * n] @ lw1[e]).chunk(2, -1)
-            ys.append((F.silu(a) * gg) @ lw2[e])
+        ys = [swiglu(xr[e * n : (e + 1) * n], lw1[e], lw2[e]) for e in range(n_exp)]
         torch.cat(ys).backward(dy)
         return xr.grad
 

@@ -277,10 +277,14 @@ def simulate(
     from moe_runtime.sim.cli_impl import simulate_command
 
     _load(config)
+    cluster_calibration = None
+    if against_cluster:  # the live cluster is runtime's: sim/ gets the measurement passed in
+        from moe_runtime.runtime.calibrate_cluster import against_cluster as cluster_calibration_of
+
+        cluster_calibration = cluster_calibration_of(config)
     try:
         simulate_command(config, trace=trace, steps=steps, what_if=what_if, plot=plot, calibrate=calibrate,
-                         against_cluster=against_cluster,
-                         as_json=as_json)
+                         against_cluster=cluster_calibration, as_json=as_json)
     except ValueError as e:  # ConfigError, CostModelError, TraceError, SimError all derive from ValueError
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None

@@ -56,6 +56,8 @@ class ModelConfig(_Strict):
     head_dim: int = Field(gt=0)
     rotary_dim: int = Field(ge=0)
     rope_base: float = Field(gt=0)
+    # exact: fp32 rotary tables (Megatron, vLLM); hf: the released HF code's bf16 tables, bit for bit
+    rope: Literal["exact", "hf"] = "exact"
     num_experts: int = Field(gt=0)
     top_k: int = Field(gt=0)
     ffn_hidden_size: int = Field(gt=0)
@@ -65,6 +67,7 @@ class ModelConfig(_Strict):
     max_seq_len: int = Field(gt=0)
     lfa: bool = True  # Localized Filtering-based Attention; False = plain causal attention
     init_std: float = Field(default=0.02, gt=0)
+    checkpoint: str | None = None  # an HF-layout Yuan checkpoint directory (moe_runtime/checkpoint)
 
     @model_validator(mode="before")
     @classmethod
@@ -185,7 +188,7 @@ class SimConfig(_Strict):
     gpus: int = Field(default=8, gt=0)
     gpus_per_node: int = Field(default=8, gt=0)
     tokens_per_gpu: int = Field(default=4096, gt=0)  # tokens per router worker per step
-    hardware: str = "h100"  # name of a cost table (sim/cost_model.py) or a path to a calibrated YAML
+    hardware: str = "h100"  # name of a cost table (sim/hardware.py, tables in sim/tables/) or a path to a calibrated YAML
     trace: Literal["uniform", "zipf", "drift"] = "uniform"
     zipf_s: float = Field(default=1.0, ge=0)
     training: bool = True

@@ -7,7 +7,12 @@ layouts), imported by the model, dispatch, runtime, scheduler and simulator alik
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
+
+ShardKey = tuple[int, int]  # (layer, expert): one expert shard
+MoveKind = Literal["replicate", "move", "drop"]
 
 
 class PlacementError(ValueError):
@@ -32,6 +37,20 @@ def split_over_replicas(
                 pieces.append((actor, expert, c))
     pieces.sort()
     return pieces
+
+
+def expected_actor_loads(
+    expert_loads: Sequence[float], replicas: tuple[tuple[int, ...], ...], num_actors: int
+) -> list[float]:
+    """Load per actor of one layer with each expert's load divided evenly over its replicas: the mean of
+    split_over_replicas' rows (its per-actor sums exactly when every replica count divides its count, within
+    one row per replicated expert otherwise), defined for real-valued loads such as the scheduler's EMA."""
+    loads = [0.0] * num_actors
+    for expert, actors in enumerate(replicas):
+        share = expert_loads[expert] / len(actors)
+        for a in actors:
+            loads[a] += share
+    return loads
 
 
 @dataclass(frozen=True)
@@ -79,6 +98,18 @@ class Placement:
         row = tuple((e * num_actors // num_experts,) for e in range(num_experts))
         return cls(num_actors=num_actors, replicas=(row,) * num_layers, actor_nodes=actor_nodes)
 
+    @classmethod
+    def expert_data_parallel(
+        cls, num_layers: int, num_experts: int, num_actors: int, actor_nodes: tuple[int, ...] = ()
+    ) -> Placement:
+        """The static layout for any number of actors: `contiguous` when actors <= experts; with more actors than
+        experts, expert e on actors e, e + E, e + 2E, ... (Megatron's expert-parallel group of E with expert data
+        parallelism), so every actor holds exactly one expert per layer."""
+        if num_actors <= num_experts:
+            return cls.contiguous(num_layers, num_experts, num_actors, actor_nodes)
+        row = tuple(tuple(range(e, num_actors, num_experts)) for e in range(num_experts))
+        return cls(num_actors=num_actors, replicas=(row,) * num_layers, actor_nodes=actor_nodes)
+
     # ------------------------------------------------------------------ queries
 
     @property
@@ -103,6 +134,19 @@ class Placement:
 
     def replica_counts(self) -> list[list[int]]:
         return [[len(a) for a in row] for row in self.replicas]
+
+    def primary_of(self, layer: int, expert: int) -> int:
+        """The actor that answers for (layer, expert) where one replica must speak for all (grad norms,
+        checkpoints, reading weights): its first listed replica."""
+        return self.replicas[layer][expert][0]
+
+    def primary_shards(self) -> list[list[ShardKey]]:
+        """Per actor, the (layer, expert) pairs it is the primary of, sorted; every pair appears exactly once."""
+        out: list[list[ShardKey]] = [[] for _ in range(self.num_actors)]
+        for layer, row in enumerate(self.replicas):
+            for e in range(len(row)):
+                out[self.primary_of(layer, e)].append((layer, e))
+        return out
 
     def with_replicas(self, replicas: tuple[tuple[tuple[int, ...], ...], ...]) -> Placement:
         """A new placement with the next version number."""
@@ -136,3 +180,69 @@ class Placement:
     @classmethod
     def from_json(cls, s: str) -> Placement:
         return cls.from_dict(json.loads(s))
+
+
+# ---------------------------------------------------------------------------------------------------- diffs
+
+
+@dataclass(frozen=True)
+class Move:
+    """One replica change. kind:
+    - "replicate": copy expert from src_actor (a holder before the change) to dst_actor;
+    - "move": copy from src_actor to dst_actor, then src_actor drops it;
+    - "drop": dst_actor frees its replica (src_actor is None; no bytes).
+    Apply copies before drops: every source still holds the expert when it is copied."""
+
+    layer: int
+    expert: int
+    src_actor: int | None
+    dst_actor: int
+    kind: MoveKind
+
+
+def _check_same_shape(old: Placement, new: Placement) -> None:
+    if (old.num_layers, old.num_experts, old.num_actors) != (new.num_layers, new.num_experts, new.num_actors):
+        raise PlacementError(
+            f"placements differ in shape: {old.num_layers}x{old.num_experts} on {old.num_actors} actors vs "
+            f"{new.num_layers}x{new.num_experts} on {new.num_actors}"
+        )
+
+
+def diff_moves(old: Placement, new: Placement, actor_nodes: Sequence[int] = ()) -> tuple[Move, ...]:
+    """The moves that turn `old` into `new`, per (layer, expert) in order.
+
+    THE rule for copy sources: each new replica (destinations in ascending order) is copied from an old holder,
+    first from one that loses the expert (a "move": it drops its replica after the copy), else from one that
+    keeps it ("replicate"); among those, one on the destination's node (`actor_nodes`, default old's) first,
+    then the lowest index. Old replicas no copy took are dropped ("drop")."""
+    _check_same_shape(old, new)
+    nodes = list(actor_nodes) or [old.node_of(a) for a in range(old.num_actors)]
+    moves: list[Move] = []
+    for layer, (old_row, new_row) in enumerate(zip(old.replicas, new.replicas)):
+        for e, (old_a, new_a) in enumerate(zip(old_row, new_row)):
+            removed = sorted(set(old_a) - set(new_a))
+            added = sorted(set(new_a) - set(old_a))
+            kept = sorted(set(old_a) & set(new_a))
+            for b in added:
+                if removed:
+                    same = [a for a in removed if nodes[a] == nodes[b]]
+                    src = (same or removed)[0]
+                    removed.remove(src)
+                    moves.append(Move(layer, e, src, b, "move"))
+                else:
+                    pool = kept or sorted(old_a)
+                    same = [a for a in pool if nodes[a] == nodes[b]]
+                    moves.append(Move(layer, e, (same or pool)[0], b, "replicate"))
+            for a in removed:
+                moves.append(Move(layer, e, None, a, "drop"))
+    return tuple(moves)
+
+
+def copies_between(old: Placement, new: Placement) -> int:
+    """Replicas in `new` that `old` does not have: the copies (moves and replicates) of diff_moves(old, new)."""
+    _check_same_shape(old, new)
+    copies = 0
+    for old_row, new_row in zip(old.replicas, new.replicas):
+        for old_actors, new_actors in zip(old_row, new_row):
+            copies += len(set(new_actors) - set(old_actors))
+    return copies

@@ -16,9 +16,8 @@ copy. The 64-byte alignment keeps every tensor aligned for its dtype (CPython ``
 
 Encoding returns one ``bytes`` object, because that is what a gRPC ``bytes`` field needs in the end;
 ``b"".join`` over [prefix + header, padding, memoryviews of the tensors] copies every tensor byte exactly
-once (measured: the same cost as one memcpy of the payload; a preallocated ``bytearray`` filled through
-a memoryview needs a second copy for ``bytes(...)``: measured 3x slower with a torch ``copy_`` into
-it, 40x with slice assignment).
+once (the cost of one memcpy of the payload; a preallocated ``bytearray`` filled through a memoryview needs
+a second copy for ``bytes(...)`` and was several times slower: docs/measurements.md).
 
 Decoding validates everything before it touches tensor bytes and raises ``FrameError`` (a ``ValueError``)
 for every problem, with a message naming the field, the value and what was expected. No byte string makes
@@ -332,7 +331,7 @@ def encode_frame(
 ) -> bytes:
     """Build one frame as a single ``bytes`` object (what a gRPC ``bytes`` field takes).
 
-    ``validate=False`` skips re-checking the header fields (about 30 us of a ~90 us tiny encode): for the
+    ``validate=False`` skips re-checking the header fields (a third of a tiny encode): for the
     runtime's own hot path, whose headers come from a DispatchPlan or an already-decoded request. The receiver
     validates every frame regardless, so a bad header is still rejected there.
 

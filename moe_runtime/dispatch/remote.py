@@ -1,25 +1,13 @@
 """RemoteDispatcher: the experts of one MoE layer live on expert actors, reached over gRPC.
 
-Drops into MoELayer in place of LocalDispatcher: forward(x_nd, plan) -> y_nd, token copies in plan order. Per
-call it sends one frame per destination actor (plan.destinations), all in flight at once, then copies each
-reply into its row range of a preallocated y. It is a torch.autograd.Function, so loss.backward() sends the
-grad of the outputs back through Backward to the same actors (the ones of the forward, even if the placement is
-refreshed in between) and gets the grad of the inputs; the model code does not change.
+Drops into MoELayer in place of LocalDispatcher: forward(x_nd, plan, ctx) -> y_nd, token copies in plan order. Per
+call it sends one frame per destination actor (plan.destinations), all in flight at once (`fan_out`: grpc.aio
+calls gathered on one shared event loop, a lone destination called blocking), then copies each reply into its
+row range of a preallocated y. It is a torch.autograd.Function, so loss.backward() sends the grad of the outputs
+back through Backward to the same actors (the ones of the forward, even if the placement is refreshed in between)
+and gets the grad of the inputs; the model code does not change.
 
-Fan-out: every frame is encoded first, then all calls go out at once as grpc.aio calls gathered on one event loop
-shared by the process (`grpc_service.fan_out`: a background thread, reached with one `run_coroutine_threadsafe`
-per fan-out); a single destination is called blocking on this thread instead. The replies are decoded as views and
-copied into their row ranges of the preallocated output. Measured here (4 server processes on loopback, fp32,
-zero-FLOP experts, calls interleaved one by one, medians of 50; the machine is shared with other jobs, load 10-15):
-  RemoteDispatcher forward, 4 MB batch: aio 15.2 / 16.3 ms vs gRPC futures 17.3 / 16.9 ms (two runs);
-  32 token copies:                       aio 6.1 / 5.7 ms   vs futures 6.9 / 6.8 ms.
-Bare echo fan-out (benchmarks/transport.py `fanout`), 4 x 1 MiB: aio 9.6-11.8 ms vs futures 10.4-18.1 ms; 4 x 16 KiB:
-aio 1.8-4.5 ms vs futures 2.4-6.2 ms (aio ahead in 8 of 8 runs; in one separate script run at lower load futures were
-~10% ahead at 16 KiB). One lone call: blocking 0.56-0.75 ms, future 0.63-0.90 ms, aio via the loop 0.91-1.35 ms,
-hence the blocking path for a single destination. With futures each channel's own polling thread has to wake the
-caller; with aio one loop thread polls every call, which costs fewer thread switches on 2 busy cores.
-
-Step context: the router worker calls `set_step(step, micro_batch)` before each forward; the values are captured
+Step context: every forward needs a `StepContext` (step, micro-batch), passed down by the model; it is captured
 in the autograd context at forward time, so backward uses the key (step, micro-batch, layer, worker) the server
 saved the activations under.
 """
@@ -32,7 +20,9 @@ import torch
 from torch import nn
 
 from moe_runtime.dispatch.codec import FrameError, decode_frame, encode_frame
-from moe_runtime.dispatch.grpc_service import ExpertCallError, ExpertClient, fan_out
+from moe_runtime.dispatch.client import ExpertCallError, ExpertClient
+from moe_runtime.dispatch.fanout import ExpertCall, fan_out
+from moe_runtime.model.moe_layer import StepContext
 from moe_runtime.model.plan import DispatchPlan
 from moe_runtime.placement import Placement
 
@@ -61,13 +51,6 @@ class RemoteDispatcher(nn.Module):
         self.placement = placement
         self.clients: list[ExpertClient] = []
         self.refresh_placement(placement, clients)
-        self._step: int | None = None
-        self._mb = 0
-
-    def set_step(self, step: int, micro_batch: int = 0) -> None:
-        if step < 0 or micro_batch < 0:
-            raise ValueError(f"set_step({step}, {micro_batch}): expected non-negative step and micro-batch")
-        self._step, self._mb = int(step), int(micro_batch)
 
     def refresh_placement(self, placement: Placement, clients: Sequence[ExpertClient] | None = None) -> None:
         """Switch to a new placement (and actor clients, index = actor id) between steps."""
@@ -78,9 +61,13 @@ class RemoteDispatcher(nn.Module):
             raise ValueError(f"layer_index = {self.layer_index}: placement has {placement.num_layers} layers")
         self.placement, self.clients = placement, clients
 
-    def forward(self, x_nd: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        if self._step is None:
-            raise RuntimeError("RemoteDispatcher: call set_step(step, micro_batch) before forward")
+    def forward(self, x_nd: torch.Tensor, plan: DispatchPlan, ctx: StepContext | None = None) -> torch.Tensor:
+        if ctx is None:
+            raise ValueError(
+                f"RemoteDispatcher (layer {self.layer_index}): forward needs ctx = StepContext(step, micro_batch), "
+                "the key the expert servers keep this forward's activations under: pass ctx to the model's "
+                "forward / loss"
+            )
         if plan.layer != self.layer_index:
             raise ValueError(f"plan is for layer {plan.layer}: this dispatcher serves layer {self.layer_index}")
         if plan.placement_version != self.placement.version:
@@ -91,8 +78,7 @@ class RemoteDispatcher(nn.Module):
         if x_nd.dim() != 2 or x_nd.shape[0] != plan.num_tokens * plan.top_k:
             raise ValueError(f"x_nd has shape {list(x_nd.shape)}: expected [{plan.num_tokens * plan.top_k}, d]")
         save = torch.is_grad_enabled() and x_nd.requires_grad
-        ctx = _Exchange(self, plan, self._step, self._mb, save)
-        return _RemoteExperts.apply(x_nd, ctx)
+        return _RemoteExperts.apply(x_nd, _Exchange(self, plan, ctx, save))
 
 
 class _Exchange:
@@ -100,9 +86,9 @@ class _Exchange:
 
     __slots__ = ("clients", "layer", "mb", "meta", "plan", "save", "step", "wire_dtype")
 
-    def __init__(self, disp: RemoteDispatcher, plan: DispatchPlan, step: int, mb: int, save: bool):
+    def __init__(self, disp: RemoteDispatcher, plan: DispatchPlan, ctx: StepContext, save: bool):
         self.layer, self.clients, self.plan = disp.layer_index, disp.clients, plan
-        self.step, self.mb, self.wire_dtype, self.save = step, mb, disp.wire_dtype, save
+        self.step, self.mb, self.wire_dtype, self.save = ctx.step, ctx.micro_batch, disp.wire_dtype, save
         self.meta = {"src": disp.worker_id} if save else {"src": disp.worker_id, "save": False}
 
     def run(self, kind: str, x_nd: torch.Tensor) -> torch.Tensor:
@@ -121,7 +107,7 @@ class _Exchange:
                 experts=dest.experts, counts=dest.counts, tensors={name: x_nd[dest.start : dest.stop]},
                 wire_dtype=self.wire_dtype, meta=meta, validate=False,  # plan-built header; the server validates
             )  # fmt: skip
-            requests.append((self.clients[dest.actor], method, frame, self.layer, self.step))
+            requests.append(ExpertCall(self.clients[dest.actor], method, frame, self.layer, self.step))
         for dest, (client, *_), data in zip(destinations, requests, fan_out(requests) if requests else []):
             try:
                 reply = decode_frame(data, expected_kind=reply_kind, out_dtype=None)

@@ -12,9 +12,17 @@ LFA (Yuan 2.0 / 2.0-M32; HF `yuan_moe_hf_model.py`, `LocalizedFiltering` + `Yuan
     out = Wo causal_softmax(q k^T / sqrt(Dh)) v
 
 Shapes: activations are [B, S, d]; per-head tensors are [B, H, S, Dh].
+
+Decoding caches (end of the file): per layer the keys (after rope) and values, and for LFA the last two filter
+inputs (the official HF code's `past_key_value[2]`); `forward(x, cache, step)` continues cached rows and gives the
+numbers of a full forward over the whole sequence.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,23 +34,47 @@ from moe_runtime.model.norm import RMSNorm
 # ----------------------------------------------------------------------------------------------- rotary
 
 
+RopeMode = Literal["exact", "hf"]
+
+
 def rotary_tables(
-    rotary_dim: int, seq_len: int, base: float, device: torch.device | str | None = None
+    rotary_dim: int, seq_len: int, base: float, device: torch.device | str | None = None, mode: RopeMode = "exact"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin tables [seq_len, rotary_dim] in float32 for positions 0..seq_len-1.
 
     inv_freq_i = base^(-2i/rotary_dim) for i < rotary_dim/2: the frequencies span the rotated part only (for
     Yuan-M32, 128 of the 256 head channels). Each frequency appears twice (NeoX layout: channel i and
-    i + rotary_dim/2 form a pair). Everything is float32: the HF/vLLM Yuan code keeps inv_freq in bf16, which
-    loses precision at long positions (see yuan-m32.md, pitfalls).
+    i + rotary_dim/2 form a pair). mode "exact" computes everything in float32 (what Megatron and vLLM do);
+    "hf" gives the released HF code's tables bit for bit (`_hf_rotary_tables`).
     """
     if rotary_dim % 2:
         raise ValueError(f"rotary_dim = {rotary_dim}: must be even")
+    if mode == "hf":
+        return _hf_rotary_tables(rotary_dim, seq_len, base, device)
+    if mode != "exact":
+        raise ValueError(f"rope = {mode!r}: expected 'exact' or 'hf'")
     inv_freq = base ** (-torch.arange(0, rotary_dim, 2, device=device, dtype=torch.float32) / rotary_dim)
     t = torch.arange(seq_len, device=device, dtype=torch.float32)
     freqs = torch.outer(t, inv_freq)  # [S, r/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [S, r]
     return emb.cos(), emb.sin()
+
+
+def _hf_rotary_tables(
+    rotary_dim: int, seq_len: int, base: float, device: torch.device | str | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tables of `YuanRotaryEmbedding` (IEIT-Yuan/Yuan2.0-M32 `yuan_moe_hf_model.py`), same ops in the same
+    order: inv_freq = 1 / base^(2i/r) in float32, rounded to bf16; the positions are a bf16 arange (so positions
+    above 256 are rounded to 8 significant bits: 4090..4100 all read 4096); angles, cos and sin in bf16. The HF
+    class always passes base 10000; the values are bf16 numbers, returned exactly as float32.
+    """
+    inv_freq = (1.0 / (base ** (torch.arange(0, rotary_dim, 2, device=device).float() / rotary_dim))).to(
+        torch.bfloat16
+    )
+    t = torch.arange(seq_len, device=device, dtype=torch.bfloat16)
+    freqs = torch.einsum("i,j->ij", t, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().float(), emb.sin().float()
 
 
 def apply_partial_rope(
@@ -60,11 +92,26 @@ def apply_partial_rope(
         raise ValueError(
             f"rotary tables of shape {tuple(cos.shape)}: need at least {seq_len} rows of {rotary_dim} channels"
         )
+    return _rotate(x, cos[:seq_len], sin[:seq_len], rotary_dim)
+
+
+def apply_partial_rope_at(
+    x_bhsd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions_bs: torch.Tensor, rotary_dim: int
+) -> torch.Tensor:
+    """`apply_partial_rope` with each row's own positions: token (b, s) is rotated by table row positions[b, s]
+    (a decoding step continues every sequence from its own length)."""
+    if rotary_dim == 0:
+        return x_bhsd
+    return _rotate(x_bhsd, cos[positions_bs].unsqueeze(1), sin[positions_bs].unsqueeze(1), rotary_dim)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    """NeoX rotate-half on the first rotary_dim channels; cos/sin broadcast against x[..., :rotary_dim]."""
     compute = torch.promote_types(x.dtype, torch.float32)
     xr = x[..., :rotary_dim].to(compute)
     half = rotary_dim // 2
     rotated = torch.cat((-xr[..., half:], xr[..., :half]), dim=-1)  # rotate_half
-    out = xr * cos[:seq_len].to(compute) + rotated * sin[:seq_len].to(compute)
+    out = xr * cos.to(compute) + rotated * sin.to(compute)
     return torch.cat((out.to(x.dtype), x[..., rotary_dim:]), dim=-1)
 
 
@@ -75,23 +122,24 @@ class RotaryCache(nn.Module):
     `.to(torch.bfloat16)`) has touched the float32 tables.
     """
 
-    def __init__(self, rotary_dim: int, base: float, max_seq_len: int):
+    def __init__(self, rotary_dim: int, base: float, max_seq_len: int, mode: RopeMode = "exact"):
         super().__init__()
         self.rotary_dim = rotary_dim
         self.base = base
-        cos, sin = rotary_tables(rotary_dim, max_seq_len, base)
+        self.mode = mode
+        cos, sin = rotary_tables(rotary_dim, max_seq_len, base, mode=mode)
         self.register_buffer("cos_cached", cos, persistent=False)
         self.register_buffer("sin_cached", sin, persistent=False)
 
     def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         cos = self.cos_cached
         if cos.shape[0] < seq_len or cos.device != device or cos.dtype != torch.float32:
-            cos, sin = rotary_tables(self.rotary_dim, max(seq_len, cos.shape[0]), self.base, device)
+            cos, sin = rotary_tables(self.rotary_dim, max(seq_len, cos.shape[0]), self.base, device, self.mode)
             self.cos_cached, self.sin_cached = cos, sin
         return self.cos_cached[:seq_len], self.sin_cached[:seq_len]
 
     def extra_repr(self) -> str:
-        return f"rotary_dim={self.rotary_dim}, base={self.base}, cached={self.cos_cached.shape[0]}"
+        return f"rotary_dim={self.rotary_dim}, base={self.base}, mode={self.mode}, cached={self.cos_cached.shape[0]}"
 
 
 # ----------------------------------------------------------------------------------------------- LFA filter
@@ -129,6 +177,25 @@ class LocalizedFilter(nn.Module):
         z = self.conv2(F.pad(y, (1, 0)))  # zero y_{-1}       -> [B, d, S]
         return self.norm(z.transpose(1, 2) + x)
 
+    def forward_cached(
+        self, x_bsd: torch.Tensor, inputs_b2d: torch.Tensor, step: CacheStep
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The filter for new tokens that continue each row's sequence: the numbers `forward` gives over the whole
+        sequence. inputs_b2d: each row's two filter inputs before its first new token, zeros before the sequence
+        start (as the HF code keeps them: `[0, x0]` after a one-token prompt). Returns (u [B, S, d], the inputs
+        at each row's last two real positions)."""
+        _check_input(x_bsd, self.hidden_size, "LocalizedFilter")
+        window = torch.cat((inputs_b2d, x_bsd), dim=1)  # [B, 2+S, d]: positions start-2 .. start+S-1
+        y = self.conv1(window.transpose(1, 2))  # [B, d/2, S+1]: y at positions start-1 .. start+S-1
+        if step.has_past_b11 is not None:
+            y[:, :, :1] *= step.has_past_b11  # y_{-1} is the second conv's zero padding, not conv1's bias
+        z = self.conv2(y)  # [B, d, S]
+        u = self.norm(z.transpose(1, 2) + x_bsd)
+        if step.lfa_tail_b2 is None:
+            return u, window[:, -2:]
+        tail = step.lfa_tail_b2.unsqueeze(-1).expand(-1, -1, window.shape[-1])  # window columns n, n+1
+        return u, window.gather(1, tail)
+
 
 # ----------------------------------------------------------------------------------------------- attention
 
@@ -161,6 +228,33 @@ def _causal_attention(
     return out.transpose(1, 2).reshape(b, s, h * dh)
 
 
+def _cached_causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rotary: RotaryCache,
+    rotary_dim: int,
+    cache: LayerKVCache,
+    step: CacheStep,
+) -> torch.Tensor:
+    """`_causal_attention` for new tokens continuing cached rows: rope at each row's positions, keys/values
+    appended to the cache, each query attends the row's cached keys and the new ones up to itself."""
+    b, h, s, dh = q.shape
+    cos, sin = rotary(step.table_len, q.device)
+    q = apply_partial_rope_at(q, cos, sin, step.positions_bs, rotary_dim)
+    k = apply_partial_rope_at(k, cos, sin, step.positions_bs, rotary_dim)
+    keys, values = cache.append(k, v, step)
+    out = F.scaled_dot_product_attention(
+        q, keys, values, attn_mask=step.key_mask_b1sl, is_causal=step.causal, scale=dh**-0.5
+    )
+    return out.transpose(1, 2).reshape(b, s, h * dh)
+
+
+def _check_cache_args(cache: LayerKVCache | None, step: CacheStep | None, who: str) -> None:
+    if (cache is None) != (step is None):
+        raise ValueError(f"{who}: a cached forward needs both the layer cache and the step (got one of them)")
+
+
 class LFAAttention(nn.Module):
     """Localized Filtering-based Attention (Yuan 2.0-M32). forward(x [B, S, d]) -> [B, S, d].
 
@@ -177,16 +271,27 @@ class LFAAttention(nn.Module):
         self.v_proj = _linear(d, h * dh, cfg.init_std)
         self.qk_proj = _linear(d, 2 * h * dh, cfg.init_std)
         self.o_proj = _linear(h * dh, d, cfg.init_std)
-        self.rotary = RotaryCache(cfg.rotary_dim, cfg.rope_base, cfg.max_seq_len)
+        self.rotary = RotaryCache(cfg.rotary_dim, cfg.rope_base, cfg.max_seq_len, cfg.rope)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: LayerKVCache | None = None, step: CacheStep | None = None
+    ) -> torch.Tensor:
+        """Without a cache: the whole sequence. With (cache, step): new tokens continuing the cached rows; the
+        cache gets their keys, values and LFA inputs."""
         _check_input(x, self.hidden_size, "LFAAttention")
+        _check_cache_args(cache, step, "LFAAttention")
         b, s, _ = x.shape
         h, dh = self.num_heads, self.head_dim
         v = self.v_proj(x).view(b, s, h, dh).transpose(1, 2)
-        qk = self.qk_proj(self.lfa(x)).view(b, s, h, 2 * dh)
+        if cache is None:
+            u = self.lfa(x)
+        else:
+            u, cache.lfa_inputs_b2d = self.lfa.forward_cached(x, cache.lfa_inputs_b2d, step)
+        qk = self.qk_proj(u).view(b, s, h, 2 * dh)
         q, k = (t.transpose(1, 2) for t in qk.split(dh, dim=-1))  # per head: first Dh = q, last Dh = k
-        return self.o_proj(_causal_attention(q, k, v, self.rotary, self.rotary_dim))
+        if cache is None:
+            return self.o_proj(_causal_attention(q, k, v, self.rotary, self.rotary_dim))
+        return self.o_proj(_cached_causal_attention(q, k, v, self.rotary, self.rotary_dim, cache, step))
 
 
 class CausalSelfAttention(nn.Module):
@@ -200,16 +305,236 @@ class CausalSelfAttention(nn.Module):
         self.k_proj = _linear(d, h * dh, cfg.init_std)
         self.v_proj = _linear(d, h * dh, cfg.init_std)
         self.o_proj = _linear(h * dh, d, cfg.init_std)
-        self.rotary = RotaryCache(cfg.rotary_dim, cfg.rope_base, cfg.max_seq_len)
+        self.rotary = RotaryCache(cfg.rotary_dim, cfg.rope_base, cfg.max_seq_len, cfg.rope)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: LayerKVCache | None = None, step: CacheStep | None = None
+    ) -> torch.Tensor:
+        """Like LFAAttention.forward (the cache holds keys and values only)."""
         _check_input(x, self.hidden_size, "CausalSelfAttention")
+        _check_cache_args(cache, step, "CausalSelfAttention")
         b, s, _ = x.shape
         h, dh = self.num_heads, self.head_dim
         q, k, v = (p(x).view(b, s, h, dh).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        return self.o_proj(_causal_attention(q, k, v, self.rotary, self.rotary_dim))
+        if cache is None:
+            return self.o_proj(_causal_attention(q, k, v, self.rotary, self.rotary_dim))
+        return self.o_proj(_cached_causal_attention(q, k, v, self.rotary, self.rotary_dim, cache, step))
 
 
 def build_attention(cfg: ModelConfig) -> nn.Module:
     """LFAAttention when cfg.lfa, else CausalSelfAttention."""
     return LFAAttention(cfg) if cfg.lfa else CausalSelfAttention(cfg)
+
+
+# ----------------------------------------------------------------------------------------------- decoding caches
+
+CACHE_CHUNK = 256  # cache capacity grows (doubling) in multiples of this many positions
+
+
+@dataclass(frozen=True, eq=False)
+class CacheStep:
+    """Where the S token columns of one cached forward sit in each row; built once per forward, read by every layer.
+
+    Rows are right-padded: row b has num_new[b] real tokens in columns [0, num_new[b]), at positions start[b] +
+    column, where start[b] is the row's cached length (every sequence's positions start at 0 at its first token).
+    Padding columns come after a row's real tokens, so no real token sees one (causal attention, causal filter);
+    they are never written to the cache and never sent to the MoE. When every row starts at the same position
+    with no padding (batch-1 decoding, equal prompts) the step takes cheaper paths: slice writes, no gathers, and
+    no attention mask for one-token steps or a plain causal one for a prefill.
+    """
+
+    start: tuple[int, ...]  # tokens already cached per row
+    num_new: tuple[int, ...]  # real new tokens per row
+    seq_len: int  # S
+    positions_bs: torch.Tensor  # [B, S] long: start + column ([1, S] when all rows start together)
+    key_mask_b1sl: torch.Tensor | None  # [B, 1, S, L] bool: query column i of row b sees slot j iff j <= start + i
+    causal: bool  # no mask but SDPA's is_causal: every row starts at 0, no padding (then L == S)
+    writes_n: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (row, slot, column) of each real new
+    #   token; None: all rows write columns 0..S-1 to slots start[0]..start[0]+S-1
+    valid_index_n: torch.Tensor | None  # the real tokens among the B*S flattened columns; None: no padding
+    last_index_b: torch.Tensor | None  # each row's last real token among the B*S columns; None: column S-1
+    has_past_b11: torch.Tensor | None  # [B, 1, 1] bool: start > 0; None when true for every row
+    lfa_tail_b2: torch.Tensor | None  # [B, 2]: num_new + (0, 1), the last two real filter inputs; None: no padding
+    key_len: int  # L = max(start + num_new): the cache prefix the attention reads
+    table_len: int  # rotary table rows needed: max(start) + S
+
+    @property
+    def padded(self) -> bool:
+        return self.valid_index_n is not None
+
+    @classmethod
+    def build(
+        cls, start: Sequence[int], num_new: Sequence[int], seq_len: int, device: torch.device | str
+    ) -> CacheStep:
+        start, num_new = tuple(int(s) for s in start), tuple(int(n) for n in num_new)
+        b = len(start)
+        padded = any(n != seq_len for n in num_new)
+        key_len = max(s + n for s, n in zip(start, num_new))
+        cols_s = torch.arange(seq_len)
+
+        def dev(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=True)
+
+        if not padded and len(set(start)) == 1:
+            positions = start[0] + cols_s[None]  # [1, S]
+            causal, writes, mask = start[0] == 0 and seq_len > 1, None, None
+            if start[0] > 0 and seq_len > 1:  # a chunk continuing the cache: causal, shifted by start
+                mask = dev((torch.arange(key_len) <= positions[0, :, None])[None, None])
+        else:
+            num_b = torch.tensor(num_new)
+            positions = torch.tensor(start)[:, None] + cols_s
+            causal = False
+            mask = dev(torch.arange(key_len)[None, None, None, :] <= positions[:, None, :, None])
+            rows_n, cols_n = (cols_s[None, :] < num_b[:, None]).nonzero(as_tuple=True)
+            writes = (dev(rows_n), dev(positions[rows_n, cols_n]), dev(cols_n))
+        valid = last = tail = None
+        if padded:
+            valid_bs = cols_s[None, :] < torch.tensor(num_new)[:, None]
+            valid = dev(valid_bs.flatten().nonzero()[:, 0])
+            last = dev(torch.tensor([i * seq_len + n - 1 for i, n in enumerate(num_new)]))
+            tail = dev(torch.tensor([[n, n + 1] for n in num_new]))
+        has_past = None if min(start) > 0 else dev(torch.tensor([s > 0 for s in start]).view(b, 1, 1))
+        return cls(start, num_new, seq_len, dev(positions), mask, causal, writes, valid, last, has_past, tail,
+                   key_len, max(start) + seq_len)
+
+
+@dataclass(eq=False)
+class LayerKVCache:
+    """One layer's decoding state for B rows: keys (after rope) and values in slots 0..length-1 of each row, and
+    for LFA the layer's last two filter inputs per row (zeros before a sequence's first token)."""
+
+    k_bhcd: torch.Tensor  # [B, H, capacity, Dh]
+    v_bhcd: torch.Tensor
+    lfa_inputs_b2d: torch.Tensor | None  # [B, 2, d]; None for plain causal attention
+
+    def append(
+        self, k_bhsd: torch.Tensor, v_bhsd: torch.Tensor, step: CacheStep
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the real new tokens' keys/values at their positions; return the first key_len slots (views)."""
+        if step.writes_n is None:
+            lo = step.start[0]
+            self.k_bhcd[:, :, lo : lo + step.seq_len] = k_bhsd
+            self.v_bhcd[:, :, lo : lo + step.seq_len] = v_bhsd
+        else:
+            rows, slots, cols = step.writes_n
+            self.k_bhcd[rows, :, slots] = k_bhsd[rows, :, cols]
+            self.v_bhcd[rows, :, slots] = v_bhsd[rows, :, cols]
+        return self.k_bhcd[:, :, : step.key_len], self.v_bhcd[:, :, : step.key_len]
+
+    def rows(self, idx_n: torch.Tensor) -> LayerKVCache:
+        lfa = None if self.lfa_inputs_b2d is None else self.lfa_inputs_b2d.index_select(0, idx_n)
+        return LayerKVCache(self.k_bhcd.index_select(0, idx_n), self.v_bhcd.index_select(0, idx_n), lfa)
+
+    def reserve(self, capacity: int) -> None:
+        """At least `capacity` slots per row (in place: holders of this layer cache keep a valid one)."""
+        self.k_bhcd, self.v_bhcd = _grown(self.k_bhcd, capacity), _grown(self.v_bhcd, capacity)
+
+
+def _grown(t_bhcd: torch.Tensor, capacity: int) -> torch.Tensor:
+    if t_bhcd.shape[2] >= capacity:
+        return t_bhcd
+    out = t_bhcd.new_zeros((*t_bhcd.shape[:2], capacity, t_bhcd.shape[3]))  # zeros: masked slots stay finite
+    out[:, :, : t_bhcd.shape[2]] = t_bhcd
+    return out
+
+
+@dataclass(eq=False)
+class KVCache:
+    """The decoding state of B sequences (rows) in every layer, plus each row's length (shared by the layers).
+
+    A cached forward (`MoETransformer.forward(tokens, cache=...)`) appends in place. Rows are independent:
+    `select` drops finished ones and `concat` adds newly prefilled ones between steps (continuous batching); both
+    copy the cache once, decode steps never do. Slots at or past a row's length are masked out (they hold zeros
+    or stale finite values).
+    """
+
+    layers: list[LayerKVCache]
+    lengths: list[int]  # tokens cached per row = the position of the row's next token
+    max_len: int  # the model's max_seq_len: no row grows past it
+
+    @classmethod
+    def allocate(
+        cls,
+        cfg: ModelConfig,
+        batch_size: int,
+        capacity: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> KVCache:
+        """Empty rows with room for `capacity` positions each (capped at cfg.max_seq_len; grows on demand)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size = {batch_size}: expected at least 1 row")
+        capacity = max(1, min(capacity, cfg.max_seq_len))
+        shape = (batch_size, cfg.num_heads, capacity, cfg.head_dim)
+
+        def layer() -> LayerKVCache:
+            lfa = torch.zeros(batch_size, 2, cfg.hidden_size, dtype=dtype, device=device) if cfg.lfa else None
+            return LayerKVCache(torch.zeros(shape, dtype=dtype, device=device),
+                                torch.zeros(shape, dtype=dtype, device=device), lfa)
+
+        return cls([layer() for _ in range(cfg.num_layers)], [0] * batch_size, cfg.max_seq_len)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def capacity(self) -> int:
+        return self.layers[0].k_bhcd.shape[2]
+
+    def begin(self, num_new: Sequence[int], seq_len: int, device: torch.device | str) -> CacheStep:
+        """Check that each row can take its num_new[b] new tokens, make room, and describe the step."""
+        num_new = [int(n) for n in num_new]
+        if len(num_new) != self.batch_size:
+            raise ValueError(f"num_new has {len(num_new)} counts: expected {self.batch_size} (one per cache row)")
+        if any(not 1 <= n <= seq_len for n in num_new):
+            raise ValueError(f"num_new = {num_new}: each must be in [1, {seq_len}] (the token columns)")
+        total = [length + n for length, n in zip(self.lengths, num_new)]
+        if max(total) > self.max_len:
+            row = total.index(max(total))
+            raise ValueError(f"row {row} would hold {total[row]} tokens: exceeds max_seq_len {self.max_len}")
+        self.reserve(max(total))
+        return CacheStep.build(self.lengths, num_new, seq_len, device)
+
+    def advance(self, step: CacheStep) -> None:
+        """Count the step's tokens as cached (after every layer has appended them)."""
+        self.lengths = [length + n for length, n in zip(self.lengths, step.num_new)]
+
+    def reserve(self, length: int) -> None:
+        """Room for `length` positions per row: capacity doubles, in CACHE_CHUNK multiples, up to max_len."""
+        if length <= self.capacity:
+            return
+        grown = -(-max(length, 2 * self.capacity) // CACHE_CHUNK) * CACHE_CHUNK
+        capacity = max(length, min(grown, self.max_len))
+        for layer in self.layers:
+            layer.reserve(capacity)
+
+    def select(self, rows: Sequence[int]) -> KVCache:
+        """A cache of these rows, in this order (e.g. the sequences still running)."""
+        rows = [int(r) for r in rows]
+        if not rows:
+            raise ValueError("select: expected at least one row")
+        if min(rows) < 0 or max(rows) >= self.batch_size:
+            raise ValueError(f"rows = {rows}: the cache has rows 0..{self.batch_size - 1}")
+        idx = torch.tensor(rows, dtype=torch.long, device=self.layers[0].k_bhcd.device)
+        return KVCache([layer.rows(idx) for layer in self.layers], [self.lengths[r] for r in rows], self.max_len)
+
+    @staticmethod
+    def concat(caches: Sequence[KVCache]) -> KVCache:
+        """The rows of all caches, in order (e.g. the running batch, then newly prefilled requests)."""
+        if not caches:
+            raise ValueError("concat: expected at least one cache")
+        first = caches[0]
+        for c in caches[1:]:
+            if (len(c.layers), c.max_len, c.layers[0].lfa_inputs_b2d is None) != (
+                len(first.layers), first.max_len, first.layers[0].lfa_inputs_b2d is None
+            ):
+                raise ValueError("concat: the caches come from different model configurations")
+        capacity = max(c.capacity for c in caches)
+        layers = []
+        for i in range(len(first.layers)):
+            parts = [c.layers[i] for c in caches]
+            lfa = None if parts[0].lfa_inputs_b2d is None else torch.cat([p.lfa_inputs_b2d for p in parts])
+            layers.append(LayerKVCache(torch.cat([_grown(p.k_bhcd, capacity) for p in parts]),
+                                       torch.cat([_grown(p.v_bhcd, capacity) for p in parts]), lfa))
+        return KVCache(layers, [n for c in caches for n in c.lengths], first.max_len)

@@ -1,4 +1,5 @@
-"""SwiGLU experts: stacked weights and a grouped forward over tokens sorted by expert.
+"""SwiGLU experts: stacked weights, a grouped forward over tokens sorted by expert, and the no-autograd
+forward / backward pair the expert server runs on its shards.
 
 Yuan-M32 expert: w1: d -> 2*ffn (no bias), split in halves (a, g); out = w2(silu(a) * g); SiLU on the FIRST half.
 Weights are stored stacked: w1 [E, d, 2*ffn], w2 [E, ffn, d], so `x @ w1[e]` needs no transpose.
@@ -12,25 +13,81 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+WeightPair = tuple[torch.Tensor, torch.Tensor]  # (w1 [d, 2f], w2 [f, d]) of one expert
+
+
+def swiglu_gate(h_n2f: torch.Tensor) -> torch.Tensor:
+    """silu(a) * g for h = x @ w1 = [a | g]: [n, 2f] -> [n, f]."""
+    a, g = h_n2f.chunk(2, dim=-1)
+    return F.silu(a) * g
+
 
 def swiglu(x_nd: torch.Tensor, w1_d2f: torch.Tensor, w2_fd: torch.Tensor) -> torch.Tensor:
     """One expert on a block of tokens."""
-    a, g = (x_nd @ w1_d2f).chunk(2, dim=-1)
-    return (F.silu(a) * g) @ w2_fd
+    return swiglu_gate(x_nd @ w1_d2f) @ w2_fd
 
 
-# Crossover between the two paths of grouped_swiglu, calibrated with benchmarks/expert_compute.py on the 2-vCPU
-# Zen 3 dev box, torch.set_num_threads(2), 32 experts, d 512, ffn 1408, top-2, mild skew (padding G*max/rows ~2-3).
-# Speed-up of the padded path over the loop (loop time / padded time, median over interleaved rounds), by mean rows
-# per expert:                      4     8     16    32    64    128   256
-#   quiet box (load avg ~1.5):     1.04  0.91  0.82  0.70  0.49  0.35  0.33
-#   shared box (load avg 8-25):    5.3   3.5   4.3   2.8   2.2   1.5   1.05
-# Quiet, the loop's cost at a few rows per expert is not per-expert overhead (Python + dispatch: 1.7 ms of 42 ms at
-# 64 tokens) but MKL's small-M GEMM on the [d, 2f] row-major weights plus streaming 276 MB of weights (13 ms), and
-# padding's extra FLOPs cancel bmm's better kernel; with the 2 vCPUs oversubscribed, each of the loop's ~64 GEMMs
-# pays a 2-thread fork/join that waits for a descheduled thread, and the padded path's 2 bmm calls avoid that. The
-# threshold takes the large win when shared at a <= ~20% loss when quiet. With no padding (G * max <= 1.25 rows)
-# the padded path does the loop's FLOPs: equal counts measured 0.95-1.12x of the loop on one thread up to 32 rows.
+def swiglu_forward_saving(x_nd: torch.Tensor, w1_d2f: torch.Tensor, w2_fd: torch.Tensor,
+                          out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """`swiglu` without autograd (call under no_grad), also returning h = x @ w1 [n, 2f]: with x, all that
+    swiglu_backward needs. `out` (a [n, d] slice of a larger output) receives y without a copy."""
+    h_n2f = x_nd @ w1_d2f
+    return torch.mm(swiglu_gate(h_n2f), w2_fd, out=out), h_n2f
+
+
+def swiglu_backward(dy_nd: torch.Tensor, x_nd: torch.Tensor, h_n2f: torch.Tensor, w1_d2f: torch.Tensor,
+                    w2_fd: torch.Tensor, dx_out: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(dx [n, d], dw1 [d, 2f], dw2 [f, d]) of swiglu, written by hand (call under no_grad).
+
+    The ops autograd would run (four matmuls, `aten.silu_backward` for the activation), so it matches autograd to
+    rounding; it needs no graph, keeps only x and h from the forward, and lets the caller accumulate the weight
+    grads into its own buffers (faster than autograd on leaf weights: docs/measurements.md).
+    """
+    a, g = h_n2f.chunk(2, dim=-1)
+    sa = F.silu(a)
+    du = dy_nd @ w2_fd.t()
+    dw2 = (sa * g).t() @ dy_nd
+    dh = torch.cat((torch.ops.aten.silu_backward(du * g, a), du * sa), dim=-1)
+    dx = torch.mm(dh, w1_d2f.t(), out=dx_out)
+    return dx, x_nd.t() @ dh, dw2
+
+
+@torch.no_grad()
+def grouped_swiglu_forward_saving(x_nd: torch.Tensor, counts: Sequence[int], weights: Sequence[WeightPair]
+                                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+    """Expert weights[i] on rows [sum(counts[:i]), +counts[i]) of x_nd, no autograd: y [rows, d] and, per
+    segment, h = x_seg @ w1 (what grouped_swiglu_backward needs besides x)."""
+    y = x_nd.new_empty(x_nd.shape[0], x_nd.shape[1])
+    hs = []
+    start = 0
+    for (w1, w2), n in zip(weights, counts):
+        _, h = swiglu_forward_saving(x_nd[start : start + n], w1, w2, out=y[start : start + n])
+        hs.append(h)
+        start += n
+    return y, hs
+
+
+@torch.no_grad()
+def grouped_swiglu_backward(dy_nd: torch.Tensor, counts: Sequence[int], x_nd: torch.Tensor,
+                            hs: Sequence[torch.Tensor], weights: Sequence[WeightPair]
+                            ) -> tuple[torch.Tensor, list[WeightPair]]:  # fmt: skip
+    """dx [rows, d] of grouped_swiglu_forward_saving and (dw1, dw2) per segment, by swiglu_backward."""
+    dx = torch.empty_like(x_nd)
+    wgrads = []
+    start = 0
+    for (w1, w2), h, n in zip(weights, hs, counts):
+        rows = slice(start, start + n)
+        _, dw1, dw2 = swiglu_backward(dy_nd[rows], x_nd[rows], h, w1, w2, dx_out=dx[rows])
+        wgrads.append((dw1, dw2))
+        start += n
+    return dx, wgrads
+
+
+# Crossover between the two paths of grouped_swiglu, calibrated with benchmarks/expert_compute.py: the padded path
+# wins by far at few rows per expert when the cores are oversubscribed (2 bmm calls instead of ~2G small GEMMs,
+# each with a thread fork/join) and loses <= ~20% on a quiet box; with no padding it does the loop's FLOPs.
+# Measured speed-ups per mean rows per expert: docs/measurements.md.
 PADDED_MAX_MEAN_ROWS = 16.0
 PADDED_MAX_WASTE = 1.25
 
@@ -41,7 +98,7 @@ def padded_is_faster(counts: Sequence[int], weight_index: Sequence[int] | None =
     Rows of segments that share an expert are merged first (replicas). With G experts used, each with C_e rows:
     padded when mean(C_e) <= PADDED_MAX_MEAN_ROWS (few rows per expert: 2 batched GEMMs instead of ~2G small ones,
     each with its own thread fork/join) or when the padded rows G * max(C_e) <= PADDED_MAX_WASTE * sum(C_e)
-    (almost no padding, so the padded path does no more FLOPs than the loop). Measurements: see above.
+    (almost no padding, so the padded path does no more FLOPs than the loop).
     """
     per_expert = _rows_per_expert(counts, weight_index)
     if not per_expert:
@@ -85,8 +142,9 @@ def grouped_swiglu_loop(
     """grouped_swiglu by a Python loop: one matmul pair per non-empty segment, on contiguous row slices.
 
     The best path at many rows per expert (no padding, full-size GEMMs). Under autograd the stacked weights are
-    unbound once: the backward of w[i] (select) would allocate and add a zero tensor of the WHOLE stack per segment
-    (measured 15x slower backward at 32 experts); unbind's backward stacks the per-expert gradients once.
+    unbound once: the backward of w[i] (select) would allocate and add a zero tensor of the WHOLE stack per
+    segment (much slower at 32 experts: docs/measurements.md); unbind's backward stacks the per-expert gradients
+    once.
     """
     _check(x_nd, counts, weight_index)
     index = range(len(counts)) if weight_index is None else weight_index
@@ -153,8 +211,7 @@ def grouped_swiglu_padded(
         torch.tensor(lengths, dtype=torch.long, device=x_nd.device), output_size=n_rows
     )
     buf = x_nd.new_zeros(b * rows, d).index_copy(0, pos, x_nd).view(b, rows, d)
-    a, g = torch.bmm(buf, w1_bd2f).chunk(2, dim=-1)
-    y = torch.bmm(F.silu(a) * g, w2_bfd)
+    y = torch.bmm(swiglu_gate(torch.bmm(buf, w1_bd2f)), w2_bfd)
     return y.view(b * rows, -1).index_select(0, pos)
 
 

@@ -6,6 +6,7 @@ numerical oracle every distributed path is compared against. Transports (dispatc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -17,17 +18,32 @@ from moe_runtime.model.router import RouterOutput
 from moe_runtime.placement import Placement
 
 
+@dataclass(frozen=True)
+class StepContext:
+    """The training step and micro-batch a forward belongs to: a remote dispatcher keys what the expert servers
+    keep for backward by it. Travels with each call (model -> layer -> dispatcher)."""
+
+    step: int
+    micro_batch: int = 0
+
+    def __post_init__(self) -> None:
+        if self.step < 0 or self.micro_batch < 0:
+            raise ValueError(f"StepContext({self.step}, {self.micro_batch}): expected non-negative step and "
+                             "micro-batch")
+
+
 @runtime_checkable
 class Dispatcher(Protocol):
     """Takes token copies already gathered in plan order, returns the expert outputs in the same order.
 
     Gather and combine stay in MoELayer (plain autograd ops), so the router gets its gradient through the gates
-    whatever the dispatcher is.
+    whatever the dispatcher is. `ctx` is None outside a training step; a dispatcher that needs it says so.
     """
 
     placement: Placement
 
-    def __call__(self, x_nd: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:  # [T*k, d] -> [T*k, d]
+    def __call__(self, x_nd: torch.Tensor, plan: DispatchPlan, ctx: StepContext | None) -> torch.Tensor:
+        """[T*k, d] -> [T*k, d]"""
         ...
 
 
@@ -38,7 +54,7 @@ class LocalDispatcher(nn.Module):
         # One "actor" (this process) holds every expert; the layer index is irrelevant to the split.
         self.placement = placement or Placement.contiguous(num_layers, experts.num_experts, 1)
 
-    def forward(self, x_nd: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    def forward(self, x_nd: torch.Tensor, plan: DispatchPlan, ctx: StepContext | None = None) -> torch.Tensor:
         return self.experts(x_nd, [s.count for s in plan.segments], [s.expert for s in plan.segments])
 
 
@@ -51,11 +67,11 @@ class MoELayer(nn.Module):
         self.last_plan: DispatchPlan | None = None  # read by load statistics after forward
         self.last_router_output: RouterOutput | None = None
 
-    def forward(self, x_bsd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x_bsd: torch.Tensor, ctx: StepContext | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x_td = x_bsd.reshape(-1, x_bsd.shape[-1])
         routed = self.router(x_td)
         plan = DispatchPlan.build(routed.expert_ids, self.dispatcher.placement, self.layer_index)
-        y_nd = self.dispatcher(plan.gather(x_td), plan)
+        y_nd = self.dispatcher(plan.gather(x_td), plan, ctx)
         out_td = plan.combine(y_nd, routed.weights)
         self.last_plan, self.last_router_output = plan, routed
         return out_td.view_as(x_bsd), routed.aux_loss

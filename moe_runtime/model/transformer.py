@@ -3,11 +3,15 @@
 Decoder layer: h = x + Attention(RMSNorm(x)); out = h + MoE(RMSNorm(h)).
 Where experts live is decided by `dispatcher_factory(layer_index)`: in-process experts by default (the oracle),
 remote experts in the cluster. The dense part is identical either way.
+
+Incremental decoding: `forward(tokens, cache=KVCache)` continues each cached row (prefill = an empty cache,
+a decode step = one token per row); attention reads and extends the cache, the MoE layers see the real new
+tokens only, through the same MoELayer and dispatcher as a full forward.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_runtime.config import ModelConfig
-from moe_runtime.model.attention import build_attention
+from moe_runtime.model.attention import CacheStep, KVCache, LayerKVCache, build_attention
 from moe_runtime.model.experts import SwiGLUExperts
-from moe_runtime.model.moe_layer import Dispatcher, LocalDispatcher, MoELayer
+from moe_runtime.model.moe_layer import Dispatcher, LocalDispatcher, MoELayer, StepContext
 from moe_runtime.model.norm import RMSNorm
 from moe_runtime.model.router import build_router
 
@@ -53,10 +57,23 @@ class DecoderLayer(nn.Module):
                               cfg.init_std)
         self.moe = MoELayer(router, dispatcher, layer_index)
 
-    def forward(self, x_bsd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = x_bsd + self.attn(self.attn_norm(x_bsd))
-        y, aux = self.moe(self.moe_norm(h))
-        return h + y, aux
+    def forward(
+        self,
+        x_bsd: torch.Tensor,
+        ctx: StepContext | None = None,
+        kv: LayerKVCache | None = None,
+        step: CacheStep | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        h = x_bsd + self.attn(self.attn_norm(x_bsd), kv, step)
+        m_bsd = self.moe_norm(h)
+        if step is None or not step.padded:
+            y, aux = self.moe(m_bsd, ctx)
+            return h + y, aux
+        # Right-padded rows: only real tokens go to the experts (pads would cost transfers and skew the load).
+        m_td = m_bsd.reshape(-1, m_bsd.shape[-1])
+        y_1nd, aux = self.moe(m_td.index_select(0, step.valid_index_n).unsqueeze(0), ctx)
+        y_td = m_td.new_zeros(m_td.shape).index_copy_(0, step.valid_index_n, y_1nd[0])
+        return h + y_td.view_as(h), aux
 
 
 class MoETransformer(nn.Module):
@@ -73,22 +90,60 @@ class MoETransformer(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [layer.moe for layer in self.layers]
 
-    def forward(self, tokens_bs: torch.Tensor) -> ModelOutput:
+    def forward(
+        self,
+        tokens_bs: torch.Tensor,
+        ctx: StepContext | None = None,
+        *,
+        cache: KVCache | None = None,
+        num_new: Sequence[int] | torch.Tensor | None = None,
+        last_logits_only: bool = False,
+    ) -> ModelOutput:
+        """Logits [B, S, V]; with last_logits_only, [B, 1, V] at each row's last real token.
+
+        `ctx`: the step and micro-batch, passed to every MoE layer's dispatcher (remote ones need it).
+        `cache`: tokens_bs continues the cache's rows (right-padded: row b has num_new[b] real tokens, all S by
+        default) and the cache is extended in place. Inference only (run under torch.no_grad()).
+        """
         if tokens_bs.dim() != 2:
             raise ValueError(f"tokens has shape {list(tokens_bs.shape)}: expected [batch, seq]")
-        if tokens_bs.shape[1] > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {tokens_bs.shape[1]}: exceeds max_seq_len {self.cfg.max_seq_len}")
+        b, s = tokens_bs.shape
+        step = None
+        if cache is None:
+            if num_new is not None:
+                raise ValueError("num_new without a cache: padding is only described for a cached forward")
+            if s > self.cfg.max_seq_len:
+                raise ValueError(f"sequence length {s}: exceeds max_seq_len {self.cfg.max_seq_len}")
+        else:
+            if cache.batch_size != b:
+                raise ValueError(f"tokens has {b} rows: the cache has {cache.batch_size}")
+            if num_new is None:
+                num_new = [s] * b
+            elif isinstance(num_new, torch.Tensor):
+                num_new = num_new.tolist()
+            step = cache.begin(num_new, s, tokens_bs.device)
         x = self.embed(tokens_bs)
         aux = x.new_zeros((), dtype=torch.float32)
-        for layer in self.layers:
-            x, layer_aux = layer(x)
+        for i, layer in enumerate(self.layers):
+            x, layer_aux = layer(x, ctx, None if cache is None else cache.layers[i], step)
             aux = aux + layer_aux
+        if cache is not None:
+            cache.advance(step)
+        if last_logits_only:
+            padded = step is not None and step.padded
+            x = x.reshape(b * s, -1).index_select(0, step.last_index_b)[:, None] if padded else x[:, -1:]
         logits = F.linear(self.final_norm(x), self.embed.weight)  # LM head tied with the input embedding
         return ModelOutput(logits, aux)
 
-    def loss(self, tokens_bs: torch.Tensor, targets_bs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def new_cache(self, batch_size: int, capacity: int) -> KVCache:
+        """An empty decoding cache for batch_size rows on this model's device and dtype."""
+        w = self.embed.weight
+        return KVCache.allocate(self.cfg, batch_size, capacity, w.dtype, w.device)
+
+    def loss(self, tokens_bs: torch.Tensor, targets_bs: torch.Tensor,
+             ctx: StepContext | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """(total loss = cross entropy + aux, cross entropy alone)."""
-        out = self.forward(tokens_bs)
+        out = self.forward(tokens_bs, ctx)
         ce = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(), targets_bs.reshape(-1))
         return ce + out.aux_loss, ce
 

@@ -1,12 +1,13 @@
-"""ExpertActor: a Ray actor that hosts (layer, expert) shards in an ExpertServer and owns their optimizer state.
+"""ExpertActor: a Ray actor that owns (layer, expert) shards (ExpertShards), serves them (ExpertServer) and owns
+their optimizer state.
 
 Data plane: the router workers call the actor's gRPC server (Dispatch / Backward) directly; Ray never carries
 activations. Control plane (Ray method calls from the driver, between steps): load / drop shards, read and set
 weight grads (replica sums), squared grad norms (global clipping), the optimizer step, checkpoints, stats.
 
 Optimizer: torch.optim.AdamW built by `training.make_adamw`, i.e. the oracle's exact hyper-parameters and groups.
-Its parameters are `nn.Parameter` views sharing storage with the server's live weight tensors, and their `.grad`
-is the server's live grad buffer, so `opt.step()` updates what the server computes with, in place. The oracle
+Its parameters are `nn.Parameter` views sharing storage with the shards' live weight tensors, and their `.grad`
+is the shards' live grad buffer, so `opt.step()` updates what the server computes with, in place. The oracle
 holds each layer's experts stacked ([E, d, 2f]) as one parameter; AdamW with foreach=False is elementwise, so a
 per-expert slice ([d, 2f], also in the decay group since dim >= 2) gets the identical update.
 
@@ -29,8 +30,11 @@ import torch
 from torch import nn
 
 from moe_runtime.config import RuntimeConfig
-from moe_runtime.dispatch.grpc_service import DEFAULT_MAX_MESSAGE_BYTES, ExpertServer
+from moe_runtime.records import ActorInfo, ActorStepStats
+from moe_runtime.dispatch.server import ExpertServer
+from moe_runtime.dispatch.service import DEFAULT_MAX_MESSAGE_BYTES
 from moe_runtime.runtime import checkpoint as ckpt
+from moe_runtime.runtime.expert_shards import ExpertShards
 from moe_runtime.runtime.ray_env import pick_device
 from moe_runtime.training import make_adamw, set_lr
 
@@ -61,8 +65,9 @@ class ExpertActor:
             import ray
 
             host = ray.util.get_node_ip_address()  # a real cluster: router workers may be on other machines
+        self.shards = ExpertShards()
         self.server = ExpertServer(
-            {}, host, 0, auth_token=auth_token, max_message_bytes=max_message_bytes(self.cfg),
+            self.shards, host, 0, auth_token=auth_token, max_message_bytes=max_message_bytes(self.cfg),
             check_finite=self.cfg.transport.check_finite, threads=self.cfg.transport.server_threads,
         )  # fmt: skip
         self.address = self.server.start()
@@ -73,20 +78,14 @@ class ExpertActor:
 
     # ------------------------------------------------------------------ identity / health
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> ActorInfo:
         import ray
 
-        ctx = ray.get_runtime_context()
-        return {
-            "index": self.index,
-            "pid": os.getpid(),
-            "node_id": ctx.get_node_id(),
-            "address": self.address,
-            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-            "device": self.device,
-            "shards": sorted(self._params),
-            "placement_version": self.server.placement_version,
-        }
+        return ActorInfo(
+            index=self.index, pid=os.getpid(), node_id=ray.get_runtime_context().get_node_id(), address=self.address,
+            gpu_ids=tuple(str(g) for g in ray.get_gpu_ids()), device=str(self.device),
+            shards=tuple(sorted(self._params)), placement_version=self.shards.placement_version,
+        )
 
     def ping(self) -> int:
         return os.getpid()
@@ -94,8 +93,8 @@ class ExpertActor:
     # ------------------------------------------------------------------ shards
 
     def _rebuild(self, carried: Mapping[str, torch.Tensor]) -> None:
-        """Re-bind parameters to the server's (possibly new) tensors and rebuild AdamW with `carried` state."""
-        weights, grads = self.server.weights(), self.server.grads()
+        """Re-bind parameters to the shards' (possibly new) tensors and rebuild AdamW with `carried` state."""
+        weights, grads = self.shards.weights(), self.shards.grads()
         params: dict[Key, tuple[nn.Parameter, nn.Parameter]] = {}
         for k in sorted(weights):
             p1, p2 = nn.Parameter(weights[k][0]), nn.Parameter(weights[k][1])  # views of the live tensors
@@ -124,20 +123,20 @@ class ExpertActor:
                 if n not in ("w1", "w2"):
                     w, f = n.split(".", 1)
                     carried[f"{_param_name(k, w)}.{f}"] = t
-        self.server.load_shards({k: (d["w1"].clone(), d["w2"].clone()) for k, d in zip(keys, shards.values())},
-                                replace=replace)
-        self.server.set_placement_version(placement_version)
+        self.shards.load({k: (d["w1"].clone(), d["w2"].clone()) for k, d in zip(keys, shards.values())},
+                         replace=replace)
+        self.shards.set_placement_version(placement_version)
         self._rebuild(carried)
         return sorted(self._params)
 
     def drop_shards(self, keys: Iterable[Key]) -> None:
         keys = {(int(a), int(b)) for a, b in keys}
         carried = self._opt_state([k for k in self._params if k not in keys])
-        self.server.drop_shards(keys)
+        self.shards.drop(keys)
         self._rebuild(carried)
 
     def set_placement_version(self, version: int) -> None:
-        self.server.set_placement_version(version)
+        self.shards.set_placement_version(version)
 
     def state(self, keys: Iterable[Key] | None = None) -> dict[Key, dict[str, torch.Tensor]]:
         """Weights + AdamW state of the given shards (all hosted if None), as independent copies."""
@@ -158,22 +157,22 @@ class ExpertActor:
     # ------------------------------------------------------------------ step boundary
 
     def grads(self, keys: Iterable[Key]) -> dict[Key, tuple[torch.Tensor, torch.Tensor]]:
-        g = self.server.grads()
+        g = self.shards.grads()
         return {(int(a), int(b)): (g[(a, b)][0].clone(), g[(a, b)][1].clone()) for a, b in keys}
 
     def set_grads(self, grads: Mapping[Key, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self.server.set_grads(grads)
+        self.shards.set_grads(grads)
 
     def grad_sq(self, keys: Iterable[Key]) -> float:
         """Sum of squared weight grads over `keys` (the logical experts this actor answers for in the norm)."""
-        g = self.server.grads()
+        g = self.shards.grads()
         total = 0.0
         for a, b in keys:
             for t in g[(int(a), int(b))]:
                 total += float(torch.linalg.vector_norm(t)) ** 2
         return total
 
-    def apply(self, coef: float, lr: float, step: int) -> dict[str, float]:
+    def apply(self, coef: float, lr: float, step: int) -> ActorStepStats:
         """Scale grads by the global clip coefficient, AdamW step at `lr`, zero grads, free the step."""
         t0, c0 = time.perf_counter(), time.thread_time()
         assert self._opt is not None
@@ -183,24 +182,24 @@ class ExpertActor:
                 p2.grad.mul_(coef)
         set_lr(self._opt, lr)
         self._opt.step()
-        self.server.zero_grads()
-        self.server.end_step(step)
+        self.shards.zero_grads()
+        self.shards.end_step(step)
         st = self.server.stats()
         now = {k: st[k] for k in ("compute_s", "compute_cpu_s", "handler_cpu_s", "decode_s", "encode_s")}
         delta = {f"expert_{k}": max(0.0, v - self._last_stats.get(k, 0.0)) for k, v in now.items()}
         self._last_stats = now
-        return {"optimizer_s": time.perf_counter() - t0, "optimizer_cpu_s": time.thread_time() - c0, **delta}
+        return ActorStepStats(optimizer_s=time.perf_counter() - t0, optimizer_cpu_s=time.thread_time() - c0, **delta)
 
     def abort(self, step: int) -> None:
         """Forget a failed step: free its activations and zero the grads."""
-        self.server.abort_step(step)
-        self.server.zero_grads()
+        self.shards.abort_step(step)
+        self.shards.zero_grads()
 
     def token_counts(self, reset: bool = False) -> dict[Key, int]:
-        return self.server.expert_token_counts(reset=reset)
+        return self.shards.expert_token_counts(reset=reset)
 
     def stats(self) -> dict[str, Any]:
-        return {**self.server.stats(), **self.info()}
+        return {**self.server.stats(), **self.shards.stats(), **self.info().as_dict()}
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -214,7 +213,7 @@ class ExpertActor:
         """Host exactly `keys`, read from the checkpoint in `step_dir` (files already verified by the driver)."""
         manifest = ckpt.load_manifest(step_dir, verify=False)
         shards = ckpt.read_expert_shards(manifest, keys)
-        self.server.abort_step(1 << 62)  # activations of an abandoned step are useless now
+        self.shards.abort_step(1 << 62)  # activations of an abandoned step are useless now
         return self.load_shards(shards, placement_version, replace=True)
 
     def shutdown(self) -> None:

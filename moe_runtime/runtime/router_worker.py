@@ -7,8 +7,8 @@ cluster starts from exactly the oracle's weights.
 
 One step (the oracle's decomposition, training.py): the global batch of `step` is split into
 W x M chunks (`chunk_rows`), worker w runs chunks [w*M, (w+1)*M), scaling each chunk's loss by 1/(W*M) before
-backward; `set_step(step, mb)` on every dispatcher before each chunk's forward keys the activations the expert
-servers keep for backward. Then the dense grads are summed over workers (`sync_grads`: torch.distributed gloo, or
+backward; the chunk's `StepContext(step, mb)`, passed with its forward, keys the activations the expert servers
+keep for backward. Then the dense grads are summed over workers (`sync_grads`: torch.distributed gloo, or
 through the Ray object store when cluster.grad_sync = "ray"), the driver computes the global clip coefficient,
 and every worker applies the identical AdamW step (`apply`).
 
@@ -26,13 +26,16 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from moe_runtime.config import RuntimeConfig
+from moe_runtime.records import WorkerPass
 from moe_runtime.data import DEFAULT_CACHE_DIR, BatchLoader, load_corpus
-from moe_runtime.dispatch.grpc_service import ExpertCallError, ExpertClient
+from moe_runtime.dispatch.client import ExpertCallError, ExpertClient
 from moe_runtime.dispatch.remote import RemoteDispatcher
+from moe_runtime.model.moe_layer import StepContext
 from moe_runtime.model.transformer import MoETransformer, build_model
 from moe_runtime.runtime import checkpoint as ckpt
 from moe_runtime.runtime.expert_actor import max_message_bytes
@@ -184,7 +187,7 @@ class RouterWorker:
 
     # ------------------------------------------------------------------ training
 
-    def forward_backward(self, step: int) -> dict[str, Any]:
+    def forward_backward(self, step: int) -> WorkerPass:
         """This worker's micro-batches of `step`: forward, backward (expert grads accumulate on the actors).
         Returns the chunk-mean lm / aux loss contributions, the expert load [L, E] and timings."""
         t0, c0, p0 = time.perf_counter(), time.thread_time(), time.process_time()
@@ -196,24 +199,25 @@ class RouterWorker:
         inputs, targets = self.loader.batch(step)
         mine = self.chunks[self.index * t.micro_batches : (self.index + 1) * t.micro_batches]
         lm, aux = 0.0, 0.0
-        load = torch.zeros(self.cfg.model.num_layers, self.cfg.model.num_experts, dtype=torch.long)
         loads = []
         try:
             for mb, rows in enumerate(mine):
-                for d in self.dispatchers:
-                    d.set_step(step, mb)
-                loss, ce = self.model.loss(inputs[rows].to(self.device), targets[rows].to(self.device))
+                loss, ce = self.model.loss(inputs[rows].to(self.device), targets[rows].to(self.device),
+                                           StepContext(step, mb))  # fmt: skip
                 (loss / n).backward()
                 lm += ce.item() / n
                 aux += (loss - ce).item() / n
-                loads.append(self.model.expert_load())
-                load += loads[-1]
+                loads.append(self.model.expert_load().cpu().numpy())
         except ExpertCallError as err:
             self.opt.zero_grad(set_to_none=True)
             raise DataPlaneError(f"router worker {self.index}, step {step}: {err}") from None
         tm = self.timer.reset()
-        return {"lm": lm, "aux": aux, "load": load, "loads": loads, "fb_s": time.perf_counter() - t0,
-                "fb_cpu_s": time.thread_time() - c0, "fb_process_cpu_s": time.process_time() - p0, **tm}
+        return WorkerPass(
+            lm=lm, aux=aux, load_le=np.sum(loads, axis=0, dtype=np.int64), chunk_loads_le=tuple(loads),
+            wall_s=time.perf_counter() - t0, main_cpu_s=time.thread_time() - c0,
+            process_cpu_s=time.process_time() - p0, moe_s=tm.get("moe", 0.0), router_s=tm.get("router", 0.0),
+            dispatch_s=tm.get("dispatch", 0.0), dispatch_bwd_s=tm.get("dispatch_bwd", 0.0),
+        )
 
     def _flat_grads(self) -> torch.Tensor:
         parts = []
@@ -275,10 +279,8 @@ class RouterWorker:
     def forward(self, tokens: torch.Tensor, step: int = 0) -> torch.Tensor:
         """Logits [B, S, V] for `tokens` [B, S] (eval mode; the expert servers keep nothing)."""
         self.model.eval()
-        for d in self.dispatchers:
-            d.set_step(step, 0)
         try:
-            return self.model(tokens.to(self.device)).logits.to("cpu")
+            return self.model(tokens.to(self.device), StepContext(step)).logits.to("cpu")
         except ExpertCallError as err:
             raise DataPlaneError(f"router worker {self.index}, forward: {err}") from None
 

@@ -1,22 +1,49 @@
-"""DeepSeek EPLB, re-implemented in NumPy, plus a converter to our `Placement`.
+"""DeepSeek EPLB, ported op for op in torch, plus a converter to our `Placement`.
 
-Source: deepseek-ai/EPLB ``eplb.py`` (main @ d52c72d, 2025-03-24; MIT licence) and its README. This is a
-faithful port of ``balanced_packing``, ``replicate_experts``, ``rebalance_experts_hierarchical`` and
-``rebalance_experts``: same steps, same float32 arithmetic, same outputs. The upstream code uses torch's
-(unstable) descending sort; here ties are broken deterministically by the lowest index (a stable sort), and
-``argmax`` picks the first maximum, which is what the upstream code does on the README example and what the
-brief of this module asks for.
+Source: https://github.com/deepseek-ai/EPLB/blob/57919718be1fbe2baca80a42a7df4de7119aaa95/eplb.py
+lines 1-162 (``balanced_packing``, ``replicate_experts``, ``rebalance_experts_hierarchical``,
+``rebalance_experts``: the lines of main @ d52c72d, 2025-03-24, with the global policy of e1100fe). The port
+calls the same torch ops in the same order, so its outputs are upstream's to the element: torch's default
+(unstable) descending sort in ``balanced_packing`` (pinned torch, CPU: index order on rows of up to 16 items, not
+beyond, so ties on longer rows land where upstream puts them), ``max(dim=-1).indices`` (first maximum) in
+``replicate_experts``, float32 running sums, and the hierarchical / global choice. Upstream's asserts became
+ValueErrors that say what is wrong, and ``rebalance_experts`` checks that weight is 2-D.
 
 It is the baseline the scheduler's own policy (``policy.py``) is measured against: EPLB balances well but
 ignores the previous placement, so re-running it reshuffles most slots (EPLB issue #25), and it can put
 two replicas of one expert on one GPU.
 """
 
+# The four EPLB functions below are ported from deepseek-ai/EPLB, under this licence:
+#
+# MIT License
+#
+# Copyright (c) 2025 DeepSeek
+#
+# Permission is hereby granted, free of charge, to any person obtaining a copy
+# of this software and associated documentation files (the "Software"), to deal
+# in the Software without restriction, including without limitation the rights
+# to use, copy, modify, merge, publish, distribute, sublicense, and/or sell
+# copies of the Software, and to permit persons to whom the Software is
+# furnished to do so, subject to the following conditions:
+#
+# The above copyright notice and this permission notice shall be included in all
+# copies or substantial portions of the Software.
+#
+# THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
+# IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY,
+# FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE
+# AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER
+# LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM,
+# OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE
+# SOFTWARE.
+
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
 from moe_runtime.placement import Placement
 
@@ -30,31 +57,32 @@ __all__ = [
 ]
 
 
-def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
+def balanced_packing(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pack n weighted items into `num_packs` packs of exactly n / num_packs items each.
 
-    weight: [X, n]. Per row: items in descending weight order (ties: lowest index first) each go to the pack
-    with the smallest running weight among the packs not yet full (ties: lowest pack index).
+    weight: [X, n]. Per row: items in the order of torch's default descending sort each go to the pack with
+    the smallest running weight among the packs not yet full (ties: lowest pack index).
     Returns (pack_index[X, n], rank_in_pack[X, n]).
     """
-    weight = np.asarray(weight, dtype=np.float32)
     num_layers, num_items = weight.shape
     if num_items % num_packs:
         raise ValueError(f"balanced_packing: {num_items} items do not split evenly into {num_packs} packs")
-    per_pack = num_items // num_packs
-    if per_pack == 1:
-        pack_index = np.broadcast_to(np.arange(num_items, dtype=np.int64), weight.shape).copy()
-        return pack_index, np.zeros(weight.shape, dtype=np.int64)
+    items_per_pack = num_items // num_packs
+    if items_per_pack == 1:
+        pack_index = torch.arange(num_items, dtype=torch.int64, device=weight.device).expand(weight.shape)
+        rank_in_pack = torch.zeros_like(weight, dtype=torch.int64)
+        return pack_index, rank_in_pack
 
-    order = np.argsort(-weight, axis=-1, kind="stable")
-    pack_index = np.full(weight.shape, -1, dtype=np.int64)
-    rank_in_pack = np.full(weight.shape, -1, dtype=np.int64)
+    # Not stable=True: upstream's unstable sort decides the order of ties, and so where they land.
+    order = weight.float().sort(-1, descending=True).indices.cpu()
+    pack_index = torch.full_like(weight, fill_value=-1, dtype=torch.int64, device="cpu")
+    rank_in_pack = torch.full_like(pack_index, fill_value=-1)
     for i in range(num_layers):
-        pack_weights = np.zeros(num_packs, dtype=np.float32)
-        pack_items = np.zeros(num_packs, dtype=np.int64)
+        pack_weights = [0] * num_packs  # int 0, then 0-d tensors: float32 sums, as upstream
+        pack_items = [0] * num_packs
         for item in order[i]:
-            open_packs = np.flatnonzero(pack_items < per_pack)
-            pack = int(open_packs[np.argmin(pack_weights[open_packs])])
+            open_packs = (p for p in range(num_packs) if pack_items[p] < items_per_pack)
+            pack = min(open_packs, key=pack_weights.__getitem__)
             pack_index[i, item] = pack
             rank_in_pack[i, item] = pack_items[pack]
             pack_weights[pack] += weight[i, item]
@@ -62,7 +90,7 @@ def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np
     return pack_index, rank_in_pack
 
 
-def replicate_experts(weight: np.ndarray, num_phy: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def replicate_experts(weight: torch.Tensor, num_phy: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Replicate `num_log` logical experts into `num_phy` physical ones, minimising the max load per replica.
 
     weight: [X, num_log]. Starts with one replica each; each of the num_phy - num_log extra replicas goes to
@@ -70,38 +98,38 @@ def replicate_experts(weight: np.ndarray, num_phy: int) -> tuple[np.ndarray, np.
     Returns (phy2log[X, num_phy], rank[X, num_phy] (replica rank of each physical expert),
     logcnt[X, num_log]).
     """
-    weight = np.asarray(weight, dtype=np.float32)
     n, num_log = weight.shape
     if num_phy < num_log:
         raise ValueError(f"replicate_experts: {num_phy} physical slots < {num_log} logical experts")
-    phy2log = np.tile(np.arange(num_phy, dtype=np.int64), (n, 1))
-    rank = np.zeros((n, num_phy), dtype=np.int64)
-    logcnt = np.ones((n, num_log), dtype=np.int64)
-    rows = np.arange(n)
+    device = weight.device
+    phy2log = torch.arange(num_phy, dtype=torch.int64, device=device).repeat(n, 1)
+    rank = torch.zeros(n, num_phy, dtype=torch.int64, device=device)
+    logcnt = torch.ones(n, num_log, dtype=torch.int64, device=device)
+    rows = torch.arange(n, dtype=torch.int64, device=device)
     for i in range(num_log, num_phy):
-        redundant = np.argmax(weight / logcnt.astype(np.float32), axis=-1)
+        redundant = (weight / logcnt).max(dim=-1).indices
         phy2log[:, i] = redundant
         rank[:, i] = logcnt[rows, redundant]
         logcnt[rows, redundant] += 1
     return phy2log, rank, logcnt
 
 
-def _inverse(perm: np.ndarray) -> np.ndarray:
-    inv = np.empty_like(perm)
-    np.put_along_axis(inv, perm, np.broadcast_to(np.arange(perm.shape[1]), perm.shape), axis=1)
+def _inverse(perm: torch.Tensor) -> torch.Tensor:
+    inv = torch.empty_like(perm)
+    positions = torch.arange(perm.size(1), dtype=torch.int64, device=perm.device).expand(perm.shape)
+    inv.scatter_(1, perm, positions)
     return inv
 
 
 def rebalance_experts_hierarchical(
-    weight: np.ndarray, num_physical_experts: int, num_groups: int, num_nodes: int, num_gpus: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    weight: torch.Tensor, num_physical_experts: int, num_groups: int, num_nodes: int, num_gpus: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """EPLB's hierarchical policy. Returns (phy2log[L, R], phyrank[L, R], logcnt[L, E]).
 
     (1) pack expert groups (E / G contiguous experts) onto nodes with balanced_packing; (2) inside each node,
     replicate its E / N experts into R / N slots; (3) pack those replicas (load = w / count) onto the node's
     P / N GPUs, R / P slots each; (4) map back to global expert ids.
     """
-    weight = np.asarray(weight, dtype=np.float32)
     num_layers, num_logical = weight.shape
     if num_logical % num_groups:
         raise ValueError(f"EPLB: {num_logical} experts not divisible into {num_groups} groups")
@@ -114,65 +142,66 @@ def rebalance_experts_hierarchical(
     group_size = num_logical // num_groups
     groups_per_node = num_groups // num_nodes
     phy_per_gpu = num_physical_experts // num_gpus
-    log_per_node = num_logical // num_nodes
 
     # Step 1: pack groups to nodes; relabel experts node-major ("mlog").
-    tokens_per_group = weight.reshape(num_layers, num_groups, group_size).sum(-1, dtype=np.float32)
+    tokens_per_group = weight.unflatten(-1, (num_groups, group_size)).sum(-1)
     group_pack, group_rank = balanced_packing(tokens_per_group, num_nodes)
     log2mlog = (
-        ((group_pack * groups_per_node + group_rank) * group_size)[:, :, None] + np.arange(group_size)
-    ).reshape(num_layers, num_logical)
+        ((group_pack * groups_per_node + group_rank) * group_size).unsqueeze(-1)
+        + torch.arange(group_size, dtype=torch.int64, device=group_pack.device)
+    ).flatten(-2)
     mlog2log = _inverse(log2mlog)
 
     # Step 2: redundant experts within nodes. [L * N, E / N]
-    tokens_per_mlog = np.take_along_axis(weight, mlog2log, axis=-1).reshape(-1, log_per_node)
+    tokens_per_mlog = weight.gather(-1, mlog2log).view(-1, num_logical // num_nodes)
     phy2mlog, phyrank, mlogcnt = replicate_experts(tokens_per_mlog, num_physical_experts // num_nodes)
 
     # Step 3: pack physical experts to GPUs. [L * N, R / N]
-    tokens_per_phy = np.take_along_axis(tokens_per_mlog / mlogcnt.astype(np.float32), phy2mlog, axis=-1)
+    tokens_per_phy = (tokens_per_mlog / mlogcnt).gather(-1, phy2mlog)
     pack_index, rank_in_pack = balanced_packing(tokens_per_phy, num_gpus // num_nodes)
     phy2pphy = pack_index * phy_per_gpu + rank_in_pack
     pphy2phy = _inverse(phy2pphy)
 
     # Step 4: back to global ids.
-    pphy2mlog = np.take_along_axis(phy2mlog, pphy2phy, axis=-1)
+    pphy2mlog = phy2mlog.gather(-1, pphy2phy)  # [L * N, R / N]
     pphy2mlog = (
-        pphy2mlog.reshape(num_layers, num_nodes, -1) + np.arange(0, num_logical, log_per_node)[None, :, None]
-    ).reshape(num_layers, -1)
-    pphy2log = np.take_along_axis(mlog2log, pphy2mlog, axis=-1)
-    pphyrank = np.take_along_axis(phyrank, pphy2phy, axis=-1).reshape(num_layers, -1)
-    logcnt = np.take_along_axis(mlogcnt.reshape(num_layers, -1), log2mlog, axis=-1)
+        pphy2mlog.view(num_layers, num_nodes, -1)
+        + torch.arange(0, num_logical, num_logical // num_nodes, device=group_pack.device).view(1, -1, 1)
+    ).flatten(-2)
+    pphy2log = mlog2log.gather(-1, pphy2mlog)
+    pphyrank = phyrank.gather(-1, pphy2phy).view(num_layers, -1)
+    logcnt = mlogcnt.view(num_layers, -1).gather(-1, log2mlog)
     return pphy2log, pphyrank, logcnt
 
 
 def rebalance_experts(
-    weight: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """EPLB entry point. weight: [L, E] predicted load per logical expert.
+    weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """EPLB entry point. weight: [L, E] predicted load per logical expert (any dtype, any device).
 
     Hierarchical policy when num_groups % num_nodes == 0, otherwise the "global" policy, which is the same
-    routine with one group and one node. Returns (phy2log[L, R], log2phy[L, E, maxcnt] (-1 padded; physical
-    slot of each replica rank), logcnt[L, E]). Physical slot p lives on GPU p // (R / num_gpus).
+    routine with one group and one node. Returns int64 CPU tensors (phy2log[L, R], log2phy[L, E, maxcnt]
+    (-1 padded; physical slot of each replica rank), logcnt[L, E]). Physical slot p lives on GPU
+    p // (R / num_gpus).
     """
-    weight = np.asarray(weight, dtype=np.float32)
     if weight.ndim != 2:
-        raise ValueError(f"EPLB: weight must be [layers, experts], got shape {weight.shape}")
+        raise ValueError(f"EPLB: weight must be [layers, experts], got shape {tuple(weight.shape)}")
     num_layers, num_logical = weight.shape
+    weight = weight.float().cpu()
     if num_groups % num_nodes == 0:
         phy2log, phyrank, logcnt = rebalance_experts_hierarchical(
             weight, num_replicas, num_groups, num_nodes, num_gpus
         )
     else:
         phy2log, phyrank, logcnt = rebalance_experts_hierarchical(weight, num_replicas, 1, 1, num_gpus)
-    maxlogcnt = int(logcnt.max())
-    log2phy = np.full((num_layers, num_logical * maxlogcnt), -1, dtype=np.int64)
-    np.put_along_axis(
-        log2phy,
+    maxlogcnt = int(logcnt.max().item())
+    log2phy = torch.full((num_layers, num_logical, maxlogcnt), -1, dtype=torch.int64, device=logcnt.device)
+    log2phy.view(num_layers, -1).scatter_(
+        -1,
         phy2log * maxlogcnt + phyrank,
-        np.broadcast_to(np.arange(num_replicas, dtype=np.int64), (num_layers, num_replicas)),
-        axis=-1,
+        torch.arange(num_replicas, dtype=torch.int64, device=log2phy.device).expand(num_layers, -1),
     )
-    return phy2log, log2phy.reshape(num_layers, num_logical, maxlogcnt), logcnt
+    return phy2log, log2phy, logcnt
 
 
 # ----------------------------------------------------------------------------------------------- to Placement
@@ -225,7 +254,8 @@ def eplb_placement(
         )
     order, num_nodes = eplb_gpu_order(num_actors, actor_nodes)
     groups = 1 if num_groups is None else num_groups
-    phy2log, _, _ = rebalance_experts(load, num_replicas, groups, num_nodes, num_actors)
+    phy2log_t, _, _ = rebalance_experts(torch.tensor(load), num_replicas, groups, num_nodes, num_actors)
+    phy2log: list[list[int]] = phy2log_t.tolist()
     replicas: list[tuple[tuple[int, ...], ...]] = []
     for layer in range(num_layers):
         holders: list[list[int]] = [[] for _ in range(num_experts)]

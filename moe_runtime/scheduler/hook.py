@@ -1,11 +1,11 @@
-"""The scheduler inside the cluster's train loop: track load, decide every `every_steps`, migrate, measure.
+"""The scheduler's controller inside the train loop: track load, ask the trigger, decide, migrate, measure.
 
-The Cluster owns one `SchedulerHook` and calls `observe(cluster, step, expert_load)` after every step with the
-[L, E] load the step's control-plane call already returned (no extra round trip). When scheduler.enabled, every
-`every_steps` steps it looks at the EMA snapshot; if its imbalance under the current placement exceeds
-`imbalance_threshold` it asks `policy.decide` and, if the decision changes the placement, applies it
-(`migrate.apply_decision`). After a rebalance it sums the raw loads of the next `measure_steps` steps and reports
-the balancedness MEASURED under the new placement next to the one the policy predicted.
+The Cluster owns one `SchedulerHook` and calls `observe(fleet, step, expert_load)` after every step with the
+[L, E] load the step's control-plane call already returned (no extra round trip). The hook updates its EMA
+tracker and feeds the snapshot to the pure trigger (`trigger.should_rebalance`); when that says so it asks
+`policy.decide` and, if the decision changes the placement, applies it (`migrate.apply_decision`). After a
+rebalance it sums the raw loads of the next `measure_steps` steps and reports the balancedness MEASURED under
+the new placement next to the one the policy predicted.
 """
 
 from __future__ import annotations
@@ -16,10 +16,14 @@ from typing import Any
 import numpy as np
 
 from moe_runtime.config import RuntimeConfig
-from moe_runtime.placement import Placement
+from moe_runtime.model.accounting import expert_state_bytes
+from moe_runtime.placement import Placement, copies_between, diff_moves
+from moe_runtime.scheduler.fleet import ExpertFleet
 from moe_runtime.scheduler.load import LoadTracker, balancedness
-from moe_runtime.scheduler.migrate import MigrationReport, apply_decision, moves_between
-from moe_runtime.scheduler.policy import Capacities, PlacementDecision, PolicyParams, decide
+from moe_runtime.scheduler.migrate import MigrationReport, apply_decision
+from moe_runtime.scheduler.policy import decide
+from moe_runtime.scheduler.trigger import TriggerDecision, TriggerParams, should_rebalance
+from moe_runtime.scheduler.types import Capacities, PlacementDecision, PolicyParams
 
 __all__ = ["SchedulerHook", "describe"]
 
@@ -40,12 +44,15 @@ class SchedulerHook:
     def __init__(self, cfg: RuntimeConfig, measure_steps: int = MEASURE_STEPS):
         self.cfg = cfg
         self.sched = cfg.scheduler
+        self.trigger = TriggerParams.from_config(cfg.scheduler)
         m = cfg.model
         self.num_layers, self.num_experts = m.num_layers, m.num_experts
-        self.tracker = LoadTracker(self.num_layers, self.num_experts, self.sched.ema_decay, record=False)
+        self.bytes_per_expert = expert_state_bytes(m)
+        self.tracker = self._new_tracker()
         self.measure_steps = max(1, measure_steps)
         self.rebalances = 0
         self.bytes_moved = 0
+        self.last_trigger: TriggerDecision | None = None
         self.last_decision: PlacementDecision | None = None
         self.last_decision_str: str | None = None
         self.last_report: MigrationReport | None = None
@@ -53,12 +60,10 @@ class SchedulerHook:
         self._acc: np.ndarray | None = None
         self._acc_steps = 0
 
-    # ------------------------------------------------------------------ inputs
+    def _new_tracker(self) -> LoadTracker:
+        return LoadTracker(self.num_layers, self.num_experts, self.sched.ema_decay, record=False)
 
-    def bytes_per_expert(self) -> int:
-        """Weights + AdamW exp_avg + exp_avg_sq of one expert (float32): 3 x (d x 2f + f x d) x 4."""
-        m = self.cfg.model
-        return 3 * (m.hidden_size * 2 * m.ffn_hidden_size + m.ffn_hidden_size * m.hidden_size) * 4
+    # ------------------------------------------------------------------ inputs
 
     def capacities(self, placement: Placement) -> Capacities:
         slots = self.sched.slots_per_actor
@@ -66,62 +71,41 @@ class SchedulerHook:
             used = max(sum(a in actors for actors in row) for row in placement.replicas
                        for a in range(placement.num_actors))  # fmt: skip
             slots = max(math.ceil(placement.num_experts / placement.num_actors) + 1, used)
-        return Capacities(slots, self.bytes_per_expert(), placement.actor_nodes)
+        return Capacities(slots, self.bytes_per_expert, placement.actor_nodes)
 
     def params(self) -> PolicyParams:
         return PolicyParams.from_config(self.sched)
 
     # ------------------------------------------------------------------ train loop
 
-    def observe(self, cluster: Any, step: int, load: Any) -> MigrationReport | None:
-        """Record the load of `step`; every `every_steps` steps (when enabled) maybe rebalance."""
-        arr = np.asarray(load.numpy() if hasattr(load, "numpy") else load, dtype=np.float64)
+    def observe(self, fleet: ExpertFleet, step: int, load: Any) -> MigrationReport | None:
+        """Record the [L, E] load of `step` (array-like); when the trigger says so, rebalance `fleet`."""
+        arr = np.asarray(load, dtype=np.float64)
         last = self.tracker.last_step
         if last is not None and step <= last:  # a rollback or a restore: start the average again
-            self.tracker = LoadTracker(self.num_layers, self.num_experts, self.sched.ema_decay, record=False)
+            self.tracker = self._new_tracker()
         self.tracker.update(step, arr)
         if self._acc is not None:
             self._acc += arr
             self._acc_steps += 1
             if self._acc_steps >= self.measure_steps:
-                self.measured_balancedness = balancedness(self._acc, cluster.placement)
+                self.measured_balancedness = balancedness(self._acc, fleet.placement)
                 self._acc = None
-        if self.sched.enabled and (step + 1) % self.sched.every_steps == 0:
-            snap = self.tracker.snapshot()
-            if snap.imbalance(cluster.placement) > self.sched.imbalance_threshold:
-                return self.rebalance(cluster)
-        return None
+        self.last_trigger = should_rebalance(self.tracker.snapshot(), fleet.placement, self.trigger)
+        return self.rebalance(fleet) if self.last_trigger.rebalance else None
 
     def rebalance(
-        self, cluster: Any, what: PlacementDecision | Placement | None = None
+        self, fleet: ExpertFleet, what: PlacementDecision | Placement | None = None
     ) -> MigrationReport | None:
         """Decide now from the load seen so far (None), or apply a given decision / placement. Returns the
         migration report, or None when the placement does not change."""
-        old = cluster.placement
+        old = fleet.placement
         if what is None:
             decision = decide(self.tracker.snapshot(), old, self.capacities(old), self.params())
         elif isinstance(what, PlacementDecision):
             decision = what
         elif isinstance(what, Placement):
-            new = old.with_replicas(what.replicas)
-            moves = moves_between(old, new)
-            changed = bool(moves)
-            if self.tracker.last_step is not None:
-                tokens = self.tracker.snapshot().tokens
-                b0, b1 = balancedness(tokens, old), balancedness(tokens, new)
-            else:
-                b0 = b1 = float("nan")
-            copies = sum(m.kind != "drop" for m in moves)
-            decision = PlacementDecision(
-                new if changed else old,
-                changed,
-                tuple(map(tuple, new.replica_counts())),
-                moves,
-                b0,
-                b1,
-                copies * self.bytes_per_expert(),
-                "placement given",
-            )
+            decision = self._given(old, what)
         else:
             raise TypeError(
                 f"rebalance({type(what).__name__}): expected a PlacementDecision, a Placement or None"
@@ -130,7 +114,7 @@ class SchedulerHook:
         self.last_decision_str = describe(decision, old.version)
         if not decision.changed:
             return None
-        report = apply_decision(cluster, decision)
+        report = apply_decision(fleet, decision)
         self.last_report = report
         self.rebalances += 1
         self.bytes_moved += report.bytes_moved
@@ -138,6 +122,27 @@ class SchedulerHook:
         self._acc = np.zeros((self.num_layers, self.num_experts))
         self._acc_steps = 0
         return report
+
+    def _given(self, old: Placement, given: Placement) -> PlacementDecision:
+        """A decision that moves to the replicas of `given` (as the next version of `old`)."""
+        new = old.with_replicas(given.replicas)
+        moves = diff_moves(old, new)
+        changed = bool(moves)
+        if self.tracker.last_step is not None:
+            tokens = self.tracker.snapshot().tokens
+            b0, b1 = balancedness(tokens, old), balancedness(tokens, new)
+        else:
+            b0 = b1 = float("nan")
+        return PlacementDecision(
+            new if changed else old,
+            changed,
+            tuple(map(tuple, new.replica_counts())),
+            moves,
+            b0,
+            b1,
+            copies_between(old, new) * self.bytes_per_expert,
+            "placement given",
+        )
 
     # ------------------------------------------------------------------ reporting
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from moe_runtime.placement import Placement
+from moe_runtime.placement import Placement, expected_actor_loads
 
 if TYPE_CHECKING:
     from moe_runtime.config import SchedulerConfig
@@ -43,7 +43,8 @@ def _as_tokens(tokens: object, what: str = "tokens") -> np.ndarray:
 
 
 def actor_loads(tokens: np.ndarray, placement: Placement) -> np.ndarray:
-    """[L, A] tokens served per actor: each expert's tokens split evenly over its replicas."""
+    """[L, A] tokens served per actor: each expert's tokens split evenly over its replicas
+    (placement.expected_actor_loads per layer)."""
     tokens = np.asarray(tokens, dtype=np.float64)
     if tokens.shape != (placement.num_layers, placement.num_experts):
         raise ValueError(
@@ -52,10 +53,7 @@ def actor_loads(tokens: np.ndarray, placement: Placement) -> np.ndarray:
         )
     loads = np.zeros((placement.num_layers, placement.num_actors))
     for layer, row in enumerate(placement.replicas):
-        for expert, actors in enumerate(row):
-            share = tokens[layer, expert] / len(actors)
-            for a in actors:
-                loads[layer, a] += share
+        loads[layer] = expected_actor_loads(tokens[layer].tolist(), row, placement.num_actors)
     return loads
 
 

@@ -1,16 +1,17 @@
-"""Apply a placement decision to a running cluster, between steps.
+"""Apply a placement decision to a running expert fleet (scheduler/fleet.py), between steps.
 
 Order (no expert is ever without a replica, and a replica always arrives with its AdamW state):
   1. copies ("replicate" / "move"): read weights + AdamW state (exp_avg, exp_avg_sq, step) of each copied
-     (layer, expert) from its source actor (one `state` call per source), then load them on each destination
-     (one `load_shards(..., replace=False)` call per destination: shards it already holds keep their state);
-  2. drops (a "move"'s source, "drop"s): `drop_shards` on each actor that loses replicas;
-  3. every expert actor goes to the new placement version, every router worker gets the new placement
-     (`set_placement`), and `cluster.placement` is the decision's placement.
+     (layer, expert) from its source actor (one batch per source), then load them on each destination (one batch
+     per destination: shards it already holds keep their state);
+  2. drops (a "move"'s source, "drop"s) on each actor that loses replicas;
+  3. every expert actor goes to the new placement version, every router worker gets the new placement, and the
+     fleet's placement is the decision's placement.
 Must run between steps: grads are zero there, so a copy needs only weights and optimizer state.
 
-The copies and drops applied are the difference between the cluster's placement and the new one; a
-decision's `moves` are checked against that difference (a mismatch is an error) and give each copy's source.
+The copies and drops applied are the difference between the fleet's placement and the new one
+(placement.diff_moves); a decision's `moves` are checked against that difference (a mismatch is an error) and
+give each copy's source.
 """
 
 from __future__ import annotations
@@ -18,16 +19,16 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from moe_runtime.placement import Placement
-from moe_runtime.scheduler.policy import Move, PlacementDecision
+from moe_runtime.placement import Move, Placement, PlacementError, ShardKey, diff_moves
+from moe_runtime.scheduler.fleet import ExpertFleet, FleetCallError, ShardState
+from moe_runtime.scheduler.types import PlacementDecision
 
-__all__ = ["MigrationError", "MigrationReport", "apply_decision", "moves_between"]
+__all__ = ["MigrationError", "MigrationReport", "apply_decision"]
 
-MIGRATE_TIMEOUT_S = 120.0
+Slot = tuple[int, int, int]  # (layer, expert, actor)
 
 
 class MigrationError(RuntimeError):
@@ -47,42 +48,20 @@ def _fmt(m: Move) -> str:
     return f"{m.kind} (layer {m.layer}, expert {m.expert}) {src}actor {m.dst_actor}"
 
 
-def moves_between(old: Placement, new: Placement) -> tuple[Move, ...]:
-    """Moves that turn `old` into `new`: a copy of each new replica (source = the expert's first old holder;
-    "move" when an old holder is dropped, paired in order, else "replicate") and a "drop" for the rest."""
-    _check_shape(old, new)
-    out: list[Move] = []
-    for layer, (orow, nrow) in enumerate(zip(old.replicas, new.replicas)):
-        for e, (oa, na) in enumerate(zip(orow, nrow)):
-            added = [a for a in na if a not in oa]
-            removed = [a for a in oa if a not in na]
-            for i, dst in enumerate(added):
-                if i < len(removed):
-                    out.append(Move(layer, e, removed[i], dst, "move"))
-                else:
-                    out.append(Move(layer, e, oa[0], dst, "replicate"))
-            for a in removed[len(added) :]:
-                out.append(Move(layer, e, None, a, "drop"))
-    return tuple(out)
-
-
-def _check_shape(old: Placement, new: Placement) -> None:
-    if (old.num_actors, old.num_layers, old.num_experts) != (new.num_actors, new.num_layers, new.num_experts):
-        raise MigrationError(
-            f"new placement is {new.num_layers}x{new.num_experts} on {new.num_actors} actors: the cluster's is "
-            f"{old.num_layers}x{old.num_experts} on {old.num_actors}"
-        )
-
-
-def _plan(old: Placement, new: Placement, moves: tuple[Move, ...]):
-    """(copies {(layer, expert, dst): Move}, drops {(layer, expert, actor): Move}) checked against old -> new."""
-    _check_shape(old, new)
-    want_copies = {(l, e, a) for l, row in enumerate(new.replicas) for e, na in enumerate(row) for a in na
-                   if a not in old.replicas[l][e]}  # fmt: skip
-    want_drops = {(l, e, a) for l, row in enumerate(old.replicas) for e, oa in enumerate(row) for a in oa
-                  if a not in new.replicas[l][e]}  # fmt: skip
-    copies: dict[tuple[int, int, int], Move] = {}
-    drops: dict[tuple[int, int, int], Move] = {}
+def _plan(old: Placement, new: Placement, moves: tuple[Move, ...] | None
+          ) -> tuple[tuple[Move, ...], dict[Slot, Move], dict[Slot, Move]]:  # fmt: skip
+    """(moves, copies {(layer, expert, dst): Move}, drops {(layer, expert, actor): Move}): the given moves
+    checked against old -> new, or (None) those of placement.diff_moves."""
+    try:
+        want = diff_moves(old, new)
+    except PlacementError as err:
+        raise MigrationError(f"new placement does not fit the fleet's: {err}") from None
+    moves = want if moves is None else moves
+    want_copies = {(m.layer, m.expert, m.dst_actor) for m in want if m.kind != "drop"}
+    want_drops = {(m.layer, m.expert, m.src_actor if m.kind == "move" else m.dst_actor)
+                  for m in want if m.kind != "replicate"}  # fmt: skip
+    copies: dict[Slot, Move] = {}
+    drops: dict[Slot, Move] = {}
     for m in moves:
         if m.kind in ("replicate", "move"):
             if m.src_actor is None or m.src_actor not in old.replicas[m.layer][m.expert]:
@@ -102,84 +81,71 @@ def _plan(old: Placement, new: Placement, moves: tuple[Move, ...]):
             f"the decision's moves do not turn placement v{old.version} into v{new.version}: "
             f"(layer, expert, actor) {bad[:5]} differ"
         )
-    return copies, drops
+    return moves, copies, drops
 
 
-def _nbytes(d: dict[str, torch.Tensor]) -> int:
+def _nbytes(d: ShardState) -> int:
     return sum(t.numel() * t.element_size() for t in d.values() if isinstance(t, torch.Tensor))
 
 
-def apply_decision(cluster: Any, decision: PlacementDecision | Placement) -> MigrationReport:
-    """Move replicas so that `cluster` runs under the decision's placement (see the module docstring).
-    A bare Placement is applied with the moves of `moves_between`. Raises MigrationError naming the move."""
-    import ray
+def _on(moves: dict[Slot, Move], actor: int | None) -> str:
+    """The moves whose slot is on `actor`, formatted."""
+    return ", ".join(_fmt(m) for (_layer, _e, a), m in moves.items() if a == actor)
 
+
+def apply_decision(fleet: ExpertFleet, decision: PlacementDecision | Placement) -> MigrationReport:
+    """Move replicas so that `fleet` runs under the decision's placement (see the module docstring).
+    A bare Placement is applied with the moves of placement.diff_moves. Raises MigrationError naming the move."""
     t0 = time.perf_counter()
-    old: Placement = cluster.placement
+    old = fleet.placement
     if isinstance(decision, PlacementDecision):
-        new, moves = decision.placement, tuple(decision.moves)
+        new, given = decision.placement, tuple(decision.moves)
     else:
-        new = decision
-        moves = moves_between(old, new)
+        new, given = decision, None
     if new.version <= old.version:
         raise MigrationError(
             f"new placement has version {new.version}: must be above the cluster's ({old.version}); the decision "
             "was made for an older placement"
         )
-    copies, drops = _plan(old, new, moves)
+    moves, copies, drops = _plan(old, new, given)
 
-    # 1. copies: read from sources, load on destinations (replace=False keeps what they already host)
-    by_src: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    # 1. copies: read from sources, load on destinations (shards they already host keep their state)
+    by_src: dict[int, list[ShardKey]] = defaultdict(list)
     for (layer, e, _dst), m in sorted(copies.items()):
         if (layer, e) not in by_src[m.src_actor]:
             by_src[m.src_actor].append((layer, e))
-    states: dict[tuple[int, int, int], dict[str, torch.Tensor]] = {}  # (src, layer, expert) -> state
-    src_refs = {src: cluster.experts[src].state.remote(keys) for src, keys in by_src.items()}
-    for src, ref in src_refs.items():
-        try:
-            got = ray.get(ref, timeout=MIGRATE_TIMEOUT_S)
-        except Exception as err:
-            names = ", ".join(_fmt(m) for m in copies.values() if m.src_actor == src)
-            raise MigrationError(f"reading state from actor {src} failed for {names}: {err}") from err
-        for (layer, e), d in got.items():
-            states[(src, int(layer), int(e))] = d
-    by_dst: dict[int, dict[tuple[int, int], dict[str, torch.Tensor]]] = defaultdict(dict)
+    try:
+        got = fleet.read_shards(by_src)
+    except FleetCallError as err:
+        names = ", ".join(_fmt(m) for m in copies.values() if m.src_actor == err.actor)
+        raise MigrationError(f"reading state from actor {err.actor} failed for {names}: {err}") from err
+    by_dst: dict[int, dict[ShardKey, ShardState]] = defaultdict(dict)
     moved = 0
     for (layer, e, dst), m in sorted(copies.items()):
-        d = states[(m.src_actor, layer, e)]
+        d = got[m.src_actor][(layer, e)]
         by_dst[dst][(layer, e)] = d
         moved += _nbytes(d)
-    dst_refs = {dst: cluster.experts[dst].load_shards.remote(shards, new.version, replace=False)
-                for dst, shards in by_dst.items()}  # fmt: skip
-    for dst, ref in dst_refs.items():
-        try:
-            hosted = set(map(tuple, ray.get(ref, timeout=MIGRATE_TIMEOUT_S)))
-        except Exception as err:
-            names = ", ".join(_fmt(m) for (_l, _e, d), m in copies.items() if d == dst)
-            raise MigrationError(f"loading on actor {dst} failed for {names}: {err}") from err
-        missing = set(by_dst[dst]) - hosted
+    try:
+        hosted = fleet.load_shards(by_dst, new.version)
+    except FleetCallError as err:
+        raise MigrationError(f"loading on actor {err.actor} failed for {_on(copies, err.actor)}: {err}") from err
+    for dst, shards in by_dst.items():
+        missing = set(shards) - hosted[dst]
         if missing:
             raise MigrationError(f"actor {dst} does not host {sorted(missing)} after loading them")
 
     # 2. drops, only once every copy is in place
-    by_actor: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    by_actor: dict[int, list[ShardKey]] = defaultdict(list)
     for layer, e, a in sorted(drops):
         by_actor[a].append((layer, e))
-    drop_refs = {a: cluster.experts[a].drop_shards.remote(keys) for a, keys in by_actor.items()}
-    for a, ref in drop_refs.items():
-        try:
-            ray.get(ref, timeout=MIGRATE_TIMEOUT_S)
-        except Exception as err:
-            names = ", ".join(_fmt(m) for (_l, _e, x), m in drops.items() if x == a)
-            raise MigrationError(f"dropping on actor {a} failed for {names}: {err}") from err
+    try:
+        fleet.drop_shards(by_actor)
+    except FleetCallError as err:
+        raise MigrationError(f"dropping on actor {err.actor} failed for {_on(drops, err.actor)}: {err}") from err
 
     # 3. new version everywhere; router workers switch to the new placement
     try:
-        ray.get(
-            [a.set_placement_version.remote(new.version) for a in cluster.experts], timeout=MIGRATE_TIMEOUT_S
-        )
-        ray.get([w.set_placement.remote(new.to_dict()) for w in cluster.workers], timeout=MIGRATE_TIMEOUT_S)
-    except Exception as err:
+        fleet.switch_placement(new)
+    except FleetCallError as err:
         raise MigrationError(f"switching to placement version {new.version} failed: {err}") from err
-    cluster.placement = new
     return MigrationReport(moved, time.perf_counter() - t0, len(moves), new.version)

@@ -6,7 +6,9 @@
 Tokens per router worker: ``sim.tokens_per_gpu`` with a GPU table (a projection); with a host table (this machine,
 ``sim.hardware`` pointing at a calibrated YAML, or ``--calibrate``) the config's own batch:
 ``train.batch_size * train.seq_len / cluster.router_workers``. ``--calibrate`` measures this machine for the
-config's model, writes ``runs/sim/host-<preset>.yaml`` and simulates with it.
+config's model, writes ``runs/sim/host-<preset>.yaml`` and simulates with it; ``--against-cluster`` also runs
+the config's local cluster and scales the table to its measured CPU: sim/ never starts a cluster, so the caller
+(cli.py) passes that measurement in (``runtime.calibrate_cluster.against_cluster``).
 Human-readable lines go to stderr; with ``--json`` the last stdout line is one JSON object.
 """
 
@@ -15,15 +17,20 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from moe_runtime.config import RuntimeConfig, load_config
-from moe_runtime.sim.cost_model import HardwareTable, load_table
-from moe_runtime.sim.simulator import Simulator, summarize
+from moe_runtime.sim.hardware import HardwareTable, load_table
+from moe_runtime.sim.results import summarize
+from moe_runtime.sim.simulator import Simulator
 from moe_runtime.sim.traces import RoutingTrace, load_trace
 
-__all__ = ["SCALING_GPUS", "make_trace", "simulate_command", "tokens_per_worker"]
+__all__ = ["SCALING_GPUS", "ClusterCalibration", "make_trace", "simulate_command", "tokens_per_worker"]
+
+# (config, host table, log) -> {"cpu_scale", "step_overhead_s", ...}: the table measured against the real cluster
+ClusterCalibration = Callable[[RuntimeConfig, HardwareTable, Callable[[str], None]], dict[str, Any]]
 
 SYNTHETIC = ("uniform", "zipf", "drift")
 SCALING_GPUS = [8, 16, 32, 64, 128, 256]
@@ -36,7 +43,8 @@ def _say(msg: str) -> None:
 
 
 def tokens_per_worker(cfg: RuntimeConfig, sim: Simulator) -> int:
-    if sim.cost.host:
+    """A host table simulates this machine's own cluster (the config's batch); a GPU table projects a cluster."""
+    if sim.cost.table.kind == "host":
         return cfg.train.batch_size * cfg.train.seq_len // cfg.cluster.router_workers
     return cfg.sim.tokens_per_gpu
 
@@ -59,10 +67,11 @@ def simulate_command(
     plot: str | Path | None = None,
     calibrate: bool = False,
     as_json: bool = False,
-    against_cluster: bool = False,
+    against_cluster: ClusterCalibration | None = None,
 ) -> dict[str, Any]:
-    """Simulate the config's cluster; returns the JSON summary (and prints it with as_json)."""
-    if against_cluster and not calibrate:
+    """Simulate the config's cluster; returns the JSON summary (and prints it with as_json). `against_cluster`
+    (with `calibrate`): refine the calibration on the real cluster with this measurement."""
+    if against_cluster is not None and not calibrate:
         raise ValueError("--against-cluster: it refines a calibration; add --calibrate")
     cfg = load_config(config_path)
     table: HardwareTable | None = None
@@ -74,16 +83,9 @@ def simulate_command(
         _say("calibrating this machine (experts, dense layer, head, optimizer, codec, gRPC, gloo) ...")
         t0 = time.perf_counter()
         measured = run_calibration(cfg, log=lambda m: _say(f"  {m}"))
-        if against_cluster:
-            from moe_runtime.runtime.ray_env import ClusterStartError
-            from moe_runtime.sim.calibrate import measure_cluster_cpu_scale
-
+        if against_cluster is not None:
             _say(f"calibrating against the real local cluster of {config_path} ...")
-            try:
-                check = measure_cluster_cpu_scale(cfg, HardwareTable.from_dict(measured),
-                                                  log=lambda m: _say(f"  {m}"))  # fmt: skip
-            except ClusterStartError as e:
-                raise ValueError(f"--against-cluster: the cluster of {config_path} cannot start here: {e}") from None
+            check = against_cluster(cfg, HardwareTable.from_dict(measured), lambda m: _say(f"  {m}"))
             measured["cpu_scale"] = check["cpu_scale"]
             measured["step_overhead_s"] = check["step_overhead_s"]
             measured["measured"]["cluster"] = check
@@ -133,7 +135,7 @@ def simulate_command(
         from moe_runtime.sim.whatif import scaling
 
         one = sim.run_step(tr.step(0), record_timeline=True)
-        if sim.cost.host:
+        if sim.cost.table.kind == "host":  # this machine: no cluster sizes to scan
             scale = []
         else:
             tok = tokens_per_worker(cfg, sim)

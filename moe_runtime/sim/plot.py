@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from moe_runtime.sim.simulator import SimResult
+from moe_runtime.sim.results import SimResult
 
 _COLORS = {
     "dense": "tab:blue", "dense_bwd": "tab:cyan", "head": "tab:purple", "experts": "tab:orange",

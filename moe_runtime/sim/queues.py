@@ -16,7 +16,9 @@ import math
 
 import numpy as np
 
-__all__ = ["CorePool", "batch_ends", "fifo_end", "fifo_makespan"]
+__all__ = ["CorePool", "fifo_end", "members", "row_ties", "small_fifo", "tie_groups"]
+
+_NEG32 = np.float32(-np.inf)  # absent job in the engine's float32 [actors, workers] matrices
 
 
 def fifo_end(r: np.ndarray, w: np.ndarray, free: np.ndarray | None = None) -> np.ndarray:
@@ -30,13 +32,6 @@ def fifo_end(r: np.ndarray, w: np.ndarray, free: np.ndarray | None = None) -> np
     return cw + np.maximum.accumulate(r - (cw - w), axis=-1)
 
 
-def batch_ends(end: np.ndarray, group_last: np.ndarray) -> np.ndarray:
-    """Jobs that became ready together on one server share it fairly and (for equal sizes exactly) end
-    together: every job takes the end of the last job of its group. `group_last[i]` = index of the last
-    position of i's group along the last axis (the same for every row)."""
-    return end[..., group_last]
-
-
 def tie_groups(sorted_t: np.ndarray) -> np.ndarray | None:
     """For a sorted 1-D array, index of the last element equal to each element; None when all are distinct."""
     n = sorted_t.shape[0]
@@ -48,12 +43,38 @@ def tie_groups(sorted_t: np.ndarray) -> np.ndarray | None:
     return np.minimum.accumulate(idx[::-1])[::-1]
 
 
-def fifo_makespan(r: np.ndarray, w: np.ndarray, free: np.ndarray) -> np.ndarray:
-    """When each server (row) has done all its jobs, served in order of ready time (-inf = absent)."""
-    order = np.argsort(r, axis=-1, kind="stable")
-    rs = np.take_along_axis(r, order, axis=-1)
-    ws = np.take_along_axis(w, order, axis=-1)
-    return fifo_end(rs, ws, free)[..., -1]
+def row_ties(rs: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """Rows of jobs sorted by ready time: jobs ready at the same time form a batch that shares the server and
+    ends together (at the end of the batch's last job)."""
+    n = end.shape[1]
+    if n < 2:
+        return end
+    same = np.zeros(end.shape, dtype=bool)
+    same[:, :-1] = (rs[:, 1:] == rs[:, :-1]) & np.isfinite(rs[:, 1:])
+    if not same.any():
+        return end
+    last = np.minimum.accumulate(np.where(same, n, np.arange(n))[:, ::-1], axis=1)[:, ::-1]
+    return np.take_along_axis(end, last, axis=1)
+
+
+def members(is_member: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column indices of the True entries of each row, padded: (idx [rows, m], valid [rows, m])."""
+    m = max(1, int(is_member.sum(axis=1).max()))
+    order = np.argsort(~is_member, axis=1, kind="stable")[:, :m]
+    valid = np.take_along_axis(is_member, order, axis=1)
+    return np.where(valid, order, 0), valid
+
+
+def small_fifo(r: np.ndarray, w: np.ndarray, member: np.ndarray, idx: np.ndarray, free: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """FIFO per row on compact float32 arrays (from ``members``): sort by r, solve; jobs ready together end
+    together (a fair-shared batch). Returns (end, column index, member), all in the sorted order."""
+    r = np.where(member, r, _NEG32)
+    o = np.argsort(r, axis=1, kind="stable")
+    rs = np.take_along_axis(r, o, axis=1)
+    ws = np.where(np.take_along_axis(member, o, axis=1), np.take_along_axis(w, o, axis=1), np.float32(0))
+    end = row_ties(rs, fifo_end(rs, ws, free))
+    return end, np.take_along_axis(idx, o, axis=1), np.take_along_axis(member, o, axis=1)
 
 
 class CorePool:

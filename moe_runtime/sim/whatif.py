@@ -7,10 +7,10 @@ actor per layer when there are more actors than experts) against the scheduler's
 result reports both mean step times and the speed-up.
 
 Capacities: ``scheduler.slots_per_actor`` replicas per actor per layer (None = ceil(E / A) + 1, one spare
-slot), ``bytes_per_expert`` = expert parameters x 12 bytes (fp32 weights + AdamW m and v, what an actor holds and
-moves); the other policy parameters from ``SchedulerConfig`` (``PolicyParams.from_config``) except the byte
-budget, which is unlimited here (the steady-state placement the scheduler converges to); the bytes that
-placement costs to reach are reported, with the time to move them over one inter-node link.
+slot), ``bytes_per_expert`` = ``model.accounting.expert_state_bytes`` (what an actor holds and moves); the other
+policy parameters from ``SchedulerConfig`` (``PolicyParams.from_config``) except the byte budget, which is
+unlimited here (the steady-state placement the scheduler converges to); the bytes that placement costs to reach
+are reported, with the time to move them over one inter-node link.
 
 ``scaling``: the step time of one trace shape on clusters of several sizes (for the plot).
 """
@@ -25,17 +25,17 @@ from typing import Any
 import numpy as np
 
 from moe_runtime.config import SchedulerConfig
+from moe_runtime.model.accounting import expert_state_bytes
 from moe_runtime.placement import Placement
 from moe_runtime.scheduler.load import LoadTracker
 from moe_runtime.scheduler.policy import Capacities, PlacementDecision, PolicyParams, decide
 from moe_runtime.sim.cost_model import CostModel
-from moe_runtime.sim.simulator import Layout, Simulator, summarize
+from moe_runtime.sim.layout import Layout
+from moe_runtime.sim.results import summarize
+from moe_runtime.sim.simulator import Simulator
 from moe_runtime.sim.traces import RoutingTrace
 
 __all__ = ["WhatIfResult", "rebalance_whatif", "scaling", "scheduler_placement"]
-
-EXPERT_STATE_BYTES_PER_PARAM = 12  # fp32 weights + AdamW exp_avg + exp_avg_sq
-
 
 @dataclass
 class WhatIfResult:
@@ -70,7 +70,7 @@ def scheduler_placement(sim: Simulator, trace: RoutingTrace, static: Placement, 
     slots = cfg.slots_per_actor or math.ceil(m.num_experts / A) + 1
     caps = Capacities(
         slots_per_actor=slots,
-        bytes_per_expert=sim.cost.expert_params * EXPERT_STATE_BYTES_PER_PARAM,
+        bytes_per_expert=expert_state_bytes(m),
         actor_nodes=static.actor_nodes or sim.layout.actor_nodes(),
     )
     params = dataclasses.replace(PolicyParams.from_config(cfg), byte_budget=None)  # steady state: no byte budget

@@ -1,9 +1,10 @@
 """Start gRPC servers in separate OS processes (multiprocessing, forkserver) for tests and benchmarks.
 
-`ServerProcess(kind="expert", ...)` runs an `ExpertServer` in a child process, bound to 127.0.0.1, and plays
-the owning actor: `call("grads")`, `call("load_shards", shards, replace=True)`, ... run the server's in-process
-control methods in the child over a pipe and return their (pickled) results. `kind="echo"` runs a bare gRPC
-bytes-echo service with the same channel options; `server_class="module:Class"` runs an ExpertServer subclass.
+`ServerProcess(kind="expert", ...)` runs `ExpertShards` served by an `ExpertServer` in a child process, bound to
+127.0.0.1, and plays the owning actor: `call("grads")`, `call("load", shards, replace=True)`, ... run the shards'
+control methods in the child over a pipe and return their (pickled) results; `call("stats")` merges the server's
+and the shards' stats as ExpertActor.stats does. `kind="echo"` runs a bare gRPC bytes-echo service with the same
+channel options; `server_class="module:Class"` / `shards_class="module:Class"` run subclasses (benchmarks).
 
 Everything is bounded: the child starts within `start_timeout`, each control call returns within `timeout`, and
 a child exits on its own when its parent process dies or its pipe closes (no orphans if a test run is killed).
@@ -23,7 +24,7 @@ from typing_extensions import Self
 # server process is a cheap fork of it (spawn re-imported torch in each child: ~2-3 s of CPU per server, minutes
 # on a loaded 2-core machine). The fork server itself never creates threads, channels or tensors before forking.
 _CTX = mp.get_context("forkserver")
-_CTX.set_forkserver_preload(["torch", "grpc", "moe_runtime.dispatch.grpc_service"])
+_CTX.set_forkserver_preload(["torch", "grpc", "moe_runtime.dispatch.server", "moe_runtime.runtime.expert_shards"])
 
 ECHO_SERVICE = "moe_runtime.bench.Echo"
 ECHO_METHOD = f"/{ECHO_SERVICE}/Echo"
@@ -63,18 +64,40 @@ def _serve(conn: Any, kind: str, kwargs: dict[str, Any], torch_threads: int) -> 
             server.stop(0).wait(5)
 
 
+class ExpertHost:
+    """The owning actor's side in the child: control calls go to the shards, stats merge both (as ExpertActor)."""
+
+    def __init__(self, shards: Any, server: Any):
+        self.shards, self.server = shards, server
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.shards, name)
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.server.stats(), **self.shards.stats()}
+
+    def stop(self, grace: float | None = None) -> None:
+        self.server.stop(grace)
+
+
+def _class(spec: str | None, default: Any) -> Any:
+    """`"module:Class"` imported, or `default` when None."""
+    if spec is None:
+        return default
+    import importlib
+
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def _make_server(kind: str, kwargs: dict[str, Any]) -> tuple[Any, str]:
     if kind == "expert":
-        from moe_runtime.dispatch.grpc_service import ExpertServer
+        from moe_runtime.dispatch.server import ExpertServer
+        from moe_runtime.runtime.expert_shards import ExpertShards
 
-        cls: Any = ExpertServer
-        if "server_class" in kwargs:  # "module:Class", an ExpertServer subclass (benchmarks)
-            import importlib
-
-            module, name = kwargs.pop("server_class").split(":")
-            cls = getattr(importlib.import_module(module), name)
-        server: Any = cls(**{"shards": {}, **kwargs})
-        return server, server.start()
+        shards = _class(kwargs.pop("shards_class", None), ExpertShards)(kwargs.pop("shards", {}))
+        server = _class(kwargs.pop("server_class", None), ExpertServer)(shards, **kwargs)
+        return ExpertHost(shards, server), server.start()
     if kind == "echo":
         from concurrent import futures
 
@@ -128,7 +151,7 @@ class ServerProcess:
         return self.address
 
     def call(self, name: str, *args: Any, timeout: float = 60.0, **kwargs: Any) -> Any:
-        """Run `server.<name>(*args, **kwargs)` in the child (the owning actor's in-process control path)."""
+        """Run `<name>(*args, **kwargs)` on the child's ExpertHost (the owning actor's in-process control path)."""
         self.wait_ready()
         self._conn.send((name, args, kwargs))
         if not self._conn.poll(timeout):

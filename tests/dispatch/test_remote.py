@@ -14,14 +14,14 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from moe_runtime.dispatch.grpc_service import ExpertCallError, ExpertClient, sum_replica_grads
-from moe_runtime.model.moe_layer import LocalDispatcher
-from moe_runtime.model.plan import DispatchPlan
+from moe_runtime.dispatch.client import ExpertCallError, ExpertClient
 from moe_runtime.dispatch.remote import RemoteDispatcher
 from moe_runtime.model.experts import SwiGLUExperts
-from moe_runtime.model.moe_layer import MoELayer
+from moe_runtime.model.moe_layer import LocalDispatcher, MoELayer, StepContext
+from moe_runtime.model.plan import DispatchPlan
 from moe_runtime.model.router import AttentionRouter
 from moe_runtime.placement import Placement
+from moe_runtime.runtime.expert_shards import sum_replica_grads
 from tests.dispatch.servers import start_servers, stop_servers
 
 TOKEN = "remote-test-token"
@@ -51,7 +51,7 @@ def deploy(servers, experts: SwiGLUExperts, placement: Placement) -> None:
     for actor, proc in enumerate(procs):
         shards = {(layer, e): (experts.w1[e].detach(), experts.w2[e].detach())
                   for layer, e in placement.shards_of(actor)}  # fmt: skip
-        proc.call("load_shards", shards, replace=True)
+        proc.call("load", shards, replace=True)
         proc.call("set_placement_version", placement.version)
         proc.call("expert_token_counts", reset=True)
 
@@ -90,8 +90,7 @@ def test_remote_layer_matches_local_fp32(servers, placement):
     y_loc = [local(x)[0] for x in x_loc]
     y_rem, plans = [], []
     for mb, x in enumerate(x_rem):
-        remote.dispatcher.set_step(5, mb)
-        y_rem.append(remote(x)[0])
+        y_rem.append(remote(x, StepContext(5, mb))[0])
         plans.append(remote.last_plan)
     for a, b in zip(y_rem, y_loc):
         assert_close(a, b)
@@ -146,8 +145,7 @@ def test_bf16_wire_is_close(servers):
     x = torch.randn(4, 16, D)
     xl, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
     yl, _ = local(xl)
-    remote.dispatcher.set_step(0, 0)
-    yr, _ = remote(xr)
+    yr, _ = remote(xr, StepContext(0))
     assert yr.dtype == torch.float32
     assert_close(yr, yl, rtol=2e-2, atol=1e-2 * float(yl.detach().abs().max()))
     assert not torch.equal(yr, yl)  # the wire really was bf16
@@ -171,13 +169,12 @@ def test_store_does_not_grow_over_100_steps(servers):
     peak = 0
     for step in range(100):
         x = torch.randn(16, D, requires_grad=True)
-        remote.dispatcher.set_step(step, 0)
-        y, _ = remote(x)
+        y, _ = remote(x, StepContext(step))
         if step % 3 == 0:
             y.sum().backward()  # a full step
         elif step % 3 == 1:
             with torch.no_grad():  # inference: the servers keep nothing
-                remote(x)
+                remote(x, StepContext(step))
         # step % 3 == 2: forward with grad but the step is abandoned (no backward): EndStep must free it
         peak = max(peak, sum(c.health().saved_entries for c in clients))
         for c in clients:
@@ -196,12 +193,11 @@ def test_inference_forward_saves_nothing_and_needs_no_backward(servers):
     local, experts = build(CONTIGUOUS, seed=3)
     deploy(servers, experts, CONTIGUOUS)
     remote = remote_layer(local, servers, CONTIGUOUS)
-    remote.dispatcher.set_step(1, 0)
     x = torch.randn(8, D)
     with torch.no_grad():
-        y, _ = remote(x)
+        y, _ = remote(x, StepContext(1))
         assert_close(y, local(x)[0])
-    remote(x)  # grad mode on, but the token copies do not require grad (only the router's weights do)
+    remote(x, StepContext(1))  # grad mode on, but the token copies do not require grad (only the router's weights do)
     assert all(p.call("saved_keys") == [] for p in procs)
     assert sum(sum(p.call("stats")["requests"].values()) for p in procs) > 0
 
@@ -212,8 +208,7 @@ def test_stale_placement_is_rejected_and_backward_uses_the_forward_actors(server
     deploy(servers, experts, CONTIGUOUS)
     remote = remote_layer(local, servers, CONTIGUOUS)
     x = torch.randn(16, D, requires_grad=True)
-    remote.dispatcher.set_step(3, 0)
-    y, _ = remote(x)
+    y, _ = remote(x, StepContext(3))
     # a placement refresh between forward and backward must not redirect this step's backward
     remote.dispatcher.refresh_placement(CONTIGUOUS, list(reversed(clients)))
     y.sum().backward()
@@ -221,9 +216,8 @@ def test_stale_placement_is_rejected_and_backward_uses_the_forward_actors(server
 
     newer = CONTIGUOUS.with_replicas(CONTIGUOUS.replicas)  # version 1; servers are still at version 0
     remote.dispatcher.refresh_placement(newer, clients)
-    remote.dispatcher.set_step(4, 0)
     with pytest.raises(ExpertCallError) as info:
-        remote(torch.randn(16, D))
+        remote(torch.randn(16, D), StepContext(4))
     err = info.value
     assert err.code == grpc.StatusCode.FAILED_PRECONDITION
     assert "routed with placement version 1 but this server is at version 0" in str(err)
@@ -236,11 +230,12 @@ def test_dispatcher_guards():
     clients = [ExpertClient("127.0.0.1:1", TOKEN, 1.0) for _ in range(ACTORS)]
     disp = RemoteDispatcher(LAYER, CONTIGUOUS, clients)
     plan = DispatchPlan.build(torch.tensor([[0, 1]]), CONTIGUOUS, LAYER)
-    with pytest.raises(RuntimeError, match="call set_step"):
+    with pytest.raises(ValueError, match=r"RemoteDispatcher \(layer 1\): forward needs ctx = StepContext"):
         disp(torch.randn(2, D), plan)
-    disp.set_step(0, 0)
     with pytest.raises(ValueError, match="plan is for layer 0"):
-        disp(torch.randn(2, D), DispatchPlan.build(torch.tensor([[0, 1]]), CONTIGUOUS, 0))
+        disp(torch.randn(2, D), DispatchPlan.build(torch.tensor([[0, 1]]), CONTIGUOUS, 0), StepContext(0))
+    with pytest.raises(ValueError, match=r"StepContext\(-1, 0\): expected non-negative"):
+        StepContext(-1)
     with pytest.raises(ValueError, match="got 3 clients: placement has 4 actors"):
         RemoteDispatcher(LAYER, CONTIGUOUS, clients[:3])
     with pytest.raises(ValueError, match="wire_dtype"):

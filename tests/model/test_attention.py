@@ -340,3 +340,47 @@ def test_wrong_hidden_size_is_a_clear_error():
         m(torch.randn(4, 64))
     with pytest.raises(ValueError, match="last dim = 48"):
         build_attention(tiny(lfa=False))(torch.randn(1, 4, 48))
+
+
+# ----------------------------------------------------------------------------------------------- rope = "hf"
+
+
+def official_hf_rope(q: torch.Tensor, dim: int, seq: int, base: int = 10000) -> torch.Tensor:
+    """`YuanRotaryEmbedding` + `apply_rotary_pos_emb_0` as released (IEIT-Yuan/Yuan2.0-M32 yuan_moe_hf_model.py),
+    for positions 0..seq-1 in q's dtype."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim))
+    inv_freq = inv_freq.to(torch.bfloat16)
+    t = torch.arange(seq, dtype=inv_freq.dtype)
+    freqs = torch.einsum("i,j->ij", t, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos()[None, None].to(torch.float32).to(q.dtype), emb.sin()[None, None].to(torch.float32).to(q.dtype)
+    rot_dim = sin.shape[-1]
+    q_rot, q_pass = q[..., :rot_dim], q[..., rot_dim:]
+    half = torch.cat((-q_rot[..., rot_dim // 2:], q_rot[..., : rot_dim // 2]), dim=-1)
+    return torch.cat((q_rot * cos[:, :, :seq] + half * sin[:, :, :seq], q_pass), dim=-1)
+
+
+@pytest.mark.parametrize("dim,head_dim", [(16, 32), (32, 64), (128, 256)])
+def test_hf_rope_is_the_released_code_bit_for_bit(dim, head_dim):
+    seq = 4200
+    cos, sin = rotary_tables(dim, seq, 10000.0, "cpu", mode="hf")
+    q = torch.randn(1, 2, seq, head_dim)
+    assert torch.equal(apply_partial_rope(q, cos, sin, dim), official_hf_rope(q, dim, seq))
+    # the released tables take positions as a bf16 arange: 257 reads 256, 4090..4100 all read 4096
+    assert torch.equal(cos[256], cos[257]) and not torch.equal(cos[255], cos[256])
+    assert torch.equal(cos[4090], cos[4100])
+    exact, _ = rotary_tables(dim, seq, 10000.0, "cpu")
+    assert (exact[:256] - cos[:256]).abs().max() > 1e-3  # bf16 frequencies differ at once
+    assert (exact - cos).abs().max() > 0.5  # and the angles are far apart at long positions
+
+
+def test_rope_mode_reaches_the_attention_and_survives_rebuilds():
+    m = LFAAttention(tiny(rope="hf", max_seq_len=16))
+    assert m.rotary.mode == "hf" and "mode=hf" in repr(m.rotary)
+    assert torch.equal(m.rotary.cos_cached, rotary_tables(16, 16, 10000.0, mode="hf")[0])
+    cos, _ = m.rotary(300, torch.device("cpu"))  # longer than the cache: rebuilt, still the hf tables
+    assert torch.equal(cos, rotary_tables(16, 300, 10000.0, mode="hf")[0])
+    assert CausalSelfAttention(tiny(lfa=False, rope="hf")).rotary.mode == "hf"
+    assert LFAAttention(tiny()).rotary.mode == "exact"
+    with pytest.raises(ValueError, match="rope = 'fast'"):
+        rotary_tables(16, 4, 10000.0, mode="fast")

@@ -1,6 +1,7 @@
 """grouped_swiglu and its two paths against a per-token reference: outputs and gradients (x, w1, w2) in fp32,
 with replicas (repeated weight_index), zero-count segments, unsorted expert order and empty input; the selection
-rule (padded for few rows per expert, loop for many)."""
+rule (padded for few rows per expert, loop for many); the no-autograd forward / hand-written backward the expert
+server runs, against autograd."""
 
 import pytest
 import torch
@@ -11,9 +12,14 @@ from moe_runtime.model.experts import (
     PADDED_MAX_MEAN_ROWS,
     SwiGLUExperts,
     grouped_swiglu,
+    grouped_swiglu_backward,
+    grouped_swiglu_forward_saving,
     grouped_swiglu_loop,
     grouped_swiglu_padded,
     padded_is_faster,
+    swiglu,
+    swiglu_backward,
+    swiglu_forward_saving,
 )
 
 PATHS = {"auto": grouped_swiglu, "loop": grouped_swiglu_loop, "padded": grouped_swiglu_padded}
@@ -177,3 +183,48 @@ def test_grouped_swiglu_dispatches_by_the_rule(monkeypatch, counts):
     expected = "grouped_swiglu_padded" if mod.padded_is_faster(counts) else "grouped_swiglu_loop"
     assert called == [expected]
     assert expected == ("grouped_swiglu_padded" if counts[0] == 4 else "grouped_swiglu_loop")
+
+
+def test_handwritten_backward_matches_autograd():
+    """swiglu_forward_saving + swiglu_backward give autograd's y, dx, dw1 and dw2 (fp32 rounding), writing into
+    `out` / `dx_out` slices when given."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(7, 8, generator=gen)
+    w1, w2 = torch.randn(8, 20, generator=gen), torch.randn(10, 8, generator=gen)
+    dy = torch.randn(7, 8, generator=gen)
+    xr, w1r, w2r = (t.clone().requires_grad_() for t in (x, w1, w2))
+    y_ref = swiglu(xr, w1r, w2r)
+    y_ref.backward(dy)
+    y_buf, dx_buf = torch.zeros(9, 8), torch.zeros(9, 8)
+    with torch.no_grad():
+        y, h = swiglu_forward_saving(x, w1, w2, out=y_buf[1:8])
+        dx, dw1, dw2 = swiglu_backward(dy, x, h, w1, w2, dx_out=dx_buf[2:9])
+    assert y.data_ptr() == y_buf[1:8].data_ptr() and dx.data_ptr() == dx_buf[2:9].data_ptr()
+    assert_close(h, x @ w1)
+    assert_close(y, y_ref)
+    assert_close(dx, xr.grad)
+    assert_close(dw1, w1r.grad)
+    assert_close(dw2, w2r.grad)
+
+
+def test_grouped_saving_forward_and_backward_match_grouped_swiglu():
+    """Per-segment weights (the server's layout, one pair per segment) against grouped_swiglu under autograd, with
+    a zero-count segment."""
+    gen = torch.Generator().manual_seed(12)
+    counts, index = [3, 0, 5, 2], [1, 3, 0, 2]
+    x = torch.randn(sum(counts), 8, generator=gen)
+    dy = torch.randn(sum(counts), 8, generator=gen)
+    w1 = torch.randn(4, 8, 12, generator=gen, requires_grad=True)
+    w2 = torch.randn(4, 6, 8, generator=gen, requires_grad=True)
+    xr = x.clone().requires_grad_()
+    y_ref = grouped_swiglu(xr, counts, w1, w2, index)
+    y_ref.backward(dy)
+    weights = [(w1[e].detach(), w2[e].detach()) for e in index]
+    y, hs = grouped_swiglu_forward_saving(x, counts, weights)
+    dx, wgrads = grouped_swiglu_backward(dy, counts, x, hs, weights)
+    assert not y.requires_grad and [h.shape[0] for h in hs] == counts
+    assert_close(y, y_ref)
+    assert_close(dx, xr.grad)
+    for e, (dw1, dw2) in zip(index, wgrads):
+        assert_close(dw1, w1.grad[e])
+        assert_close(dw2, w2.grad[e])

@@ -9,11 +9,12 @@ import ray
 import torch
 
 from moe_runtime.dispatch.codec import decode_frame, encode_frame
-from moe_runtime.dispatch.grpc_service import ExpertCallError, ExpertClient
+from moe_runtime.dispatch.client import ExpertCallError, ExpertClient
 from moe_runtime.model.transformer import expert_param_name
-from moe_runtime.placement import Placement
+from moe_runtime.placement import Move, Placement, diff_moves
 from moe_runtime.scheduler.hook import SchedulerHook
-from moe_runtime.scheduler.migrate import MigrationError, moves_between
+from moe_runtime.scheduler.migrate import MigrationError, apply_decision
+from moe_runtime.scheduler.types import PlacementDecision
 
 
 def _with(p: Placement, changes: dict[tuple[int, int], tuple[int, ...]]) -> Placement:
@@ -54,7 +55,7 @@ def test_rebalancing_never_changes_the_math(fresh4, oracle):
 
     def progress(step: int, loss: float) -> None:
         if step in forced:
-            moves = moves_between(c.placement, forced[step])
+            moves = diff_moves(c.placement, forced[step])
             kinds.update(m.kind for m in moves)
             reports.append(c.rebalance(forced[step]))
             assert c.placement.replicas == forced[step].replicas
@@ -113,7 +114,7 @@ def test_move_then_step_equals_no_move(fresh4, oracle):
     rep = c.rebalance(moved)
     assert rep.moves_applied == 4 and rep.new_version == c.placement.version
     assert c.placement.shards_of(0) == []
-    assert ray.get(c.experts[0].info.remote())["shards"] == []
+    assert ray.get(c.experts[0].info.remote()).shards == ()
     for key in keys:  # weights, exp_avg, exp_avg_sq and step arrived bit for bit
         after = ray.get(c.experts[3 - key[1] % 2].state.remote([key]))[key]
         assert set(after) == set(before[key]) >= {"w1", "w2", "w1.exp_avg", "w1.exp_avg_sq", "w1.step"}
@@ -172,14 +173,10 @@ def test_bad_decisions_are_refused_naming_the_move(fresh4):
         c.placement.version,
         c.placement.actor_nodes,
     )
-    from moe_runtime.scheduler.migrate import apply_decision
-
     with pytest.raises(MigrationError, match="must be above the cluster's"):
-        apply_decision(c, same_version)
-    from moe_runtime.scheduler.policy import Move, PlacementDecision
-
+        apply_decision(c.fleet, same_version)
     target = c.placement.with_replicas(_with(c.placement, {(0, 0): (0, 1)}).replicas)
     wrong_src = PlacementDecision(target, True, (), (Move(0, 0, 2, 1, "replicate"),), 1.0, 1.0, 0, "test")
     with pytest.raises(MigrationError, match=r"replicate \(layer 0, expert 0\) actor 2 -> actor 1"):
-        apply_decision(c, wrong_src)
+        apply_decision(c.fleet, wrong_src)
     assert c.placement.version == target.version - 1  # nothing applied

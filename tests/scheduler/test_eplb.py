@@ -1,9 +1,19 @@
-"""The NumPy port of DeepSeek EPLB reproduces the upstream README example and the anchors' computed numbers."""
+"""The torch port of DeepSeek EPLB gives upstream's exact outputs.
+
+Upstream cannot be installed as a package, so its code is copied below, verbatim, as the reference; the port is
+compared with it on seeded random loads full of ties (rows longer than 16 items, where torch's unstable sort
+no longer keeps index order), and checked against hand-fixed arrays, the README example and the anchors'
+computed numbers, so the test does not only compare two codes. The hand-fixed tie orders are those of torch's
+CPU sort in the pinned torch (pyproject.toml); upstream's outputs depend on them.
+"""
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
+import torch
 
 from moe_runtime.scheduler.eplb import (
     balanced_packing,
@@ -13,6 +23,202 @@ from moe_runtime.scheduler.eplb import (
     replicate_experts,
 )
 from moe_runtime.scheduler.load import actor_loads
+
+# ------------------------------------------------------------------------------------------ upstream reference
+# deepseek-ai/EPLB eplb.py, lines 1-162, verbatim (trailing spaces included):
+# https://github.com/deepseek-ai/EPLB/blob/57919718be1fbe2baca80a42a7df4de7119aaa95/eplb.py
+# (commit 57919718be1fbe2baca80a42a7df4de7119aaa95; these lines are those of main @ d52c72d, 2025-03-24, whose
+# README example is tested below). Left out: rebalance_with_migration_cost and __all__ (not ported).
+#
+# MIT License
+#
+# Copyright (c) 2025 DeepSeek
+#
+# Permission is hereby granted, free of charge, to any person obtaining a copy
+# of this software and associated documentation files (the "Software"), to deal
+# in the Software without restriction, including without limitation the rights
+# to use, copy, modify, merge, publish, distribute, sublicense, and/or sell
+# copies of the Software, and to permit persons to whom the Software is
+# furnished to do so, subject to the following conditions:
+#
+# The above copyright notice and this permission notice shall be included in all
+# copies or substantial portions of the Software.
+#
+# THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
+# IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY,
+# FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE
+# AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER
+# LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM,
+# OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE
+# SOFTWARE.
+UPSTREAM_EPLB_PY = '''\
+from typing import Tuple
+
+import torch
+
+def balanced_packing(weight: torch.Tensor, num_packs: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    Pack n weighted objects to m packs, such that each bin contains exactly n/m objects and the weights of all packs
+    are as balanced as possible.
+
+    Parameters:
+        weight: [X, n], the weight of each item
+        num_packs: number of packs
+    
+    Returns: 
+        pack_index: [X, n], the pack index of each item
+        rank_in_pack: [X, n], the rank of the item in the pack
+    """
+    num_layers, num_groups = weight.shape
+    assert num_groups % num_packs == 0
+    groups_per_pack = num_groups // num_packs
+
+    if groups_per_pack == 1:
+        pack_index = torch.arange(weight.size(-1), dtype=torch.int64, device=weight.device).expand(weight.shape)
+        rank_in_pack = torch.zeros_like(weight, dtype=torch.int64)
+        return pack_index, rank_in_pack
+
+    indices = weight.float().sort(-1, descending=True).indices.cpu()
+    pack_index = torch.full_like(weight, fill_value=-1, dtype=torch.int64, device='cpu')
+    rank_in_pack = torch.full_like(pack_index, fill_value=-1)
+    for i in range(num_layers):
+        pack_weights = [0] * num_packs
+        pack_items = [0] * num_packs
+        for group in indices[i]:
+            pack = min((i for i in range(num_packs) if pack_items[i] < groups_per_pack), 
+                       key=pack_weights.__getitem__)
+            assert pack_items[pack] < groups_per_pack
+            pack_index[i, group] = pack
+            rank_in_pack[i, group] = pack_items[pack]
+            pack_weights[pack] += weight[i, group]
+            pack_items[pack] += 1
+    return pack_index, rank_in_pack
+
+
+def replicate_experts(weight: torch.Tensor, num_phy: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+
+    """
+    Replicate `num_log` experts to `num_phy` replicas, such that the maximum load of all replicas is minimized.
+
+    Parameters:
+        weight: [X, num_log]
+        num_phy: total number of experts after replication
+    
+    Returns:
+        phy2log: [X, num_phy], logical expert id of each physical expert
+        rank: [X, num_phy], the replica rank
+        logcnt: [X, num_log], number of replicas for each logical expert
+    """
+    n, num_log = weight.shape
+    num_redundant = num_phy - num_log
+    assert num_redundant >= 0
+    device = weight.device
+    phy2log = torch.arange(num_phy, dtype=torch.int64, device=device).repeat(n, 1)
+    rank = torch.zeros(n, num_phy, dtype=torch.int64, device=device)
+    logcnt = torch.ones(n, num_log, dtype=torch.int64, device=device)
+    arangen = torch.arange(n, dtype=torch.int64, device=device)
+    for i in range(num_log, num_phy):
+        redundant_indices = (weight / logcnt).max(dim=-1).indices
+        phy2log[:, i] = redundant_indices
+        rank[:, i] = logcnt[arangen, redundant_indices]
+        logcnt[arangen, redundant_indices] += 1
+    return phy2log, rank, logcnt
+
+
+def rebalance_experts_hierarchical(weight: torch.Tensor, num_physical_experts: int, 
+                      num_groups: int, num_nodes: int, num_gpus: int):
+    """
+    Parameters:
+        weight: [num_moe_layers, num_logical_experts]
+        num_physical_experts: number of physical experts after replication
+        num_groups: number of expert groups
+        num_nodes: number of server nodes, where the intra-node network (e.g, NVLink) is faster
+        num_gpus: number of GPUs, must be a multiple of `num_nodes`
+
+    Returns: 
+        physical_to_logical_map: [num_moe_layers, num_physical_experts]
+        logical_to_physical_map: [num_moe_layers, num_logical_experts, X]
+        logical_count: [num_moe_layers, num_logical_experts]
+    """
+    num_layers, num_logical_experts = weight.shape
+    assert num_logical_experts % num_groups == 0
+    group_size = num_logical_experts // num_groups 
+    assert num_groups % num_nodes == 0
+    groups_per_node = num_groups // num_nodes
+    assert num_gpus % num_nodes == 0
+    assert num_physical_experts % num_gpus == 0
+    phy_experts_per_gpu = num_physical_experts // num_gpus
+
+    def inverse(perm: torch.Tensor) -> torch.Tensor:
+        inv = torch.empty_like(perm)
+        inv.scatter_(1, perm, torch.arange(perm.size(1), dtype=torch.int64, device=perm.device).expand(perm.shape))
+        return inv
+
+    # Step 1: pack groups to nodes
+    tokens_per_group = weight.unflatten(-1, (num_groups, group_size)).sum(-1)
+    group_pack_index, group_rank_in_pack = balanced_packing(tokens_per_group, num_nodes) 
+    log2mlog = (((group_pack_index * groups_per_node + group_rank_in_pack) * group_size).unsqueeze(-1) + 
+                torch.arange(group_size, dtype=torch.int64, device=group_pack_index.device)).flatten(-2)
+    mlog2log = inverse(log2mlog)
+
+    # Step 2: construct redundant experts within nodes
+    # [num_layers * num_nodes, num_logical_experts // num_nodes]
+    tokens_per_mlog = weight.gather(-1, mlog2log).view(-1, num_logical_experts // num_nodes)
+    phy2mlog, phyrank, mlogcnt = replicate_experts(tokens_per_mlog, num_physical_experts // num_nodes)    
+
+    # Step 3: pack physical_experts to GPUs
+    # [num_layers * num_nodes, num_physical_experts // num_nodes]
+    tokens_per_phy = (tokens_per_mlog / mlogcnt).gather(-1, phy2mlog)
+    pack_index, rank_in_pack = balanced_packing(tokens_per_phy, num_gpus // num_nodes)
+    phy2pphy = pack_index * phy_experts_per_gpu + rank_in_pack
+    pphy2phy = inverse(phy2pphy)
+
+    pphy2mlog = phy2mlog.gather(-1, pphy2phy) # [num_layers * num_nodes, num_log_per_nodes]
+    pphy2mlog = (pphy2mlog.view(num_layers, num_nodes, -1) + 
+                 torch.arange(0, num_logical_experts, num_logical_experts // num_nodes,
+                              device=group_pack_index.device).view(1, -1, 1)).flatten(-2)
+    pphy2log = mlog2log.gather(-1, pphy2mlog)
+    pphyrank = phyrank.gather(-1, pphy2phy).view(num_layers, -1)
+    logcnt = mlogcnt.view(num_layers, -1).gather(-1, log2mlog)
+    return pphy2log, pphyrank, logcnt
+
+def rebalance_experts(weight: torch.Tensor, num_replicas: int, num_groups: int,
+                      num_nodes: int, num_gpus: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    Entry point for expert-parallelism load balancer.
+
+    Parameters:
+        weight: [layers, num_logical_experts], the load statistics for all logical experts
+        num_replicas: number of physical experts, must be a multiple of `num_gpus`
+        num_groups: number of expert groups
+        num_nodes: number of server nodes, where the intra-node network (e.g, NVLink) is faster
+        num_gpus: number of GPUs, must be a multiple of `num_nodes`
+
+    Returns: 
+        physical_to_logical_map: [layers, num_replicas], the expert index of each replica
+        logical_to_physical_map: [layers, num_logical_experts, X], the replica indices for each expert
+        expert_count: [layers, num_logical_experts], number of physical replicas for each logical expert
+    """
+    num_layers, num_logical_experts = weight.shape
+    weight = weight.float().cpu()
+    if num_groups % num_nodes == 0:
+        # use hierarchical load-balance policy
+        phy2log, phyrank, logcnt = rebalance_experts_hierarchical(weight, num_replicas, 
+                                                                  num_groups, num_nodes, num_gpus)
+    else:
+        # use global load-balance policy
+        phy2log, phyrank, logcnt = rebalance_experts_hierarchical(weight, num_replicas, 1, 1, num_gpus)
+    maxlogcnt = logcnt.max().item()
+    log2phy: torch.Tensor = torch.full((num_layers, num_logical_experts, maxlogcnt), 
+                                       -1, dtype=torch.int64, device=logcnt.device)
+    log2phy.view(num_layers, -1).scatter_(-1, phy2log * maxlogcnt + phyrank, 
+            torch.arange(num_replicas, dtype=torch.int64, device=log2phy.device).expand(num_layers, -1))
+    return phy2log, log2phy, logcnt
+'''
+upstream = types.ModuleType("upstream_eplb")
+exec(compile(UPSTREAM_EPLB_PY, "deepseek-ai/EPLB/eplb.py", "exec"), upstream.__dict__)
+
+# ---------------------------------------------------------------------------------------------------- fixtures
 
 README_WEIGHT = np.array(
     [
@@ -24,16 +230,29 @@ README_PHY2LOG = [
     [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
     [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1],
 ]
+# 32 experts, loads 1..5: every load is shared by 5-8 experts.
+TIED_32 = [5, 3, 3, 1, 4, 4, 2, 2, 3, 3, 5, 1, 2, 2, 4, 4, 1, 1, 3, 3, 5, 5, 2, 2, 4, 1, 3, 2, 5, 3, 1, 4]
 
 
-def gpu_loads(weight: np.ndarray, phy2log: np.ndarray, logcnt: np.ndarray, num_gpus: int) -> np.ndarray:
+def gpu_loads(weight: np.ndarray, phy2log: torch.Tensor, logcnt: torch.Tensor, num_gpus: int) -> np.ndarray:
     """EPLB's own accounting: each physical replica carries weight / count."""
-    per_phy = np.take_along_axis(weight / logcnt, phy2log, axis=-1)
+    per_phy = np.take_along_axis(weight / logcnt.numpy(), phy2log.numpy(), axis=-1)
     return per_phy.reshape(weight.shape[0], num_gpus, -1).sum(-1)
 
 
+def assert_same_as_upstream(weight: torch.Tensor, *args: int) -> None:
+    ours = rebalance_experts(weight, *args)
+    theirs = upstream.rebalance_experts(weight, *args)
+    for name, a, b in zip(("phy2log", "log2phy", "logcnt"), ours, theirs):
+        assert a.dtype == b.dtype == torch.int64, (name, args)
+        assert torch.equal(a, b), f"{name} differs from upstream for {args} on weight {weight.tolist()}"
+
+
+# --------------------------------------------------------------------------------------- upstream's examples
+
+
 def test_readme_example_hierarchical():
-    phy2log, log2phy, logcnt = rebalance_experts(README_WEIGHT, 16, 4, 2, 8)
+    phy2log, log2phy, logcnt = rebalance_experts(torch.from_numpy(README_WEIGHT), 16, 4, 2, 8)
     assert phy2log.tolist() == README_PHY2LOG
     loads = gpu_loads(README_WEIGHT, phy2log, logcnt, 8)
     assert loads[0].tolist() == [121.5, 86.5, 125.0, 113.0, 147.5, 131.5, 156.0, 152.0]
@@ -46,10 +265,13 @@ def test_readme_example_hierarchical():
             slots = [int(p) for p in log2phy[layer, e] if p >= 0]
             assert len(slots) == logcnt[layer, e]
             assert all(phy2log[layer, p] == e for p in slots)
+    # The copied upstream code prints the README's output too, and the port matches all three outputs.
+    assert upstream.rebalance_experts(torch.from_numpy(README_WEIGHT), 16, 4, 2, 8)[0].tolist() == README_PHY2LOG
+    assert_same_as_upstream(torch.from_numpy(README_WEIGHT), 16, 4, 2, 8)
 
 
 def test_readme_input_global_policy_when_groups_do_not_divide_nodes():
-    phy2log, _, logcnt = rebalance_experts(README_WEIGHT, 16, 3, 2, 8)
+    phy2log, _, logcnt = rebalance_experts(torch.from_numpy(README_WEIGHT), 16, 3, 2, 8)
     loads = gpu_loads(README_WEIGHT, phy2log, logcnt, 8)
     assert loads.max(1) / loads.mean(1) == pytest.approx([1.073, 1.190], abs=5e-4)
     # EPLB has no anti-affinity: both copies of expert 1 land on GPU 7 (slots 14 and 15).
@@ -58,36 +280,126 @@ def test_readme_input_global_policy_when_groups_do_not_divide_nodes():
 
 def test_flashlb_case_max_gpu_load_232():
     weight = np.array([[600, 560, 120, 120, 20, 10, 10, 10]])
-    phy2log, _, logcnt = rebalance_experts(weight, 16, 1, 1, 8)
+    phy2log, _, logcnt = rebalance_experts(torch.from_numpy(weight), 16, 1, 1, 8)
     loads = gpu_loads(weight, phy2log, logcnt, 8)
     assert loads.max() == 232.0
     assert loads.max() / loads.mean() == pytest.approx(1.28, abs=5e-3)
 
 
-def test_balanced_packing_fills_every_pack_exactly_and_breaks_ties_by_index():
-    w = np.array([[5.0, 5.0, 5.0, 5.0, 1.0, 1.0]])
+# ------------------------------------------------------------------------------- ties, by hand and by the copy
+
+
+def test_balanced_packing_fills_every_pack_exactly_and_breaks_ties_by_index_on_short_rows():
+    w = torch.tensor([[5.0, 5.0, 5.0, 5.0, 1.0, 1.0]])
     pack, rank = balanced_packing(w, 3)
-    assert np.bincount(pack[0], minlength=3).tolist() == [2, 2, 2]
+    assert torch.bincount(pack[0], minlength=3).tolist() == [2, 2, 2]
     # Items 0..3 (ties) go to packs 0, 1, 2, then item 3 to the lightest open pack with the lowest index (0).
+    # Torch's sort keeps index order on rows of up to 16 items, so this is upstream's answer too.
     assert pack[0].tolist() == [0, 1, 2, 0, 1, 2]
     assert rank[0].tolist() == [0, 0, 0, 1, 1, 1]
-    ident, zero = balanced_packing(np.array([[3.0, 1.0, 2.0]]), 3)
+    ident, zero = balanced_packing(torch.tensor([[3.0, 1.0, 2.0]]), 3)
     assert ident.tolist() == [[0, 1, 2]] and zero.tolist() == [[0, 0, 0]]
     with pytest.raises(ValueError, match="do not split evenly"):
-        balanced_packing(np.ones((1, 5)), 2)
+        balanced_packing(torch.ones((1, 5)), 2)
+
+
+def test_balanced_packing_orders_ties_as_torch_sort_on_rows_longer_than_16():
+    row = [3.0] * 8 + [2.0] * 8 + [1.0] * 4
+    # Torch's default descending sort on 20 items does not keep index order inside a tie:
+    order = torch.tensor(row).sort(-1, descending=True).indices.tolist()
+    assert order == [1, 2, 3, 4, 5, 6, 7, 0, 10, 15, 14, 13, 12, 11, 9, 8, 16, 17, 18, 19]
+    # Greedy over that order, 4 packs of 5: each run of 4 equal items sees 4 equal packs, so it goes to packs
+    # 0, 1, 2, 3 in order: 1 2 3 4 | 5 6 7 0 | 10 15 14 13 | 12 11 9 8 | 16 17 18 19. Item 0 lands in pack 3
+    # (a stable sort would put it in pack 0).
+    pack, rank = balanced_packing(torch.tensor([row]), 4)
+    assert pack.tolist() == [[3, 0, 1, 2, 3, 0, 1, 2, 3, 2, 0, 1, 0, 3, 2, 1, 0, 1, 2, 3]]
+    assert rank.tolist() == [[1, 0, 0, 0, 0, 1, 1, 1, 3, 3, 2, 3, 3, 2, 2, 2, 4, 4, 4, 4]]
+    theirs = upstream.balanced_packing(torch.tensor([row]), 4)
+    assert torch.equal(pack, theirs[0]) and torch.equal(rank, theirs[1])
 
 
 def test_replicate_experts_takes_first_argmax_on_ties():
-    phy2log, rank, logcnt = replicate_experts(np.array([[4.0, 4.0, 1.0]]), 5)
+    phy2log, rank, logcnt = replicate_experts(torch.tensor([[4.0, 4.0, 1.0]]), 5)
     # First extra replica: tie 4/1 vs 4/1 -> expert 0; second: 4/1 (expert 1) > 4/2 -> expert 1.
     assert phy2log.tolist() == [[0, 1, 2, 0, 1]]
     assert rank.tolist() == [[0, 0, 0, 1, 1]]
     assert logcnt.tolist() == [[2, 2, 1]]
+    # 20 equal experts, 4 extra replicas: the first maxima are experts 0, 1, 2, 3.
+    phy2log, rank, logcnt = replicate_experts(torch.full((1, 20), 4.0), 24)
+    assert phy2log[0, 20:].tolist() == [0, 1, 2, 3] and rank[0, 20:].tolist() == [1, 1, 1, 1]
+    assert logcnt[0].tolist() == [2] * 4 + [1] * 16
+
+
+@pytest.mark.parametrize(
+    ("num_replicas", "num_groups", "num_nodes", "num_gpus", "phy2log", "log2phy_first"),
+    [
+        (  # hierarchical: each node packs 20 replicas with ties onto 4 GPUs
+            40, 4, 2, 8,
+            [31, 28, 5, 7, 5, 24, 0, 6, 4, 25, 1, 26, 0, 27, 3, 29, 2, 28, 4, 30,
+             15, 21, 12, 22, 16, 9, 8, 21, 23, 17, 19, 10, 10, 13, 14, 18, 20, 20, 14, 11],
+            [6, 12],
+        ),
+        (  # global (1 group, 2 nodes): 40 replicas with ties onto 8 GPUs
+            40, 1, 2, 8,
+            [15, 20, 14, 13, 30, 24, 28, 22, 27, 3, 31, 21, 23, 12, 17, 19, 8, 0, 4, 11,
+             18, 2, 20, 7, 25, 26, 1, 10, 6, 16, 29, 0, 28, 14, 5, 9, 10, 21, 5, 4],
+            [17, 31],
+        ),
+        (  # no redundancy: 32 tied experts onto 4 GPUs
+            32, 1, 1, 4,
+            [0, 20, 1, 29, 9, 22, 6, 30, 28, 31, 24, 26, 8, 23, 16, 11,
+             21, 4, 14, 19, 2, 7, 17, 25, 10, 5, 15, 18, 13, 12, 27, 3],
+            [0],
+        ),
+    ],
+)
+def test_rebalance_experts_matches_upstream_on_32_tied_experts(
+    num_replicas, num_groups, num_nodes, num_gpus, phy2log, log2phy_first
+):
+    weight = torch.tensor([TIED_32])
+    got_phy2log, log2phy, logcnt = rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus)
+    assert got_phy2log.tolist() == [phy2log]
+    assert log2phy[0, 0].tolist() == log2phy_first
+    # logcnt and log2phy follow from phy2log: count each expert's slots; list them by replica rank.
+    assert logcnt.tolist() == [np.bincount(phy2log, minlength=32).tolist()]
+    for e in range(32):
+        slots = [p for p in log2phy[0, e].tolist() if p >= 0]
+        assert sorted(slots) == [p for p, x in enumerate(phy2log) if x == e]
+    assert_same_as_upstream(weight, num_replicas, num_groups, num_nodes, num_gpus)
+
+
+def test_rebalance_experts_matches_upstream_on_random_tied_loads():
+    # The same code with a stable sort (the port's old tie rule) stands in for a port that gets ties wrong.
+    stable = types.ModuleType("upstream_eplb_stable_sort")
+    stable_src = UPSTREAM_EPLB_PY.replace(".sort(-1, descending=True)", ".sort(stable=True, dim=-1, descending=True)")
+    exec(compile(stable_src, "eplb_stable_sort.py", "exec"), stable.__dict__)
+    rng = np.random.default_rng(12)
+    policies = {"hierarchical": 0, "global": 0}
+    stable_differs = 0
+    for case in range(150):
+        num_experts = int(rng.choice([32, 40, 48, 64]))
+        num_groups = int(rng.choice([g for g in (1, 2, 4, 8, 16) if num_experts % g == 0]))
+        num_nodes = int(rng.choice([1, 2, 4]))
+        num_gpus = num_nodes * int(rng.choice([1, 2, 4]))
+        min_per_gpu = -(-num_experts // num_gpus)
+        num_replicas = num_gpus * int(rng.integers(min_per_gpu, min_per_gpu + 3))
+        # Integer loads from a small range (ties everywhere), given as int64, float32 or float64 halves.
+        loads = rng.integers(0, int(rng.choice([2, 3, 5, 8])), size=(int(rng.integers(1, 4)), num_experts))
+        weight = (torch.from_numpy(loads), torch.from_numpy(loads).float(), torch.from_numpy(loads / 2.0))[case % 3]
+        args = (num_replicas, num_groups, num_nodes, num_gpus)
+        assert_same_as_upstream(weight, *args)
+        policies["hierarchical" if num_groups % num_nodes == 0 else "global"] += 1
+        stable_differs += not torch.equal(stable.rebalance_experts(weight, *args)[0], rebalance_experts(weight, *args)[0])
+    assert min(policies.values()) >= 30, policies
+    assert stable_differs >= 75, stable_differs
+
+
+# ---------------------------------------------------------------------------------------------- to Placement
 
 
 def test_eplb_placement_merges_duplicate_replicas_on_one_actor():
     weight = np.array([[600, 560, 120, 120, 20, 10, 10, 10]])
-    phy2log, _, _ = rebalance_experts(weight, 16, 1, 1, 8)
+    phy2log, _, _ = rebalance_experts(torch.from_numpy(weight), 16, 1, 1, 8)
     assert phy2log[0, 14] == phy2log[0, 15]  # two copies of one expert on GPU 7
     dup = int(phy2log[0, 14])
     placement = eplb_placement(weight, num_actors=8, slots_per_actor=2)
@@ -108,7 +420,7 @@ def test_eplb_placement_maps_gpus_node_major_onto_actors():
     order, num_nodes = eplb_gpu_order(8, nodes)
     assert order == [0, 2, 4, 6, 1, 3, 5, 7] and num_nodes == 2
     placement = eplb_placement(README_WEIGHT, 8, 2, nodes, num_groups=4)
-    phy2log, _, logcnt = rebalance_experts(README_WEIGHT, 16, 4, 2, 8)
+    phy2log, _, logcnt = rebalance_experts(torch.from_numpy(README_WEIGHT), 16, 4, 2, 8)
     ours = actor_loads(README_WEIGHT, placement)
     theirs = gpu_loads(README_WEIGHT, phy2log, logcnt, 8)
     # No duplicates in this plan, so per-actor loads are EPLB's per-GPU loads, permuted by `order`.
@@ -116,6 +428,15 @@ def test_eplb_placement_maps_gpus_node_major_onto_actors():
     assert placement.actor_nodes == nodes
     # Uneven nodes: the hierarchy does not apply.
     assert eplb_gpu_order(3, (0, 0, 1))[1] == 1
+
+
+def test_eplb_placement_follows_upstream_phy2log_on_tied_loads():
+    # 32 tied experts, 8 actors of 5 slots on 2 nodes, 1 group (global policy): upstream's phy2log, GPU by GPU.
+    weight = np.array([TIED_32])
+    placement = eplb_placement(weight, num_actors=8, slots_per_actor=5, actor_nodes=(0,) * 4 + (1,) * 4)
+    phy2log = upstream.rebalance_experts(torch.from_numpy(weight), 40, 1, 2, 8)[0][0].tolist()
+    expected = [sorted({slot // 5 for slot, x in enumerate(phy2log) if x == e}) for e in range(32)]
+    assert [list(r) for r in placement.replicas[0]] == expected
 
 
 def test_eplb_placement_rejects_too_few_slots():

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from moe_runtime.config import ModelConfig
-from moe_runtime.sim.cost_model import LINK_CLASSES, CostModel, HardwareTable
+from moe_runtime.sim.cost_model import CostModel
+from moe_runtime.sim.hardware import LINK_CLASSES, HardwareTable
+from moe_runtime.sim.simulator import build_cost_model
 from moe_runtime.sim.traces import RoutingTrace, zipf_shares
 
 TINY = ModelConfig(preset="tiny")  # d 64, 8 experts, top-2, 2 layers
@@ -39,8 +41,28 @@ def host_table(cores: int = 2, expert_s_per_row: float = 1e-4, alpha: float = 1e
     })  # fmt: skip
 
 
+def measured_host_table(cores: int = 2) -> dict:
+    """A host table as ``calibrate.calibrate`` returns it, for the tiny model (numbers chosen, not measured)."""
+    return {
+        "name": "calibrated-host", "kind": "host", "host_cores": cores, "step_overhead_s": 0.0,
+        "grad_bytes_per_param": 4,
+        "links": {"loopback": {"alpha_s": 2e-5, "cpu_s": 3e-4, "bandwidth": 4e8}},
+        "measured": {
+            "model": {"preset": "tiny", "hidden_size": TINY.hidden_size, "ffn_hidden_size": TINY.ffn_hidden_size},
+            "expert": {"fixed_s": 1e-5, "s_per_row": 2e-6, "bwd_fixed_s": 2e-5, "bwd_s_per_row": 5e-6,
+                       "rows": [1, 8, 32], "times_s": [1.2e-5, 3e-5, 8e-5], "bwd_times_s": [2.5e-5, 6e-5, 1.8e-4]},
+            "dense": {"fixed_s": 1e-4, "s_per_token": 1e-6, "backward_factor": 2.0, "tokens": [32, 64],
+                      "times_s": [1.3e-4, 1.6e-4], "bwd_times_s": [2.7e-4, 3.3e-4]},
+            "head": {"fixed_s": 5e-5, "s_per_token": 5e-7, "backward_factor": 2.0},
+            "optimizer": {"s_per_param": 1e-8},
+            "codec": {"fixed_s": 5e-6, "s_per_byte": 1e-10},
+            "allreduce": {"alpha_s": 1e-4, "bandwidth": 1e9},
+        },
+    }  # fmt: skip
+
+
 def cost(table: HardwareTable, model: ModelConfig = TINY, wire: int = 4) -> CostModel:
-    return CostModel.build(table, model, seq_len=64, wire_bytes=wire)
+    return build_cost_model(table, model, seq_len=64, wire_bytes=wire)
 
 
 def exact_trace(shares_le: np.ndarray, chunks: int, tokens: int, top_k: int, steps: int = 1) -> RoutingTrace:

@@ -1,54 +1,33 @@
-"""Calibrating a host table against the real local cluster (`simulate --calibrate --against-cluster`)."""
+"""A calibrated host table: written, read back, turned into a cost model and a simulation of the local cluster.
+(The measurements themselves: test_measure.py; against the live cluster: tests/runtime/test_calibrate_cluster.py.)"""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
-from moe_runtime.config import parse_config
-from moe_runtime.sim import calibrate as cal
-from moe_runtime.sim.cli_impl import simulate_command
-from moe_runtime.sim.cost_model import CostModel
-from tests.sim.helpers import host_table
+from moe_runtime.config import ModelConfig, parse_config
+from moe_runtime.sim.calibrate import write_table
+from moe_runtime.sim.hardware import load_table
+from moe_runtime.sim.host_cost import HostCostModel
+from moe_runtime.sim.simulator import Simulator
+from tests.sim.helpers import measured_host_table
 
-
-@pytest.mark.slow
-def test_cluster_cpu_scale_is_measured_on_the_real_cluster(tmp_path):
-    cfg = parse_config({
-        "model": {"preset": "tiny"}, "data": {"max_files": 60},
-        "train": {"batch_size": 4, "seq_len": 32, "checkpoint_every": 0, "checkpoint_dir": str(tmp_path / "ck")},
-        "cluster": {"num_gpus": 2, "expert_actors": 2, "router_workers": 1, "torch_threads": 1},
-    })  # fmt: skip
-    table = host_table(cores=2)
-    logs: list[str] = []
-    threads = torch.get_num_threads()
-    try:
-        out = cal.measure_cluster_cpu_scale(cfg, table, warmup=1, steps=2, log=logs.append)
-    finally:
-        torch.set_num_threads(threads)
-    assert len(out["cluster_cpu_s"]) == len(out["table_cpu_s"]) == 2 and len(logs) == 2
-    assert all(c > 0 for c in out["cluster_cpu_s"]) and all(t > 0 for t in out["table_cpu_s"])
-    assert out["cpu_scale"] == pytest.approx(sum(out["cluster_cpu_s"]) / sum(out["table_cpu_s"]))
-    assert 0 < out["step_overhead_s"] < 1.0
-    # a table carrying the scale costs that much more, everywhere
-    import dataclasses
-
-    scaled = CostModel.build(dataclasses.replace(table, cpu_scale=2.0), cfg.model, 32, 4)
-    plain = CostModel.build(table, cfg.model, 32, 4)
-    assert scaled.expert_s_per_row == pytest.approx(2 * plain.expert_s_per_row)
-    assert scaled.links["loopback"].cpu_s == pytest.approx(2 * plain.links["loopback"].cpu_s)
+TINY = ModelConfig(preset="tiny")
 
 
-def test_against_cluster_needs_calibrate():
-    with pytest.raises(ValueError, match="--against-cluster: it refines a calibration; add --calibrate"):
-        simulate_command("cluster/local.yaml", against_cluster=True)
-
-
-def test_bad_cpu_scale_is_named():
-    from moe_runtime.sim.cost_model import CostModelError, HardwareTable
-
-    d = {"kind": "host", "host_cores": 2, "links": {"loopback": {"alpha_s": 0, "bandwidth": 1}},
-         "measured": {p: {} for p in ("expert", "dense", "head", "optimizer", "codec")}}  # fmt: skip
-    assert HardwareTable.from_dict(d).cpu_scale == 1.0
-    with pytest.raises(CostModelError, match=r"cpu_scale = 0.0: must be > 0"):
-        HardwareTable.from_dict({**d, "cpu_scale": 0})
+def test_table_roundtrip(tmp_path):
+    path = write_table(measured_host_table(cores=2), tmp_path / "host.yaml")
+    assert path.read_text().startswith("# Host cost table")
+    t = load_table(path)
+    assert t.kind == "host" and t.host_cores == 2 and t.links["intra_node"] == t.links["loopback"]
+    same = HostCostModel.build(t, TINY, 32, 4)
+    assert same.expert_s_per_row == pytest.approx(2e-6) and same.expert_curve == ((1, 8, 32), (1.2e-5, 3e-5, 8e-5),
+                                                                                 (2.5e-5, 6e-5, 1.8e-4))  # fmt: skip
+    bigger = HostCostModel.build(t, ModelConfig(preset="small"), 32, 4)  # scaled by FLOPs per row: 4 * 4 = 16x
+    assert bigger.expert_s_per_row == pytest.approx(16 * 2e-6) and bigger.expert_curve is None
+    assert same.allreduce_bandwidth == 1e9
+    cfg = parse_config({"model": {"preset": "tiny"}, "sim": {"hardware": str(path)}})
+    sim = Simulator.from_config(cfg)
+    assert sim.cost.table.kind == "host" and sim.layout.num_actors == cfg.cluster.expert_actors
+    res = sim.run_step(sim.synthetic("zipf", tokens_per_worker=256).step(0))
+    assert res.step_time_s > 0 and res.layout == "host" and res.phases["cpu_work_s"] > 0

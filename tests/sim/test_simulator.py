@@ -1,9 +1,8 @@
-"""The step simulator: queue primitives against brute force, the replica split against the runtime's, analytic
-transfer cases, monotonicity, determinism of replay, layouts, host tables, speed."""
+"""The step simulator: analytic transfer cases, monotonicity, determinism of replay, layouts, host tables, speed.
+(Its parts: test_queues.py, test_work.py, test_layout.py, test_gpu_cost.py, test_host_cost.py.)"""
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import time
 
@@ -11,81 +10,12 @@ import numpy as np
 import pytest
 
 from moe_runtime.config import ModelConfig
-from moe_runtime.placement import split_over_replicas
 from moe_runtime.placement import Placement
-from moe_runtime.sim.cost_model import Link, load_table
-from moe_runtime.sim.queues import CorePool, fifo_end, fifo_makespan
-from moe_runtime.sim.simulator import Layout, Simulator, _Slots, split_rows, static_placement
+from moe_runtime.sim.hardware import Link, load_table
+from moe_runtime.sim.layout import Layout
+from moe_runtime.sim.simulator import Simulator
 from moe_runtime.sim.traces import RoutingTrace, synthetic_trace
 from tests.sim.helpers import TINY, cost, gpu_table, host_table, zipf_exact
-
-# ----------------------------------------------------------------------------------------------- primitives
-
-
-def test_fifo_end_matches_a_plain_loop():
-    rng = np.random.default_rng(0)
-    r = rng.random((5, 40))
-    r[rng.random((5, 40)) < 0.3] = -np.inf  # absent jobs
-    w = np.where(np.isfinite(r), rng.random((5, 40)) * 0.1, 0.0)
-    free = rng.random(5) * 0.5
-    got = fifo_end(r, w, free)
-    for i in range(5):
-        t = free[i]
-        for j in range(40):
-            t = max(t, r[i, j]) + w[i, j]
-            assert got[i, j] == pytest.approx(t)
-    order = np.argsort(r, axis=1)
-    by_ready = fifo_end(np.take_along_axis(r, order, 1), np.take_along_axis(w, order, 1), free)
-    assert np.allclose(fifo_makespan(r, w, free), by_ready[:, -1])
-
-
-def test_core_pool():
-    # one core: FIFO in order of ready time
-    rng = np.random.default_rng(1)
-    ready, work = rng.random(30), rng.random(30) * 0.1
-    start, end = CorePool(1).run(ready, work)
-    t = 0.0
-    for i in np.argsort(ready, kind="stable"):
-        t = max(t, ready[i]) + work[i]
-        assert end[i] == pytest.approx(t)
-    # integer cores, jobs ready in order: list scheduling on the earliest free core
-    start, end = CorePool(3).run(np.arange(10) * 0.01, np.full(10, 1.0))
-    cores = [0.0, 0.0, 0.0]
-    for i in range(10):
-        f = heapq.heappop(cores)
-        s = max(f, i * 0.01)
-        assert start[i] == pytest.approx(s) and end[i] == pytest.approx(s + 1.0)
-        heapq.heappush(cores, s + 1.0)
-    # fractional capacity: a lone job at full speed up to one core; the second gets what is left
-    assert CorePool(0.5).run([0.0], [1.0])[1][0] == pytest.approx(2.0)
-    _, end = CorePool(1.5).run([0.0, 0.0], [2.0, 2.0])
-    assert end.tolist() == pytest.approx([2.0, 3.0])
-    pool = CorePool(1.25)
-    _, end = pool.run(ready, work)
-    assert pool.free_at == pytest.approx(end.max())
-    assert end.max() >= ready.min() + work.sum() / 1.25 - 1e-12  # capacity bound
-
-
-def test_split_rows_is_split_over_replicas():
-    rng = np.random.default_rng(2)
-    for _ in range(20):
-        E, A, W = 8, 5, 6
-        row = tuple(tuple(int(a) for a in rng.choice(A, size=rng.integers(1, 4), replace=False)) for _ in range(E))
-        counts = rng.integers(0, 50, size=(W, E))
-        slots = _Slots.of(row)
-        rows = split_rows(counts, slots)
-        for w in range(W):
-            want = {(a, e): c for a, e, c in split_over_replicas(counts[w].tolist(), row)}
-            got = {(int(a), int(e)): int(c) for a, e, c in zip(slots.actor, slots.expert, rows[w]) if c}
-            assert got == want
-
-
-def test_static_placement():
-    p = static_placement(2, 8, 4)
-    assert p == Placement.contiguous(2, 8, 4)
-    q = static_placement(1, 4, 10)
-    assert q.replicas[0] == ((0, 4, 8), (1, 5, 9), (2, 6), (3, 7))
-
 
 # ----------------------------------------------------------------------------------------------- analytic cases
 

@@ -1,0 +1,33 @@
+"""The names both ends of ExpertService agree on (protos/expert.proto): service, methods, auth metadata, limits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "METHOD_BACKWARD",
+    "METHOD_DISPATCH",
+    "METHOD_END_STEP",
+    "METHOD_HEALTH",
+    "SERVICE",
+    "TOKEN_METADATA_KEY",
+    "channel_options",
+]
+
+SERVICE = "moe_runtime.expert.ExpertService"
+TOKEN_METADATA_KEY = "x-moe-token"
+DEFAULT_MAX_MESSAGE_BYTES = 256 << 20
+
+METHOD_DISPATCH = f"/{SERVICE}/Dispatch"
+METHOD_BACKWARD = f"/{SERVICE}/Backward"
+METHOD_HEALTH = f"/{SERVICE}/Health"
+METHOD_END_STEP = f"/{SERVICE}/EndStep"
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    """gRPC options of a server or channel that carries messages up to `max_message_bytes`."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]

@@ -1,0 +1,185 @@
+"""Launch and release the parties of a cluster: Ray, the expert actors' placement group, the expert actors and the
+router workers, loaded with the oracle's initial weights (the dense part to the workers, expert slices to the
+actors that host them)."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from moe_runtime.config import RuntimeConfig
+from moe_runtime.model.transformer import build_model, expert_param_name
+from moe_runtime.placement import Placement
+from moe_runtime.records import ActorInfo
+from moe_runtime.runtime.calls import FREE_WAIT_S, START_TIMEOUT_S, get_within
+from moe_runtime.runtime.expert_actor import ExpertActor
+from moe_runtime.runtime.ray_env import ClusterStartError, RayEnv, check_layout, start_ray
+from moe_runtime.runtime.router_worker import RouterWorker, dense_state_from_full
+
+log = logging.getLogger(__name__)
+
+
+def check_config(cfg: RuntimeConfig) -> None:
+    """Every static check of a cluster config; raises ClusterStartError before anything starts."""
+    c, t = cfg.cluster, cfg.train
+    chunks = c.router_workers * t.micro_batches
+    problems = []
+    if t.batch_size % chunks:
+        problems.append(
+            f"train.batch_size = {t.batch_size}: must be a multiple of cluster.router_workers x train.micro_batches "
+            f"= {c.router_workers} x {t.micro_batches} = {chunks} (every chunk the same size)"
+        )
+    if c.grad_sync == "gloo" and c.ray_address is None and c.num_nodes == 1 and c.router_workers > 64:
+        problems.append(f"cluster.router_workers = {c.router_workers}: more than 64 gloo ranks on one machine")
+    if problems:
+        raise ClusterStartError("invalid cluster config:\n" + "\n".join(problems))
+    check_layout(c)
+
+
+@dataclass
+class Launched:
+    """What `launch` started: the handles a Cluster drives and what `release` must give back."""
+
+    env: RayEnv
+    placement_group: Any  # None when the actors ask for no resources
+    experts: list[Any]  # ExpertActor handles, index = actor index
+    workers: list[Any]  # RouterWorker handles
+    infos: list[ActorInfo]
+    placement: Placement
+    token: str
+
+
+def _expert_bundle(cfg: RuntimeConfig) -> dict[str, float]:
+    c = cfg.cluster
+    return {k: v for k, v in (("GPU", c.gpus_per_expert_actor), ("CPU", c.cpus_per_actor)) if v > 0}
+
+
+def _placement_group(cfg: RuntimeConfig) -> Any:
+    """A ready placement group of one bundle per expert actor, or None when they ask for nothing."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    c, bundle = cfg.cluster, _expert_bundle(cfg)
+    if not bundle:
+        return None
+    free = ray.available_resources()
+    short = {k: v * c.expert_actors for k, v in bundle.items() if v * c.expert_actors > free.get(k, 0.0) + 1e-9}
+    if short:  # fail now rather than wait for a placement group that cannot be satisfied
+        raise ClusterStartError(
+            f"cluster.expert_actors = {c.expert_actors} need {short} but only "
+            f"{ {k: free.get(k, 0.0) for k in short} } are free in the Ray cluster "
+            f"(total {ray.cluster_resources()}); another cluster may hold the rest"
+        )
+    pg = placement_group([dict(bundle) for _ in range(c.expert_actors)], strategy=c.placement_strategy)
+    try:
+        ray.get(pg.ready(), timeout=START_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(pg)
+        raise ClusterStartError(
+            f"placement group of {c.expert_actors} x {bundle} ({c.placement_strategy}) not ready after "
+            f"{START_TIMEOUT_S:.0f} s: the Ray cluster has {ray.cluster_resources()}"
+        ) from None
+    return pg
+
+
+def _start_actors(cfg: RuntimeConfig, pg: Any, token: str) -> tuple[list[Any], list[Any]]:
+    import ray
+
+    c = cfg.cluster
+    conf = cfg.model_dump(mode="json")
+    actor_cls = ray.remote(ExpertActor)
+    experts = []
+    for i in range(c.expert_actors):
+        opts: dict[str, Any] = {"num_gpus": c.gpus_per_expert_actor, "num_cpus": c.cpus_per_actor,
+                                "max_restarts": c.max_restarts, "max_task_retries": 0}
+        if pg is not None:
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                placement_group=pg, placement_group_bundle_index=i)
+        experts.append(actor_cls.options(**opts).remote(conf, i, token))
+    worker_cls = ray.remote(RouterWorker)
+    workers = [
+        worker_cls.options(num_gpus=0, num_cpus=c.cpus_per_actor, max_restarts=c.max_restarts,
+                           max_task_retries=0).remote(conf, w, token)
+        for w in range(c.router_workers)
+    ]  # fmt: skip
+    return experts, workers
+
+
+def _load_initial_weights(cfg: RuntimeConfig, experts: list[Any], workers: list[Any], placement: Placement,
+                          infos: list[ActorInfo]) -> None:  # fmt: skip
+    """The oracle's initial weights: the dense part to every worker, each expert slice to the actors hosting it."""
+    import ray
+
+    full = build_model(cfg.model, seed=cfg.train.seed)
+    dense_ref = ray.put(dense_state_from_full(full, cfg))
+    sd = full.state_dict()
+    shards = {
+        (layer, e): {"w1": sd[expert_param_name(layer, "w1")][e].clone(),
+                     "w2": sd[expert_param_name(layer, "w2")][e].clone()}
+        for layer in range(cfg.model.num_layers) for e in range(cfg.model.num_experts)
+    }  # fmt: skip
+    del full, sd
+    refs = [a.load_shards.remote({k: shards[k] for k in placement.shards_of(i)}, placement.version)
+            for i, a in enumerate(experts)]
+    addresses = [i.address for i in infos]
+    # dense weights by a call, not a constructor argument: a restarted worker must not depend on them
+    refs += [w.set_placement.remote(placement.to_dict(), addresses) for w in workers]
+    refs += [w.load_model_state.remote(dense_ref) for w in workers]
+    get_within(refs, START_TIMEOUT_S, "loading weights")
+
+
+def launch(cfg: RuntimeConfig) -> Launched:
+    """Start (or join) Ray, place and start every actor, load the oracle's initial weights. On any failure what was
+    started is killed and Ray is left as found."""
+
+    check_config(cfg)
+    t_start = time.perf_counter()
+    env = start_ray(cfg.cluster)
+    log.info("ray up in %.1f s (%s)", time.perf_counter() - t_start, env.mode)
+    pg = None
+    experts: list[Any] = []
+    workers: list[Any] = []
+    try:
+        token = cfg.transport.auth_token or secrets.token_hex(16)
+        pg = _placement_group(cfg)
+        experts, workers = _start_actors(cfg, pg, token)
+        infos = get_within([a.info.remote() for a in experts], START_TIMEOUT_S, "expert actors starting")
+        log.info("%d expert actors up at %.1f s", len(experts), time.perf_counter() - t_start)
+        nodes = sorted({i.node_id for i in infos})
+        placement = Placement.contiguous(cfg.model.num_layers, cfg.model.num_experts, cfg.cluster.expert_actors,
+                                         tuple(nodes.index(i.node_id) for i in infos))
+        _load_initial_weights(cfg, experts, workers, placement, infos)
+        log.info("%d router workers up at %.1f s", len(workers), time.perf_counter() - t_start)
+        return Launched(env, pg, experts, workers, infos, placement, token)
+    except BaseException:
+        release(Launched(env, pg, experts, workers, [], Placement.contiguous(1, 1, 1), ""), wait_free=False)
+        raise
+
+
+def release(launched: Launched, wait_free: bool = True) -> None:
+    """Kill every party, give the placement group back (waiting until Ray has freed its bundles, so a next start
+    sees the GPUs) and leave Ray as it was found."""
+    import ray
+
+    for h in launched.workers + launched.experts:
+        try:
+            ray.kill(h, no_restart=True)
+        except ValueError as err:  # not an actor handle any more
+            log.debug("kill: %s", err)
+    pg = launched.placement_group
+    if pg is not None:
+        from ray.util.placement_group import placement_group_table, remove_placement_group
+
+        remove_placement_group(pg)
+        tag = pg.id.hex()
+        deadline = time.monotonic() + (FREE_WAIT_S if wait_free else 0.0)
+        while time.monotonic() < deadline and (
+            placement_group_table(pg).get("state") != "REMOVED" or any(tag in k for k in ray.cluster_resources())
+        ):
+            time.sleep(0.05)
+    launched.env.shutdown()

@@ -1,0 +1,59 @@
+"""ExpertClient against a server process that dies or stops answering: a clear error within the deadline."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import torch
+
+from moe_runtime.dispatch.client import ExpertCallError, ExpertClient
+from moe_runtime.dispatch.codec import decode_frame
+from tests.dispatch.helpers import TOKEN, D, call_code, dispatch_frame, make_shards
+from tests.dispatch.servers import ServerProcess
+
+
+def test_killed_server_gives_a_clear_error_within_the_deadline():
+    proc = ServerProcess(auth_token=TOKEN, shards=make_shards([(0, 0)]))
+    try:
+        address = proc.wait_ready()
+        with ExpertClient(address, TOKEN, deadline_s=3.0) as c:
+            x = torch.randn(4, D)
+            decode_frame(c.dispatch(dispatch_frame([0], [4], x, step=7, layer=0)).result())
+            proc.kill()
+            t0 = time.monotonic()
+            err = call_code(lambda: c.dispatch(dispatch_frame([0], [4], x, step=8)).result())
+            elapsed = time.monotonic() - t0
+        assert elapsed < 3.5
+        assert err.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        assert f"expert server {address}: Dispatch (layer 0, step 8) failed with {err.code.name}" in str(err)
+    finally:
+        proc.stop()
+
+
+def test_unresponsive_server_hits_the_deadline():
+    proc = ServerProcess(auth_token=TOKEN, shards=make_shards([(0, 0)]))
+    try:
+        address = proc.wait_ready()
+        import os
+        import signal
+
+        os.kill(proc.pid, signal.SIGSTOP)  # alive, socket open, never answers
+        try:
+            with ExpertClient(address, TOKEN, deadline_s=1.0) as c:
+                t0 = time.monotonic()
+                err = call_code(lambda: c.dispatch(dispatch_frame([0], [4], torch.randn(4, D), step=5)).result())
+                assert time.monotonic() - t0 < 2.5  # 1 s deadline + slack for a loaded 2-core machine
+            assert err.code == grpc.StatusCode.DEADLINE_EXCEEDED and "(layer 0, step 5)" in str(err)
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+    finally:
+        proc.stop()
+
+
+def test_expert_call_error_survives_pickling():
+    import pickle
+
+    err = ExpertCallError("127.0.0.1:1", "Dispatch", 3, 7, grpc.StatusCode.UNAVAILABLE, "connection refused")
+    back = pickle.loads(pickle.dumps(err))
+    assert str(back) == str(err) and back.layer == 3 and back.code is grpc.StatusCode.UNAVAILABLE
