@@ -13,7 +13,7 @@ parallel). The driver (this process) runs the control plane only.
 Failures (what is survived): see recovery.py. `train` rolls every party back to the last automatic checkpoint
 (train.checkpoint_every; a step-0 checkpoint is written when training starts) and re-runs the steps since; because
 a step is a pure function of (state, step), the final losses equal a run without the fault. A save interrupted
-half-way leaves the previous checkpoint as the one LATEST points to (checkpoint.py).
+half-way leaves the previous checkpoint as the one LATEST points to (checkpoint/training_state.py).
 What is not survived: death of the driver (restart it and `restore` the last checkpoint), loss of the checkpoint
 storage, more failures than max_restarts per actor, a failure with checkpoint_every = 0 (nothing to roll back to:
 the error is raised), and deterministic errors (after `max_recoveries` attempts without progress the original
@@ -35,7 +35,7 @@ from moe_runtime.data import load_corpus, val_batches
 from moe_runtime.model.transformer import expert_param_name
 from moe_runtime.placement import Placement, ShardKey, split_over_replicas
 from moe_runtime.records import TimingMeans
-from moe_runtime.runtime import checkpoint as ckpt
+from moe_runtime.checkpoint import training_state as ckpt
 from moe_runtime.runtime.calls import COLLECTIVE_TIMEOUT_S, CONTROL_TIMEOUT_S, get_within
 from moe_runtime.runtime.fleet import RayExpertFleet
 from moe_runtime.runtime.launch import Launched, check_config, launch, release

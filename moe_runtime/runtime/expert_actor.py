@@ -33,7 +33,7 @@ from moe_runtime.config import RuntimeConfig
 from moe_runtime.records import ActorInfo, ActorStepStats
 from moe_runtime.dispatch.server import ExpertServer
 from moe_runtime.dispatch.service import DEFAULT_MAX_MESSAGE_BYTES
-from moe_runtime.runtime import checkpoint as ckpt
+from moe_runtime.checkpoint import training_state as ckpt
 from moe_runtime.runtime.expert_shards import ExpertShards
 from moe_runtime.runtime.ray_env import pick_device
 from moe_runtime.training import make_adamw, set_lr

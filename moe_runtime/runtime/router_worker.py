@@ -37,7 +37,7 @@ from moe_runtime.dispatch.client import ExpertCallError, ExpertClient
 from moe_runtime.dispatch.remote import RemoteDispatcher
 from moe_runtime.model.moe_layer import StepContext
 from moe_runtime.model.transformer import MoETransformer, build_model
-from moe_runtime.runtime import checkpoint as ckpt
+from moe_runtime.checkpoint import training_state as ckpt
 from moe_runtime.runtime.expert_actor import max_message_bytes
 from moe_runtime.placement import Placement
 from moe_runtime.runtime.ray_env import LOOPBACK, pick_device

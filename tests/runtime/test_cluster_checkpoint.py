@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_runtime.runtime import checkpoint as ckpt
+from moe_runtime.checkpoint import training_state as ckpt
 from tests.runtime.helpers import make_config
 
 
