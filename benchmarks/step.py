@@ -15,6 +15,9 @@ gather, combine), grad_sync_s (gloo all-reduce of the dense grads), optimizer_s 
 parties, including the control-plane round trips).
 
 Ratio: remote_vs_inprocess_step_time = cluster step / in-process step (goal <= 3.0), for local.yaml's tiny model.
+overlap_vs_none_step_time: the `small` preset (batch 16 x 128) with transport.overlap two_batch vs none on one
+cluster, alternating per round (run_overlap; median and min-max over rounds), with the router workers' CPU per
+second of wall in each mode (CPU busy vs waiting: overlap can only hide waiting).
 The full run adds the `small` preset at batch 16 x 128 tokens, where compute dominates the fixed per-call costs.
 Writes runs/bench/step.json and prints it as the last stdout line.
 """
@@ -98,6 +101,63 @@ def run_case(name: str, cfg: RuntimeConfig, rounds: int, console) -> dict:
     }
 
 
+def run_overlap(cfg: RuntimeConfig, rounds: int, console) -> dict:
+    """transport.overlap two_batch vs none on ONE cluster, switched between steps (RouterWorker.set_overlap), the
+    order alternating per round (none, tbo, tbo, none, ...) so drift hits both alike; round 0 is a warm-up of
+    both. Ratio per round = two_batch step / none step; reports the median and [min, max] over rounds, and where
+    the time went: the router workers' CPU (all workers, whole process) against their forward+backward wall, and
+    the expert actors' handler CPU, per mode."""
+    import ray
+
+    from moe_runtime.runtime.cluster import Cluster
+
+    steps: dict[str, list[float]] = {"none": [], "two_batch": []}
+    parts: dict[str, list[dict]] = {"none": [], "two_batch": []}
+    ratios: list[float] = []
+    step = 0
+    with Cluster.start(cfg) as cluster:
+        for r in range(rounds + 1):
+            order = ("none", "two_batch") if r % 2 == 0 else ("two_batch", "none")
+            this: dict[str, float] = {}
+            for mode in order:
+                ray.get([w.set_overlap.remote(mode) for w in cluster.workers], timeout=60)
+                t0 = time.perf_counter()
+                rep = cluster.train_step(step)
+                this[mode] = time.perf_counter() - t0
+                step += 1
+                if r:
+                    steps[mode].append(this[mode])
+                    parts[mode].append(rep.timings.as_dict())
+            if r:
+                ratios.append(this["two_batch"] / this["none"])
+            console.print(f"[overlap] round {r}: none {this['none']:.3f} s, two_batch {this['two_batch']:.3f} s",
+                          highlight=False)
+
+    def med(mode: str, key: str) -> float:
+        return statistics.median(t[key] for t in parts[mode])
+
+    keys = ("forward_backward_s", "worker_cpu_s", "worker_main_cpu_s", "expert_handler_cpu_s", "dispatch_s",
+            "router_s")
+    m = cfg.model
+    return {
+        "model": {"preset": m.preset, "hidden_size": m.hidden_size, "num_layers": m.num_layers,
+                  "num_experts": m.num_experts},
+        "batch_size": cfg.train.batch_size, "seq_len": cfg.train.seq_len, "rounds": rounds,
+        "router_workers": cfg.cluster.router_workers, "expert_actors": cfg.cluster.expert_actors,
+        "none_step_s": statistics.median(steps["none"]),
+        "two_batch_step_s": statistics.median(steps["two_batch"]),
+        "overlap_vs_none_step_time": statistics.median(ratios),
+        "overlap_vs_none_range": [min(ratios), max(ratios)],
+        "overlap_vs_none_rounds": ratios,
+        # CPU busy vs waiting: worker CPU seconds (all workers) per second of forward+backward wall (x workers)
+        "by_mode": {mode: {k: med(mode, k) for k in keys} | {
+            "worker_cpu_per_wall": med(mode, "worker_cpu_s") / (med(mode, "forward_backward_s")
+                                                                 * cfg.cluster.router_workers)}
+            for mode in steps},
+        "cpus": os.cpu_count(),
+    }  # fmt: skip
+
+
 def main() -> None:
     p = make_parser("step", __doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per case (default 5 quick, 8 full)")
@@ -113,6 +173,10 @@ def main() -> None:
     result["local"] = local
     if not args.quick:
         result["small"] = run_case("small", bench_config("small", 16, 128), max(3, rounds // 2), console)
+    overlap = run_overlap(bench_config("small", 16, 128), rounds if args.quick else 2 * rounds, console)
+    result["overlap"] = overlap
+    result["overlap_vs_none_step_time"] = overlap["overlap_vs_none_step_time"]
+    result["overlap_vs_none_range"] = overlap["overlap_vs_none_range"]
     result["loadavg_end"] = os.getloadavg()[0]
     console.print(
         f"remote / in-process step time: {result['remote_vs_inprocess_step_time']:.2f} (goal <= 3.0); "

@@ -6,6 +6,7 @@ e.g. ``model.top_k = 5: must be <= model.num_experts (4)``. Unknown keys are rej
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -68,6 +69,15 @@ class ModelConfig(_Strict):
     lfa: bool = True  # Localized Filtering-based Attention; False = plain causal attention
     init_std: float = Field(default=0.02, gt=0)
     checkpoint: str | None = None  # an HF-layout Yuan checkpoint directory (moe_runtime/checkpoint)
+    # Routing rule (model/routing.py), for either router: topk (default) | grouped (MoGE: top-(k/G) in each of
+    # routing_groups equal expert groups) | top_p (smallest set reaching top_p, 1..k_max experts, optional
+    # entropy loss dynamic_loss_coeff) | node_limited (experts on at most max_nodes nodes, DeepSeek-V3)
+    routing: Literal["topk", "grouped", "top_p", "node_limited"] = "topk"
+    routing_groups: int = 1
+    top_p: float = 1.0
+    k_max: int | None = None  # None = num_experts
+    dynamic_loss_coeff: float = 0.0
+    max_nodes: int = 1
 
     @model_validator(mode="before")
     @classmethod
@@ -87,7 +97,35 @@ class ModelConfig(_Strict):
             raise ValueError(f"rotary_dim = {self.rotary_dim}: must be even and <= head_dim ({self.head_dim})")
         if self.lfa and self.hidden_size % 2:
             raise ValueError(f"hidden_size = {self.hidden_size}: LFA needs an even hidden size (it filters to d/2)")
+        self._check_routing()
         return self
+
+    def _check_routing(self) -> None:
+        used_by = {"routing_groups": ("grouped", 1), "top_p": ("top_p", 1.0), "k_max": ("top_p", None),
+                   "dynamic_loss_coeff": ("top_p", 0.0), "max_nodes": ("node_limited", 1)}
+        for name, (kind, default) in used_by.items():
+            value = getattr(self, name)
+            if self.routing != kind and value != default:
+                raise ValueError(f"{name} = {value!r}: only used by routing = {kind!r} (routing is {self.routing!r})")
+        g, k, e = self.routing_groups, self.top_k, self.num_experts
+        if g < 1 or e % g or k % g:
+            raise ValueError(f"routing_groups = {g}: must be >= 1 and divide num_experts ({e}) and top_k ({k}), "
+                             "so every group takes top_k / routing_groups experts")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p = {self.top_p}: must be in (0, 1]")
+        if self.k_max is not None and not 1 <= self.k_max <= e:
+            raise ValueError(f"k_max = {self.k_max}: must be in [1, num_experts = {e}]")
+        if not self.dynamic_loss_coeff >= 0.0:
+            raise ValueError(f"dynamic_loss_coeff = {self.dynamic_loss_coeff}: must be >= 0")
+        if self.max_nodes < 1:
+            raise ValueError(f"max_nodes = {self.max_nodes}: must be >= 1")
+
+    @property
+    def max_copies_per_token(self) -> int:
+        """Most token copies one token sends to experts: k_max (or num_experts) for top_p, else top_k."""
+        if self.routing == "top_p":
+            return self.k_max if self.k_max is not None else self.num_experts
+        return self.top_k
 
     @property
     def attn_width(self) -> int:
@@ -123,6 +161,9 @@ class TrainConfig(_Strict):
     val_batches: int = Field(default=4, gt=0)
     checkpoint_every: int = Field(default=0, ge=0)  # automatic checkpoint every K steps; 0 = off
     checkpoint_dir: str = "runs/checkpoints"
+    # Compute precision on GPUs: bf16 = bf16 matmuls, fp32 master weights and AdamW state. Refused on a CPU party
+    # (model/device.py: bf16 matmul is very slow there). Independent of transport.wire_dtype.
+    precision: Literal["fp32", "bf16"] = "fp32"
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -143,22 +184,38 @@ class TransportConfig(_Strict):
     max_message_mb: int | None = Field(default=None, gt=0)  # None = derived from the largest frame possible
     auth_token: str | None = None  # None = generated at start
     check_finite: bool = False  # reject NaN/Inf in frames (costs a pass over the data)
+    # serving, an expert whose every replica is down: fail = an error naming actor, layer and experts
+    # (dispatch/failover.py). "mask" (top-k among the live experts, gates renormalised) is not built yet: it needs
+    # the router to take an expert mask.
+    on_expert_failure: Literal["fail"] = "fail"
     server_threads: int = Field(default=4, gt=0)
+    # two_batch: each router worker splits a micro-batch into two halves that take turns, so one half's expert
+    # exchange is in flight while the other runs attention and the router, forward and backward (model/two_batch.py)
+    overlap: Literal["none", "two_batch"] = "none"
+    # frames larger than this many MiB go as chunked streams of messages of this size (dispatch/chunks.py): any frame
+    # size crosses gRPC, copying overlaps sending; None = every frame is one message (up to the max message size)
+    chunk_mb: float | None = Field(default=None, gt=0)
 
 
 class ClusterConfig(_Strict):
     """Ray cluster layout."""
 
     ray_address: str | None = None  # None = start a local Ray; "auto" or "ray://..." connects
+    # seconds to reach the cluster at ray_address (TCP, GCS, ray.init) before failing with what to check
+    connect_timeout_s: float = Field(default=30.0, gt=0)
     num_gpus: int = Field(default=4, ge=0)  # GPUs a local Ray advertises (fake on a CPU machine)
     num_nodes: int = Field(default=1, gt=0)  # >1 = simulated nodes on this machine (local mode only)
     expert_actors: int = Field(default=4, gt=0)
     router_workers: int = Field(default=2, gt=0)
     gpus_per_expert_actor: float = Field(default=1.0, ge=0)
+    # 0 = the dense model on the CPU (Ray hides every GPU from a num_gpus=0 actor); e.g. 0.25 shares a GPU
+    gpus_per_router_worker: float = Field(default=0.0, ge=0)
     cpus_per_actor: float = Field(default=0.0, ge=0)  # num_gpus=1 actors take 1 CPU by default: see README
     torch_threads: int = Field(default=1, gt=0)  # intra-op threads per actor
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "SPREAD"
     max_restarts: int = Field(default=3, ge=0)
+    # a party that answers no control call (or recovery's ping) within this long is hung: killed and recovered
+    hang_timeout_s: float = Field(default=120.0, gt=0)
     grad_sync: Literal["gloo", "ray"] = "gloo"
 
     @model_validator(mode="after")
@@ -167,6 +224,12 @@ class ClusterConfig(_Strict):
         if self.ray_address is None and need > self.num_gpus:
             raise ValueError(
                 f"expert_actors = {self.expert_actors}: needs {need:g} GPUs but num_gpus = {self.num_gpus}"
+            )
+        need += self.router_workers * self.gpus_per_router_worker
+        if self.ray_address is None and need > self.num_gpus:
+            raise ValueError(
+                f"gpus_per_router_worker = {self.gpus_per_router_worker:g}: expert actors and router workers need "
+                f"{need:g} GPUs but num_gpus = {self.num_gpus}"
             )
         return self
 
@@ -218,12 +281,33 @@ class RuntimeConfig(_Strict):
                 f"train.batch_size = {self.train.batch_size}: must be a multiple of "
                 f"cluster.router_workers ({self.cluster.router_workers})"
             )
+        g = self.model.routing_groups
+        if self.model.routing == "grouped" and self.cluster.expert_actors % g:
+            raise ValueError(
+                f"model.routing_groups = {g}: must divide cluster.expert_actors ({self.cluster.expert_actors}), "
+                "each expert group lives on its own actors"
+            )
         return self
 
 
 # ----------------------------------------------------------------------------------------------- loading
 
 _SECTIONS = set(RuntimeConfig.model_fields)
+
+
+def _nearest_key(loc: list[str]) -> str:
+    """'; did you mean 'x'?' for the valid key of that section closest to the unknown one ('' when none is close)."""
+    import difflib
+
+    model: Any = RuntimeConfig
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        model = getattr(field, "annotation", None) if field is not None else None
+        if model is None or not hasattr(model, "model_fields"):
+            return ""
+    valid = list(getattr(model, "model_fields", {}))
+    close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.6) if loc else []
+    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
 
 
 def _format_errors(err: ValidationError, data: Any) -> str:
@@ -233,7 +317,7 @@ def _format_errors(err: ValidationError, data: Any) -> str:
         path = ".".join(loc)
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            lines.append(f"{path} = {e['input']!r}: unknown key")
+            lines.append(f"{path} = {e['input']!r}: unknown key{_nearest_key(loc)}")
             continue
         if e["type"] == "missing":
             lines.append(f"{path}: required field is missing")
@@ -264,9 +348,14 @@ def load_config(path: str | Path) -> RuntimeConfig:
     if not path.exists():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        with open(path) as f:  # a stream with a name: YAML errors then say `in "<path>", line N`, not <unicode string>
+            data = yaml.safe_load(f)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if data is None:
+        logging.getLogger(__name__).warning(
+            "config file %s is empty: every setting takes its default (`moe-runtime config show --config %s` "
+            "prints them)", path, path)
     if isinstance(data, dict) and "moe_runtime" in data:
         data = data["moe_runtime"]
     return parse_config(data, source=str(path))

@@ -19,7 +19,9 @@ from torch import nn
 
 from moe_runtime.config import RuntimeConfig, TrainConfig
 from moe_runtime.data import BatchLoader, load_corpus, val_batches
+from moe_runtime.model.routing import static_actor_nodes
 from moe_runtime.model.transformer import MoETransformer, build_model
+from moe_runtime.placement import Placement
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -91,6 +93,11 @@ class InProcessTrainer:
         t = cfg.train
         self.loader = BatchLoader(self.corpus, t.batch_size, t.seq_len, seed=t.seed)
         self.model: MoETransformer = build_model(cfg.model, seed=t.seed)
+        # node-limited routing: the cluster's layout with actors on nodes in contiguous blocks (set_expert_nodes
+        # replaces it, e.g. with a live cluster's placement)
+        c, m = cfg.cluster, cfg.model
+        self.model.set_expert_nodes(Placement.contiguous(m.num_layers, m.num_experts, c.expert_actors,
+                                                         static_actor_nodes(c.expert_actors, c.num_nodes)))
         self.opt = make_adamw(self.model.named_parameters(), t)
         self.chunks = chunk_rows(t.batch_size, cfg.cluster.router_workers * t.micro_batches)
 

@@ -146,12 +146,21 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str, directory: Path | None = None) -> Manifest:
-        d = json.loads(text)
+        where = directory / MANIFEST if directory is not None else MANIFEST
+        try:
+            d = json.loads(text)
+        except ValueError as err:  # JSONDecodeError is a ValueError
+            raise CheckpointError(f"{where}: not valid JSON ({err})") from None
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{where}: expected a JSON object, got {type(d).__name__}")
         if d.get("format") != FORMAT:
-            raise CheckpointError(f"manifest format {d.get('format')!r}: this code reads format {FORMAT}")
-        return cls(step=int(d["step"]), config=d["config"], placement=d["placement"],
-                   files=[FileRecord.from_dict(f) for f in d["files"]], directory=directory,
-                   created=float(d.get("created", 0.0)), extra=d.get("extra", {}))
+            raise CheckpointError(f"{where}: manifest format {d.get('format')!r}: this code reads format {FORMAT}")
+        try:
+            return cls(step=int(d["step"]), config=d["config"], placement=d["placement"],
+                       files=[FileRecord.from_dict(f) for f in d["files"]], directory=directory,
+                       created=float(d.get("created", 0.0)), extra=d.get("extra", {}))
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{where}: malformed manifest ({type(err).__name__}: {err})") from None
 
     def shard_index(self) -> dict[Key, FileRecord]:
         out: dict[Key, FileRecord] = {}
@@ -225,8 +234,8 @@ def latest_dir(root: str | Path) -> Path | None:
     if not p.is_file():
         return None
     try:
-        d = root / json.loads(p.read_text())["dir"]
-    except (ValueError, KeyError) as err:
+        d = root / json.loads(p.read_bytes().decode())["dir"]
+    except (ValueError, KeyError, TypeError) as err:  # UnicodeDecodeError is a ValueError
         raise CheckpointError(f"{p}: unreadable ({err!r})") from None
     return d
 
@@ -238,7 +247,11 @@ def load_manifest(path: str | Path, *, verify: bool = True) -> Manifest:
     d = latest_dir(path) if (path / LATEST).exists() else path
     if d is None or not (d / MANIFEST).is_file():
         raise CheckpointError(f"{path}: no committed checkpoint (no {LATEST} pointer or {MANIFEST})")
-    manifest = Manifest.from_json((d / MANIFEST).read_text(), directory=d)
+    try:
+        text = (d / MANIFEST).read_bytes().decode()
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{d / MANIFEST}: not UTF-8 text ({err})") from None
+    manifest = Manifest.from_json(text, directory=d)
     if verify:
         for rec in manifest.files:
             p = d / rec.name
@@ -247,6 +260,50 @@ def load_manifest(path: str | Path, *, verify: bool = True) -> Manifest:
             if _sha256_file(p) != rec.sha256:
                 raise CheckpointError(f"{p}: sha256 does not match the manifest (corrupt or partial)")
     return manifest
+
+
+def committed_dirs(root: str | Path) -> list[Path]:
+    """Every step directory under `root` with a manifest, newest commit first (LATEST's first when it is one)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [((d / MANIFEST).stat().st_mtime_ns, d) for d in root.iterdir()
+             if _STEP_DIR.match(d.name) and (d / MANIFEST).is_file()]  # fmt: skip
+    dirs = [d for _, d in sorted(found, reverse=True)]
+    try:
+        latest = latest_dir(root)
+    except CheckpointError:
+        latest = None
+    if latest in dirs:
+        dirs.remove(latest)
+        dirs.insert(0, latest)
+    return dirs
+
+
+@dataclass(frozen=True)
+class GoodCheckpoint:
+    """The newest checkpoint under a root that verified, and why each newer one was passed over."""
+
+    manifest: Manifest
+    skipped: tuple[str, ...]  # "dir: reason" of every newer checkpoint that failed to verify
+
+
+def load_latest_good(root: str | Path) -> GoodCheckpoint:
+    """The newest committed checkpoint under `root` whose manifest reads and whose files all match their sha256,
+    falling back past corrupt or truncated ones (a damaged newest save must not stop a rollback while an
+    older good one is on disk). `root` may also be one step directory (no fallback then)."""
+    root = Path(root)
+    if not (root / LATEST).exists() and (root / MANIFEST).is_file():
+        return GoodCheckpoint(load_manifest(root, verify=True), ())
+    skipped: list[str] = []
+    for d in committed_dirs(root):
+        try:
+            return GoodCheckpoint(load_manifest(d, verify=True), tuple(skipped))
+        except CheckpointError as err:
+            skipped.append(f"{d.name}: {err}")
+    if skipped:
+        raise CheckpointError(f"{root}: no checkpoint verifies: " + "; ".join(skipped))
+    return GoodCheckpoint(load_manifest(root, verify=True), ())  # raises: nothing committed
 
 
 # ------------------------------------------------------------------------------------------------ experts

@@ -15,13 +15,16 @@ import grpc
 import grpc.aio
 from typing_extensions import Self
 
+from moe_runtime.dispatch.chunks import ChunkError, FrameAssembler, chunk_messages
 from moe_runtime.dispatch.codec import FrameError, decode_frame
 from moe_runtime.dispatch.envelope import EnvelopeError, unwrap_frame, wrap_frame
 from moe_runtime.dispatch.proto import expert_pb2 as pb
 from moe_runtime.dispatch.service import (
     DEFAULT_MAX_MESSAGE_BYTES,
     METHOD_BACKWARD,
+    METHOD_BACKWARD_STREAM,
     METHOD_DISPATCH,
+    METHOD_DISPATCH_STREAM,
     METHOD_END_STEP,
     METHOD_HEALTH,
     TOKEN_METADATA_KEY,
@@ -32,6 +35,7 @@ from moe_runtime.malloc import tune_malloc
 __all__ = ["ExpertCallError", "ExpertClient", "ExpertFuture"]
 
 _FRAME_METHODS = {"Dispatch": METHOD_DISPATCH, "Backward": METHOD_BACKWARD}
+_STREAM_METHODS = {"Dispatch": METHOD_DISPATCH_STREAM, "Backward": METHOD_BACKWARD_STREAM}
 
 
 class ExpertCallError(RuntimeError):
@@ -53,13 +57,15 @@ class ExpertCallError(RuntimeError):
 
 class ExpertFuture:
     """A Dispatch/Backward call. `result()` returns the reply's codec frame (a view, no copy) or raises
-    ExpertCallError. Wraps a gRPC future, or the outcome of a call already made (a reply or the RpcError)."""
+    ExpertCallError. Wraps a gRPC future, a chunked call's reply stream (`streamed`), or the outcome of a call
+    already made (a reply or the RpcError)."""
 
-    __slots__ = ("_call", "_client", "_layer", "_method", "_outcome", "_step")
+    __slots__ = ("_call", "_client", "_layer", "_method", "_outcome", "_step", "_streamed")
 
-    def __init__(self, call: grpc.Future | None, client: ExpertClient, method: str, layer: int | None,
-                 step: int | None, outcome: bytes | BaseException | None = None):  # fmt: skip
-        self._call, self._outcome = call, outcome
+    def __init__(self, call: Any, client: ExpertClient, method: str, layer: int | None,
+                 step: int | None, outcome: bytes | memoryview | BaseException | None = None,
+                 streamed: bool = False):  # fmt: skip
+        self._call, self._outcome, self._streamed = call, outcome, streamed
         self._client, self._method, self._layer, self._step = client, method, layer, step
 
     def result(self) -> memoryview:
@@ -68,10 +74,16 @@ class ExpertFuture:
                 if isinstance(self._outcome, BaseException):
                     raise self._outcome
                 reply = self._outcome
+            elif self._streamed:
+                reply = self._client._assemble(self._call)
             else:
                 reply = self._call.result()
         except grpc.RpcError as e:
             raise self._client._error(self._method, self._layer, self._step, e) from None
+        except ChunkError as e:
+            raise ExpertCallError(
+                self._client.address, self._method, self._layer, self._step, None, f"bad chunked reply: {e}"
+            ) from None
         except (grpc.FutureCancelledError, asyncio.CancelledError):
             raise ExpertCallError(
                 self._client.address, self._method, self._layer, self._step, grpc.StatusCode.CANCELLED, "cancelled"
@@ -84,14 +96,18 @@ class ExpertFuture:
             ) from None
 
     def done(self) -> bool:
-        return self._call is None or self._call.done()
+        return self._call is None or self._call.done()  # a reply stream: done once its last message arrived
 
     def cancel(self) -> bool:
         return self._call is not None and self._call.cancel()
 
 
 class ExpertClient:
-    """One channel to one expert server. Every call carries the token and a deadline of `deadline_s`."""
+    """One channel to one expert server. Every call carries the token and a deadline of `deadline_s`.
+
+    `chunk_bytes`: frames larger than this go as chunked streams of messages of this size (DispatchStream /
+    BackwardStream, dispatch/chunks.py): any frame size crosses, and copying overlaps sending. None: every frame
+    is one unary message (up to max_message_bytes)."""
 
     def __init__(
         self,
@@ -99,19 +115,26 @@ class ExpertClient:
         auth_token: str,
         deadline_s: float = 30.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        chunk_bytes: int | None = None,
     ):
+        if chunk_bytes is not None and chunk_bytes < 1 << 12:
+            raise ValueError(f"chunk_bytes = {chunk_bytes}: expected None or >= 4096")
         tune_malloc()
         self.address = address
         self.deadline_s = float(deadline_s)
         self.max_message_bytes = int(max_message_bytes)
+        self.chunk_bytes = chunk_bytes
         self._metadata = ((TOKEN_METADATA_KEY, auth_token),)
         self._channel = grpc.insecure_channel(address, options=channel_options(self.max_message_bytes))
         raw: dict[str, Any] = {"request_serializer": None, "response_deserializer": None}
         self._stubs = {name: self._unary(method, **raw) for name, method in _FRAME_METHODS.items()}
+        self._stream_stubs = {name: self._channel.stream_stream(method, **raw)
+                              for name, method in _STREAM_METHODS.items()}  # fmt: skip
         # grpc.aio channel for fan_out: created on first use inside the loop that runs it, closed on that loop
         self._aio_channel: grpc.aio.Channel | None = None
         self._aio_loop: asyncio.AbstractEventLoop | None = None
         self._aio_stubs: dict[str, Any] = {}
+        self._aio_stream_stubs: dict[str, Any] = {}
         self._health = self._unary(
             METHOD_HEALTH, request_serializer=pb.HealthRequest.SerializeToString,
             response_deserializer=pb.HealthReply.FromString,
@@ -143,31 +166,74 @@ class ExpertClient:
         return layer, step
 
     def call(self, method: str, frame: bytes, *, layer: int | None = None, step: int | None = None,
-             wait: bool = False) -> ExpertFuture:  # fmt: skip
+             wait: bool = False, wrapped: bool = False) -> ExpertFuture:  # fmt: skip
         """Send a codec frame to "Dispatch" or "Backward". layer/step name the call in errors (read from the frame
         when omitted). `wait=True` makes the call on this thread and returns it completed: for a lone call it saves
-        the hand-off from gRPC's polling thread to this one."""
+        the hand-off from gRPC's polling thread to this one. `wrapped`: `frame` already is a `Frame` message
+        (encode_frame(..., lead=envelope_prefix): no second copy for the envelope)."""
         stub = self._stubs[method]
+        message = frame if wrapped else None
+        if wrapped:
+            frame = unwrap_frame(frame)
         if layer is None or step is None:
             layer, step = self._context(frame, layer, step)
-        message = wrap_frame(frame)
+        if self.streams(frame):
+            replies = self._stream_stubs[method](chunk_messages(frame, self.chunk_bytes), timeout=self.deadline_s,
+                                                 metadata=self._metadata)  # fmt: skip
+            future = ExpertFuture(replies, self, method, layer, step, streamed=True)
+            if wait:
+                try:
+                    outcome: bytes | memoryview | BaseException = self._assemble(replies)
+                except (grpc.RpcError, ChunkError) as e:
+                    outcome = e if isinstance(e, grpc.RpcError) else ExpertCallError(
+                        self.address, method, layer, step, None, f"bad chunked reply: {e}")
+                return ExpertFuture(None, self, method, layer, step, outcome)
+            return future
+        if message is None:
+            message = wrap_frame(frame)
         if not wait:
             call = stub.future(message, timeout=self.deadline_s, metadata=self._metadata)
             return ExpertFuture(call, self, method, layer, step)
         try:
-            outcome: bytes | grpc.RpcError = stub(message, timeout=self.deadline_s, metadata=self._metadata)
+            outcome = stub(message, timeout=self.deadline_s, metadata=self._metadata)
         except grpc.RpcError as e:
             outcome = e
         return ExpertFuture(None, self, method, layer, step, outcome)
 
-    async def call_async(self, method: str, message: bytes) -> bytes:
-        """One "Dispatch"/"Backward" call on grpc.aio from the running event loop (fan_out's); `message` is already
-        wrapped (wrap_frame), so the loop thread only does I/O. Returns the raw reply; raises grpc.RpcError."""
+    def streams(self, frame: bytes | memoryview) -> bool:
+        """Whether `frame` goes chunked (larger than chunk_bytes)."""
+        return self.chunk_bytes is not None and len(frame) > self.chunk_bytes
+
+    def wire_message(self, frame: bytes, wrapped: bool = False) -> bytes | list[bytes]:
+        """What call_async sends for `frame`: one wrapped message, or its chunk messages (a list) when it streams.
+        Built on the caller's thread, so the event loop's thread only does I/O. `wrapped`: as in `call`."""
+        if self.streams(frame):
+            return list(chunk_messages(unwrap_frame(frame) if wrapped else frame, self.chunk_bytes))
+        return frame if wrapped else wrap_frame(frame)
+
+    def _assemble(self, replies: Any) -> memoryview:
+        """The reply stream of a chunked call as one `Frame` message; raises grpc.RpcError or ChunkError."""
+        assembler = FrameAssembler(self.max_message_bytes)
+        for message in replies:
+            assembler.add(message)
+        return assembler.message()
+
+    async def call_async(self, method: str, message: bytes | list[bytes]) -> bytes | memoryview:
+        """One "Dispatch"/"Backward" call on grpc.aio from the running event loop (fan_out's); `message` is from
+        wire_message (wrapped, or chunk messages). Returns the raw reply; raises grpc.RpcError (ChunkError for a
+        malformed chunked reply)."""
         if self._aio_channel is None:
             self._aio_loop = asyncio.get_running_loop()
             self._aio_channel = grpc.aio.insecure_channel(self.address,
                                                           options=channel_options(self.max_message_bytes))
             self._aio_stubs = {name: self._aio_channel.unary_unary(m) for name, m in _FRAME_METHODS.items()}
+            self._aio_stream_stubs = {name: self._aio_channel.stream_stream(m) for name, m in _STREAM_METHODS.items()}
+        if isinstance(message, list):
+            call = self._aio_stream_stubs[method](iter(message), timeout=self.deadline_s, metadata=self._metadata)
+            assembler = FrameAssembler(self.max_message_bytes)
+            async for reply in call:
+                assembler.add(reply)
+            return assembler.message()
         return await self._aio_stubs[method](message, timeout=self.deadline_s, metadata=self._metadata)
 
     def dispatch(self, frame: bytes, *, layer: int | None = None, step: int | None = None,

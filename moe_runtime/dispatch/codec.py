@@ -36,7 +36,7 @@ import math
 import operator
 import threading
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +59,8 @@ __all__ = [
     "TensorSpec",
     "decode_frame",
     "encode_frame",
+    "frame_header_nbytes",
+    "frame_nbytes",
     "frame_nbytes_upper_bound",
 ]
 
@@ -328,8 +330,13 @@ def encode_frame(
     wire_dtype: torch.dtype | None = None,
     meta: Mapping[str, Any] | None = None,
     validate: bool = True,
+    lead: Callable[[int], bytes] | None = None,
 ) -> bytes:
     """Build one frame as a single ``bytes`` object (what a gRPC ``bytes`` field takes).
+
+    ``lead``: called with the frame's length, returns bytes written in front of it in the same join (the
+    transport's envelope, dispatch/envelope.py `envelope_prefix`): the frame is then copied once in all, not
+    once more by a separate wrap.
 
     ``validate=False`` skips re-checking the header fields (a third of a tiny encode): for the
     runtime's own hot path, whose headers come from a DispatchPlan or an already-decoded request. The receiver
@@ -382,8 +389,10 @@ def encode_frame(
     packed = msgpack.packb(obj, use_bin_type=True)
     if len(packed) > MAX_HEADER_BYTES:
         raise FrameError(f"header is {len(packed)} bytes: exceeds MAX_HEADER_BYTES {MAX_HEADER_BYTES}")
-    offsets, _total = _layout(len(packed), tensor_specs)
+    offsets, total = _layout(len(packed), tensor_specs)
     parts: list[Any] = [MAGIC, len(packed).to_bytes(4, "little"), packed]
+    if lead is not None:
+        parts.insert(0, lead(total))
     cursor = PREFIX_BYTES + len(packed)
     for off, t, spec in zip(offsets, prepared, tensor_specs):
         if off > cursor:
@@ -520,6 +529,35 @@ def decode_frame(
         out[spec.name] = t
         cursor = off + spec.nbytes
     return Frame(header=header, tensors=out)
+
+
+def frame_nbytes(head: bytes | bytearray | memoryview) -> int:
+    """The total length of the frame that starts with `head` (at least its prefix and whole header), from the
+    header alone: what a receiver of a chunked frame allocates before the rest arrives. Validates the prefix and
+    the header as decode_frame does; raises FrameError."""
+    mv = _as_byte_view(head)
+    if mv.nbytes < PREFIX_BYTES:
+        raise FrameError(f"first chunk is {mv.nbytes} bytes: too short for the {PREFIX_BYTES}-byte prefix")
+    if bytes(mv[:4]) != MAGIC:
+        raise FrameError(f"frame magic = {bytes(mv[:4])!r}: expected {MAGIC!r}")
+    header_len = int.from_bytes(mv[4:PREFIX_BYTES], "little")
+    if header_len > MAX_HEADER_BYTES:
+        raise FrameError(f"header length = {header_len}: exceeds MAX_HEADER_BYTES {MAX_HEADER_BYTES}")
+    if header_len > mv.nbytes - PREFIX_BYTES:
+        raise FrameError(f"header length = {header_len}: the first chunk holds only {mv.nbytes - PREFIX_BYTES} "
+                         "bytes after the prefix (it must hold the whole header)")
+    try:
+        obj = msgpack.unpackb(mv[PREFIX_BYTES : PREFIX_BYTES + header_len], raw=False, strict_map_key=True,
+                              use_list=True)  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - as in decode_frame
+        raise FrameError(f"header ({header_len} bytes) is not valid msgpack: {type(e).__name__}: {e}") from None
+    return _layout(header_len, _parse_header(obj).tensors)[1]
+
+
+def frame_header_nbytes(frame: bytes | bytearray | memoryview) -> int:
+    """Bytes of the prefix + header of an encoded frame (where its first tensor's padding starts)."""
+    mv = _as_byte_view(frame)
+    return PREFIX_BYTES + int.from_bytes(mv[4:PREFIX_BYTES], "little")
 
 
 def frame_nbytes_upper_bound(rows: int, hidden: int, num_segments: int, dtype: torch.dtype) -> int:

@@ -11,7 +11,7 @@ the envelope into its own join.
 
 from __future__ import annotations
 
-__all__ = ["EnvelopeError", "unwrap_frame", "wrap_frame"]
+__all__ = ["EnvelopeError", "envelope_prefix", "unwrap_frame", "wrap_frame"]
 
 _DATA_TAG = 0x0A  # field 1, wire type 2 (length-delimited)
 _PAD_TAG = 0x7A  # field 15, wire type 2
@@ -44,11 +44,16 @@ def _read_varint(mv: memoryview, pos: int) -> tuple[int, int]:
     raise EnvelopeError("truncated or overlong varint")
 
 
-def wrap_frame(frame: bytes) -> bytes:
-    """Serialize `Frame{pad, data=frame}` with `data` starting exactly 16 bytes into the message."""
-    length = _varint(len(frame))
+def envelope_prefix(data_nbytes: int) -> bytes:
+    """The 16 bytes a serialized `Frame{pad, data}` starts with, for `data` of data_nbytes bytes."""
+    length = _varint(data_nbytes)
     pad = _ALIGN - 3 - len(length)  # pad tag, pad length (1 byte), pad bytes, data tag, data length
-    return b"".join((bytes((_PAD_TAG, pad)), bytes(pad), bytes((_DATA_TAG,)), length, frame))
+    return b"".join((bytes((_PAD_TAG, pad)), bytes(pad), bytes((_DATA_TAG,)), length))
+
+
+def wrap_frame(frame: bytes | memoryview) -> bytes:
+    """Serialize `Frame{pad, data=frame}` with `data` starting exactly 16 bytes into the message."""
+    return b"".join((envelope_prefix(len(frame) if isinstance(frame, bytes) else memoryview(frame).nbytes), frame))
 
 
 def unwrap_frame(message: bytes | memoryview) -> memoryview:

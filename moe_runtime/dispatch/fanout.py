@@ -18,19 +18,20 @@ from typing import NamedTuple
 import grpc
 
 from moe_runtime.dispatch.client import ExpertCallError, ExpertClient, ExpertFuture
-from moe_runtime.dispatch.envelope import wrap_frame
 
-__all__ = ["ExpertCall", "fan_out"]
+__all__ = ["ExpertCall", "PendingFanOut", "fan_out", "fan_out_async"]
 
 
 class ExpertCall(NamedTuple):
-    """One request of a fan-out: a codec frame for `method` ("Dispatch" | "Backward"); layer/step name it in errors."""
+    """One request of a fan-out: a codec frame for `method` ("Dispatch" | "Backward"); layer/step name it in errors;
+    `wrapped`: the frame already is a `Frame` message (encoded with the envelope in front, one copy)."""
 
     client: ExpertClient
     method: str
     frame: bytes
     layer: int | None
     step: int | None
+    wrapped: bool = False
 
 
 class _SharedLoop:
@@ -49,28 +50,59 @@ class _SharedLoop:
             return cls._loop
 
 
-async def _gather(calls: list[tuple[ExpertClient, str, bytes]]) -> list[bytes | BaseException]:
+async def _gather(calls: list[tuple[ExpertClient, str, bytes | list[bytes]]]) -> list[bytes | BaseException]:
     return await asyncio.gather(*(client.call_async(method, message) for client, method, message in calls),
                                 return_exceptions=True)  # fmt: skip
+
+
+class PendingFanOut:
+    """A fan-out in flight (`fan_out_async`): `result()` waits and returns each reply's codec frame, in order."""
+
+    __slots__ = ("_deadline", "_future", "_requests", "_single")
+
+    def __init__(self, requests: Sequence[ExpertCall], future: futures.Future | None,
+                 single: ExpertFuture | None, deadline: float):  # fmt: skip
+        self._requests, self._future, self._single, self._deadline = requests, future, single, deadline
+
+    def result(self) -> list[memoryview]:
+        """Raises ExpertCallError for the first failed request, in request order, once all have finished."""
+        if self._single is not None:
+            return [self._single.result()]
+        if self._future is None:
+            return []
+        try:
+            outcomes = self._future.result(self._deadline)
+        except futures.TimeoutError:  # only if the loop itself is stuck: every call has its own deadline
+            self._future.cancel()
+            client, method, _, layer, step, _ = self._requests[0]
+            raise ExpertCallError(client.address, method, layer, step, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                  f"fan-out to {[c.address for c, *_ in self._requests]} did not finish in "
+                                  f"{self._deadline} s") from None  # fmt: skip
+        return [ExpertFuture(None, client, method, layer, step, outcome).result()
+                for (client, method, _, layer, step, _), outcome in zip(self._requests, outcomes)]  # fmt: skip
+
+
+def fan_out_async(requests: Sequence[ExpertCall]) -> PendingFanOut:
+    """Send the requests concurrently and return at once; the calls proceed on gRPC's and the shared loop's
+    threads while the caller computes (two-batch overlap). A lone request is a gRPC future (no loop hand-off)."""
+    requests = [r if isinstance(r, ExpertCall) else ExpertCall(*r) for r in requests]  # plain 5-tuples too
+    if not requests:
+        return PendingFanOut(requests, None, None, 0.0)
+    if len(requests) == 1 and not requests[0].client.streams(requests[0].frame):
+        client, method, frame, layer, step, wrapped = requests[0]
+        return PendingFanOut(requests, None, client.call(method, frame, layer=layer, step=step, wrapped=wrapped),
+                             0.0)  # fmt: skip
+    calls = [(client, method, client.wire_message(frame, wrapped)) for client, method, frame, _, _, wrapped in requests]
+    deadline = max((c.deadline_s for c, _, _ in calls), default=0.0) + 5.0
+    return PendingFanOut(requests, asyncio.run_coroutine_threadsafe(_gather(calls), _SharedLoop.get()), None,
+                         deadline)
 
 
 def fan_out(requests: Sequence[ExpertCall]) -> list[memoryview]:
     """Send the requests concurrently and return each reply's codec frame (a view), in order. Every call has its
     client's deadline. Raises ExpertCallError for the first failed request, in request order, once all have
-    finished."""
+    finished. A lone request is made blocking on the caller's thread."""
     if len(requests) == 1:
-        client, method, frame, layer, step = requests[0]
-        return [client.call(method, frame, layer=layer, step=step, wait=True).result()]
-    calls = [(client, method, wrap_frame(frame)) for client, method, frame, _, _ in requests]
-    deadline = max((c.deadline_s for c, _, _ in calls), default=0.0) + 5.0
-    pending = asyncio.run_coroutine_threadsafe(_gather(calls), _SharedLoop.get())
-    try:
-        outcomes = pending.result(deadline)
-    except futures.TimeoutError:  # only if the loop itself is stuck: every call has its own deadline
-        pending.cancel()
-        client, method, _, layer, step = requests[0]
-        raise ExpertCallError(client.address, method, layer, step, grpc.StatusCode.DEADLINE_EXCEEDED,
-                              f"fan-out to {[c.address for c, *_ in requests]} did not finish in {deadline} s"
-                              ) from None  # fmt: skip
-    return [ExpertFuture(None, client, method, layer, step, outcome).result()
-            for (client, method, _, layer, step), outcome in zip(requests, outcomes)]  # fmt: skip
+        client, method, frame, layer, step, wrapped = ExpertCall(*requests[0])
+        return [client.call(method, frame, layer=layer, step=step, wait=True, wrapped=wrapped).result()]
+    return fan_out_async(requests).result()

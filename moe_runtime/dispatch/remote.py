@@ -10,23 +10,32 @@ and gets the grad of the inputs; the model code does not change.
 Step context: every forward needs a `StepContext` (step, micro-batch), passed down by the model; it is captured
 in the autograd context at forward time, so backward uses the key (step, micro-batch, layer, worker) the server
 saved the activations under.
+
+Device: x may live on a GPU (the router worker's dense model). `HostStaging` (model/device.py) then casts it to
+the wire dtype on the device and makes one device-to-host copy into a pinned buffer that the frames are encoded
+from, and the replies are copied into a pinned host output that goes to the device in one non_blocking copy. On
+the CPU those calls are the identity and a plain torch.empty: the CPU path is unchanged.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from moe_runtime.dispatch.codec import FrameError, decode_frame, encode_frame
+from moe_runtime.dispatch.envelope import envelope_prefix
 from moe_runtime.dispatch.client import ExpertCallError, ExpertClient
-from moe_runtime.dispatch.fanout import ExpertCall, fan_out
+from moe_runtime.dispatch.failover import Failover
+from moe_runtime.dispatch.fanout import ExpertCall, PendingFanOut, fan_out, fan_out_async
+from moe_runtime.model.device import HostStaging
 from moe_runtime.model.moe_layer import StepContext
 from moe_runtime.model.plan import DispatchPlan
 from moe_runtime.placement import Placement
 
-__all__ = ["RemoteDispatcher"]
+__all__ = ["PendingRemoteExperts", "RemoteDispatcher"]
 
 _WIRE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -39,8 +48,10 @@ class RemoteDispatcher(nn.Module):
         clients: Sequence[ExpertClient],
         wire_dtype: torch.dtype = torch.float32,
         worker_id: int = 0,
+        failover: Failover | None = None,
     ):
         super().__init__()
+        self.failover = failover  # inference forwards route around down actors (dispatch/failover.py)
         if wire_dtype not in _WIRE_DTYPES:
             raise ValueError(f"wire_dtype = {wire_dtype}: expected one of {[str(d) for d in _WIRE_DTYPES]}")
         if worker_id < 0:
@@ -62,6 +73,18 @@ class RemoteDispatcher(nn.Module):
         self.placement, self.clients = placement, clients
 
     def forward(self, x_nd: torch.Tensor, plan: DispatchPlan, ctx: StepContext | None = None) -> torch.Tensor:
+        exchange = self._exchange(x_nd, plan, ctx)
+        if self.failover is not None and not exchange.save:  # inference: nothing kept, safe to re-send elsewhere
+            return self.failover.forward(self, exchange, x_nd, plan)
+        return _RemoteExperts.apply(x_nd, exchange)
+
+    def start(self, x_nd: torch.Tensor, plan: DispatchPlan, ctx: StepContext | None = None) -> PendingRemoteExperts:
+        """Send this exchange and return at once; `.wait()` gives what `forward` returns. For two-batch overlap
+        (model/two_batch.py): the other half computes while the frames travel, in forward and in backward."""
+        exchange = self._exchange(x_nd, plan, ctx)
+        return PendingRemoteExperts(_SendExperts.apply(x_nd, exchange), exchange)
+
+    def _exchange(self, x_nd: torch.Tensor, plan: DispatchPlan, ctx: StepContext | None) -> _Exchange:
         if ctx is None:
             raise ValueError(
                 f"RemoteDispatcher (layer {self.layer_index}): forward needs ctx = StepContext(step, micro_batch), "
@@ -75,40 +98,58 @@ class RemoteDispatcher(nn.Module):
                 f"plan was built with placement version {plan.placement_version}: dispatcher has "
                 f"{self.placement.version}"
             )
-        if x_nd.dim() != 2 or x_nd.shape[0] != plan.num_tokens * plan.top_k:
-            raise ValueError(f"x_nd has shape {list(x_nd.shape)}: expected [{plan.num_tokens * plan.top_k}, d]")
-        save = torch.is_grad_enabled() and x_nd.requires_grad
-        return _RemoteExperts.apply(x_nd, _Exchange(self, plan, ctx, save))
+        if x_nd.dim() != 2 or x_nd.shape[0] != plan.num_copies:
+            raise ValueError(f"x_nd has shape {list(x_nd.shape)}: expected [{plan.num_copies}, d]")
+        save = not ctx.inference and torch.is_grad_enabled() and x_nd.requires_grad  # inference keeps nothing
+        return _Exchange(self, plan, ctx, save)
 
 
 class _Exchange:
     """Everything one forward needs again in backward: a snapshot of clients, plan and step context."""
 
-    __slots__ = ("clients", "layer", "mb", "meta", "plan", "save", "step", "wire_dtype")
+    __slots__ = ("backward_launched", "clients", "forward_launched", "layer", "mb", "meta", "plan", "save", "step",
+                 "wire_dtype")
 
     def __init__(self, disp: RemoteDispatcher, plan: DispatchPlan, ctx: StepContext, save: bool):
         self.layer, self.clients, self.plan = disp.layer_index, disp.clients, plan
         self.step, self.mb, self.wire_dtype, self.save = ctx.step, ctx.micro_batch, disp.wire_dtype, save
         self.meta = {"src": disp.worker_id} if save else {"src": disp.worker_id, "save": False}
+        self.forward_launched: _Launched | None = None  # two-batch overlap: sent, not yet collected
+        self.backward_launched: _Launched | None = None
 
     def run(self, kind: str, x_nd: torch.Tensor) -> torch.Tensor:
         """One frame per destination, all in flight, replies copied into their row ranges of the output."""
-        send_kind, reply_kind, name, reply_name = (
-            ("dispatch", "result", "x", "y") if kind == "dispatch" else ("backward", "grad", "dy", "dx"))  # fmt: skip
+        return self.collect(self.launch(kind, x_nd, blocking=True))
+
+    def launch(self, kind: str, x_nd: torch.Tensor, blocking: bool = False) -> _Launched:
+        """Encode and send one frame per destination; `blocking` waits for the replies here (a lone destination
+        is then called on this thread), else they arrive while the caller computes (two-batch overlap)."""
+        send_kind, name = ("dispatch", "x") if kind == "dispatch" else ("backward", "dy")
         plan = self.plan
-        out = torch.empty(x_nd.shape, dtype=x_nd.dtype)
+        staging = HostStaging.shared(x_nd.device)
+        x_host = staging.to_host(x_nd, self.wire_dtype)  # CPU: x_nd itself (the codec casts)
         meta = self.meta if kind == "dispatch" else {"src": self.meta["src"]}
-        destinations = plan.destinations
         method = "Dispatch" if kind == "dispatch" else "Backward"
         requests = []
-        for dest in destinations:
+        for dest in plan.destinations:
             frame = encode_frame(
                 send_kind, layer=self.layer, step=self.step, mb=self.mb, pv=plan.placement_version,
-                experts=dest.experts, counts=dest.counts, tensors={name: x_nd[dest.start : dest.stop]},
+                experts=dest.experts, counts=dest.counts, tensors={name: x_host[dest.start : dest.stop]},
                 wire_dtype=self.wire_dtype, meta=meta, validate=False,  # plan-built header; the server validates
+                lead=envelope_prefix,  # the envelope in the same join: one copy of the rows
             )  # fmt: skip
-            requests.append(ExpertCall(self.clients[dest.actor], method, frame, self.layer, self.step))
-        for dest, (client, *_), data in zip(destinations, requests, fan_out(requests) if requests else []):
+            requests.append(ExpertCall(self.clients[dest.actor], method, frame, self.layer, self.step, True))
+        replies = (fan_out(requests) if requests else []) if blocking else fan_out_async(requests)
+        return _Launched(kind, method, requests, replies, x_nd.shape, x_nd.dtype, staging)
+
+    def collect(self, launched: _Launched) -> torch.Tensor:
+        """Wait for the replies of `launch` and copy them into their row ranges of the output."""
+        reply_kind, reply_name = ("result", "y") if launched.kind == "dispatch" else ("grad", "dx")
+        method = launched.method
+        replies = launched.replies if isinstance(launched.replies, list) else launched.replies.result()
+        # taken here, not at launch: on CUDA the pinned buffer is reused, and two launches can be in flight
+        out = launched.staging.host_buffer(launched.shape, launched.dtype)  # CPU: torch.empty
+        for dest, (client, *_), data in zip(self.plan.destinations, launched.requests, replies):
             try:
                 reply = decode_frame(data, expected_kind=reply_kind, out_dtype=None)
                 h = reply.header
@@ -116,7 +157,7 @@ class _Exchange:
                 t = reply.tensors.get(reply_name)
                 if (h.layer, h.step, h.mb, list(h.experts), list(h.counts)) != (
                     self.layer, self.step, self.mb, dest.experts, dest.counts
-                ) or t is None or tuple(t.shape) != (rows, x_nd.shape[1]):  # fmt: skip
+                ) or t is None or tuple(t.shape) != (rows, out.shape[1]):  # fmt: skip
                     raise FrameError(
                         f"reply (layer {h.layer}, step {h.step}, mb {h.mb}, experts {list(h.experts)}, "
                         f"counts {list(h.counts)}, tensors {[s.name for s in h.tensors]}) does not answer "
@@ -125,7 +166,19 @@ class _Exchange:
             except FrameError as e:
                 raise ExpertCallError(client.address, method, self.layer, self.step, None, f"bad reply: {e}")
             out[dest.start : dest.stop].copy_(t)
-        return out
+        return launched.staging.upload(out)  # CPU: out itself
+
+
+class _Launched(NamedTuple):
+    """An exchange sent by `_Exchange.launch`, waiting for `collect`."""
+
+    kind: str
+    method: str
+    requests: list[ExpertCall]
+    replies: list[memoryview] | PendingFanOut
+    shape: torch.Size
+    dtype: torch.dtype
+    staging: HostStaging
 
 
 class _RemoteExperts(torch.autograd.Function):
@@ -140,3 +193,53 @@ class _RemoteExperts(torch.autograd.Function):
         if not exchange.save:
             raise RuntimeError("RemoteDispatcher: backward through a forward that ran without grad")
         return exchange.run("backward", dy_nd), None
+
+
+class PendingRemoteExperts:
+    """A forward exchange started by `RemoteDispatcher.start`; `wait()` returns y_nd (autograd-connected)."""
+
+    __slots__ = ("_exchange", "_sent")
+
+    def __init__(self, sent: torch.Tensor, exchange: _Exchange):
+        self._sent, self._exchange = sent, exchange
+
+    def wait(self) -> torch.Tensor:
+        return _ReceiveExperts.apply(self._sent, self._exchange)
+
+
+class _SendExperts(torch.autograd.Function):
+    """Forward: send the frames, return at once (a 0-element token linking to `_ReceiveExperts`). Backward: wait
+    for the backward exchange `_ReceiveExperts.backward` started and return the grad of the inputs."""
+
+    @staticmethod
+    def forward(ctx, x_nd: torch.Tensor, exchange: _Exchange) -> torch.Tensor:  # type: ignore[override]
+        ctx.exchange = exchange
+        exchange.forward_launched = exchange.launch("dispatch", x_nd.detach())
+        return x_nd.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, _d_token: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        exchange: _Exchange = ctx.exchange
+        launched, exchange.backward_launched = exchange.backward_launched, None
+        if launched is None:
+            raise RuntimeError("RemoteDispatcher: backward reached the send side before the receive side")
+        return exchange.collect(launched), None
+
+
+class _ReceiveExperts(torch.autograd.Function):
+    """Forward: wait for the replies of `_SendExperts`. Backward: send the grad of the outputs and return at once;
+    the autograd engine runs other ready work (the other half) before `_SendExperts.backward` waits for it."""
+
+    @staticmethod
+    def forward(ctx, token: torch.Tensor, exchange: _Exchange) -> torch.Tensor:  # type: ignore[override]
+        ctx.exchange = exchange
+        launched, exchange.forward_launched = exchange.forward_launched, None
+        return exchange.collect(launched)
+
+    @staticmethod
+    def backward(ctx, dy_nd: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        exchange: _Exchange = ctx.exchange
+        if not exchange.save:
+            raise RuntimeError("RemoteDispatcher: backward through a forward that ran without grad")
+        exchange.backward_launched = exchange.launch("backward", dy_nd.contiguous())
+        return dy_nd.new_empty(0), None

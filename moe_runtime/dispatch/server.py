@@ -15,7 +15,7 @@ from __future__ import annotations
 import hmac
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
@@ -24,8 +24,9 @@ import grpc
 import torch
 from typing_extensions import Self
 
+from moe_runtime.dispatch.chunks import ChunkError, FrameAssembler, chunk_messages
 from moe_runtime.dispatch.codec import Frame, FrameError, FrameHeader, decode_frame, encode_frame
-from moe_runtime.dispatch.envelope import EnvelopeError, unwrap_frame, wrap_frame
+from moe_runtime.dispatch.envelope import EnvelopeError, envelope_prefix, unwrap_frame
 from moe_runtime.dispatch.proto import expert_pb2 as pb
 from moe_runtime.dispatch.service import DEFAULT_MAX_MESSAGE_BYTES, SERVICE, TOKEN_METADATA_KEY, channel_options
 from moe_runtime.malloc import tune_malloc
@@ -150,9 +151,9 @@ class _Reject(Exception):
 
 def _reply(kind: str, h: FrameHeader, name: str, tensor: torch.Tensor, wire_dtype: torch.dtype) -> bytes:
     """A result/grad frame answering request header `h`, wrapped for the wire."""
-    return wrap_frame(encode_frame(kind, layer=h.layer, step=h.step, mb=h.mb, pv=h.pv, experts=h.experts,
-                                   counts=h.counts, tensors={name: tensor}, wire_dtype=wire_dtype,
-                                   validate=False))  # header fields copied from a request that passed decode
+    return encode_frame(kind, layer=h.layer, step=h.step, mb=h.mb, pv=h.pv, experts=h.experts, counts=h.counts,
+                        tensors={name: tensor}, wire_dtype=wire_dtype, lead=envelope_prefix,  # one copy, envelope in
+                        validate=False)  # header fields copied from a request that passed decode
 
 
 class ExpertServer:
@@ -196,7 +197,7 @@ class ExpertServer:
             futures.ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="expert-grpc"),
             options=channel_options(self.max_message_bytes) + [("grpc.so_reuseport", 0)],
         )
-        server.add_generic_rpc_handlers(tuple(self._handlers()))
+        server.add_generic_rpc_handlers((_TokenGate(self, self._handlers()),))
         port = server.add_insecure_port(f"{self.host}:{self.port}")
         if port == 0:
             raise RuntimeError(f"ExpertServer could not bind {self.host}:{self.port}")
@@ -213,14 +214,16 @@ class ExpertServer:
             {
                 "Dispatch": grpc.unary_unary_rpc_method_handler(self._rpc_dispatch, **raw),
                 "Backward": grpc.unary_unary_rpc_method_handler(self._rpc_backward, **raw),
+                # chunked frames (dispatch/chunks.py): frames of any size, reassembled and served by the unary handler
+                "DispatchStream": grpc.stream_stream_rpc_method_handler(self._rpc_dispatch_stream, **raw),
+                "BackwardStream": grpc.stream_stream_rpc_method_handler(self._rpc_backward_stream, **raw),
+                # raw bytes in, parsed by the handler: a malformed request is INVALID_ARGUMENT, not grpc's INTERNAL
                 "Health": grpc.unary_unary_rpc_method_handler(
-                    self._rpc_health,
-                    request_deserializer=pb.HealthRequest.FromString,
+                    self._rpc_health, request_deserializer=None,
                     response_serializer=pb.HealthReply.SerializeToString,
                 ),
                 "EndStep": grpc.unary_unary_rpc_method_handler(
-                    self._rpc_end_step,
-                    request_deserializer=pb.EndStepRequest.FromString,
+                    self._rpc_end_step, request_deserializer=None,
                     response_serializer=pb.EndStepReply.SerializeToString,
                 ),
             },
@@ -258,19 +261,27 @@ class ExpertServer:
 
     # -------------------------------------------------------------------------------- request handling
 
-    def _check_token(self, context: grpc.ServicerContext) -> None:
-        for item in context.invocation_metadata():
+    def _token_problem(self, metadata: Sequence[Any] | None) -> str | None:
+        """Why the call's metadata does not authenticate it, or None when it does."""
+        for item in metadata or ():
             if item.key == TOKEN_METADATA_KEY:
                 value = item.value.encode() if isinstance(item.value, str) else item.value
                 if hmac.compare_digest(value, self._token):
-                    return
-                raise _Reject(grpc.StatusCode.UNAUTHENTICATED, f"metadata {TOKEN_METADATA_KEY!r} has a wrong token")
-        raise _Reject(grpc.StatusCode.UNAUTHENTICATED, f"metadata {TOKEN_METADATA_KEY!r} is missing")
+                    return None
+                return f"metadata {TOKEN_METADATA_KEY!r} has a wrong token"
+        return f"metadata {TOKEN_METADATA_KEY!r} is missing"
+
+    def _check_token(self, context: grpc.ServicerContext) -> None:
+        problem = self._token_problem(context.invocation_metadata())
+        if problem is not None:
+            raise _Reject(grpc.StatusCode.UNAUTHENTICATED, problem)
+
+    def _count_reject(self, code: grpc.StatusCode) -> None:
+        with self._lock:
+            self._stats.rejected[code.name] = self._stats.rejected.get(code.name, 0) + 1
 
     def _reject(self, context: grpc.ServicerContext, err: _Reject) -> bytes:
-        with self._lock:
-            name = err.code.name
-            self._stats.rejected[name] = self._stats.rejected.get(name, 0) + 1
+        self._count_reject(err.code)
         context.set_code(err.code)
         context.set_details(str(err))
         return b""
@@ -380,9 +391,36 @@ class ExpertServer:
         except _Reject as err:
             return self._reject(context, err)
 
-    def _rpc_health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
+    def _rpc_dispatch_stream(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        return self._serve_chunked(self._rpc_dispatch, requests, context)
+
+    def _rpc_backward_stream(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        return self._serve_chunked(self._rpc_backward, requests, context)
+
+    def _serve_chunked(self, unary: Any, requests: Iterator[bytes], context: grpc.ServicerContext
+                       ) -> Iterator[bytes]:  # fmt: skip
+        """A chunked frame in, reassembled into the message a unary call gets, served by `unary`; the reply goes
+        back chunked like the request (dispatch/chunks.py)."""
         try:
             self._check_token(context)
+            assembler = FrameAssembler(self.max_message_bytes)
+            try:
+                for message in requests:
+                    assembler.add(message)
+                request = assembler.message()
+            except ChunkError as e:
+                raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        except _Reject as err:
+            self._reject(context, err)
+            return
+        reply = unary(request, context)
+        if reply:  # empty: rejected, the status is set
+            yield from chunk_messages(unwrap_frame(reply), max(assembler.largest_chunk, 1 << 16))
+
+    def _rpc_health(self, request: bytes, context: grpc.ServicerContext) -> pb.HealthReply:
+        try:
+            self._check_token(context)
+            _parse(pb.HealthRequest, request)
         except _Reject as err:
             self._reject(context, err)
             return pb.HealthReply()
@@ -399,12 +437,55 @@ class ExpertServer:
             rejected=rejected,
         )
 
-    def _rpc_end_step(self, request: pb.EndStepRequest, context: grpc.ServicerContext) -> pb.EndStepReply:
+    def _rpc_end_step(self, request: bytes, context: grpc.ServicerContext) -> pb.EndStepReply:
         try:
             self._check_token(context)
+            request = _parse(pb.EndStepRequest, request)
         except _Reject as err:
             self._reject(context, err)
             return pb.EndStepReply()
         free = self.backend.abort_step if request.abort else self.backend.end_step
         entries, nbytes = free(request.step)
         return pb.EndStepReply(freed_entries=entries, freed_bytes=nbytes)
+
+
+def _parse(message_cls: Any, data: bytes) -> Any:
+    """A protobuf request from its bytes; malformed bytes are INVALID_ARGUMENT naming the message type."""
+    from google.protobuf.message import DecodeError
+
+    try:
+        return message_cls.FromString(data)
+    except DecodeError as e:
+        raise _Reject(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"request is not a serialized {message_cls.__name__} ({len(data)} bytes): {e}") from None
+
+
+class _TokenGate(grpc.GenericRpcHandler):
+    """Checks the token from the call's metadata before any message is read. grpc-python asks generic handlers
+    for the method handler with only the method name and metadata (grpc/_server.py `_find_method_handler`); the
+    request message is received afterwards, by the handler type's reader. A call that fails the check gets a
+    stream-unary handler that never iterates its request stream, so the message is never received into this
+    process (only what the transport's HTTP/2 flow-control window already buffered)."""
+
+    def __init__(self, server: ExpertServer, handlers: Sequence[grpc.GenericRpcHandler]):
+        self._server = server
+        self._handlers = tuple(handlers)
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = None
+        for h in self._handlers:
+            handler = h.service(handler_call_details)
+            if handler is not None:
+                break
+        if handler is None:
+            return None  # UNIMPLEMENTED
+        problem = self._server._token_problem(handler_call_details.invocation_metadata)
+        if problem is None:
+            return handler
+        server = self._server
+
+        def refuse(_unread_requests: Any, context: grpc.ServicerContext) -> bytes:
+            server._count_reject(grpc.StatusCode.UNAUTHENTICATED)
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
+
+        return grpc.stream_unary_rpc_method_handler(refuse, request_deserializer=None, response_serializer=None)

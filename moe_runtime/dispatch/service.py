@@ -7,7 +7,9 @@ from typing import Any
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "METHOD_BACKWARD",
+    "METHOD_BACKWARD_STREAM",
     "METHOD_DISPATCH",
+    "METHOD_DISPATCH_STREAM",
     "METHOD_END_STEP",
     "METHOD_HEALTH",
     "SERVICE",
@@ -23,6 +25,8 @@ METHOD_DISPATCH = f"/{SERVICE}/Dispatch"
 METHOD_BACKWARD = f"/{SERVICE}/Backward"
 METHOD_HEALTH = f"/{SERVICE}/Health"
 METHOD_END_STEP = f"/{SERVICE}/EndStep"
+METHOD_DISPATCH_STREAM = f"/{SERVICE}/DispatchStream"  # chunked frames (dispatch/chunks.py)
+METHOD_BACKWARD_STREAM = f"/{SERVICE}/BackwardStream"
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import torch
 
 from moe_runtime.model.attention import KVCache
+from moe_runtime.model.moe_layer import StepContext
 from moe_runtime.model.transformer import MoETransformer
 
 
@@ -56,34 +57,43 @@ def pad_right(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Ten
 
 class LocalBackend:
     """A MoETransformer in this process with its caches (KVCache) here too: prefill and decode are cached
-    forwards through the model's own MoE layers and dispatchers."""
+    forwards through the model's own MoE layers and dispatchers. Every forward passes an inference StepContext
+    numbered by this backend's forwards (remote dispatchers need one; nothing is kept for backward)."""
 
     def __init__(self, model: MoETransformer):
         self.model = model
         self.vocab_size = model.cfg.vocab_size
         self.max_seq_len = model.cfg.max_seq_len
+        self.forwards = 0  # prefill and decode forwards run so far: the inference StepContext's step
+
+    def _ctx(self) -> StepContext:
+        self.forwards += 1
+        return StepContext.for_inference(self.forwards - 1)
 
     @property
     def _device(self) -> torch.device:
         return self.model.embed.weight.device
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no autograd bookkeeping at all: a decode step is many small ops
     def prefill(self, prompts: Sequence[Sequence[int]], capacity: int) -> tuple[KVCache, torch.Tensor]:
         tokens_bs, lengths_b = pad_right(prompts)
         cache = self.model.new_cache(len(prompts), capacity)
-        out = self.model(tokens_bs.to(self._device), cache=cache, num_new=lengths_b, last_logits_only=True)
+        out = self.model(tokens_bs.to(self._device), self._ctx(), cache=cache, num_new=lengths_b,
+                         last_logits_only=True)
         return cache, out.logits[:, 0].float().cpu()
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no autograd bookkeeping at all: a decode step is many small ops
     def decode(self, cache: KVCache, tokens: Sequence[int]) -> torch.Tensor:
         tokens_b1 = torch.tensor(list(tokens), dtype=torch.long, device=self._device)[:, None]
-        return self.model(tokens_b1, cache=cache, last_logits_only=True).logits[:, 0].float().cpu()
+        return self.model(tokens_b1, self._ctx(), cache=cache, last_logits_only=True).logits[:, 0].float().cpu()
 
+    @torch.inference_mode()
     def keep(self, cache: KVCache, rows: Sequence[int]) -> KVCache | None:
         if not rows:
             return None
         return cache if list(rows) == list(range(cache.batch_size)) else cache.select(rows)
 
+    @torch.inference_mode()
     def join(self, first: KVCache, second: KVCache) -> KVCache:
         return KVCache.concat([first, second])
 
@@ -97,7 +107,7 @@ class RecomputeBackend:
         self.vocab_size = model.cfg.vocab_size
         self.max_seq_len = model.cfg.max_seq_len
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no autograd bookkeeping at all: a decode step is many small ops
     def _last_logits(self, rows: list[list[int]]) -> torch.Tensor:
         tokens_bs, lengths_b = pad_right(rows)
         logits_bsv = self.model(tokens_bs.to(self.model.embed.weight.device)).logits

@@ -12,7 +12,7 @@ tokens stay in new_token_ids but not in the text; the text ends before a stop st
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -129,6 +129,10 @@ class Engine:
         gone = set(request_ids)
         self._drop(state, [s.request.request_id in gone for s in state.sequences])
 
+    def validate(self, requests: Sequence[Request]) -> None:
+        """Raise ValueError (naming the request and the field) for requests `add` would refuse on an empty batch."""
+        self._check(BatchState(), requests)
+
     # ------------------------------------------------------------------ whole runs
 
     def stream(self, requests: Sequence[Request]) -> Iterator[TokenEvent]:
@@ -139,14 +143,23 @@ class Engine:
             yield from self.step(state)
 
     def generate(
-        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] = SamplingParams()
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+        on_event: Callable[[TokenEvent], None] | None = None,
     ) -> list[Completion]:
-        """Completions of the prompts, in order (request ids "0", "1", ...)."""
+        """Completions of the prompts, in order (request ids "0", "1", ...); on_event sees every token as it
+        comes (streaming to a terminal)."""
         per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(per_prompt) != len(prompts):
             raise ValueError(f"{len(per_prompt)} sampling params for {len(prompts)} prompts")
         requests = [Request(str(i), tuple(p), sp) for i, (p, sp) in enumerate(zip(prompts, per_prompt))]
-        done = {e.request_id: e.completion for e in self.stream(requests) if e.completion is not None}
+        done = {}
+        for e in self.stream(requests):
+            if on_event is not None:
+                on_event(e)
+            if e.completion is not None:
+                done[e.request_id] = e.completion
         return [done[r.request_id] for r in requests]
 
     # ------------------------------------------------------------------ internals
@@ -204,3 +217,16 @@ class Engine:
         keep = [i for i, g in enumerate(gone) if not g]
         state.cache = self.backend.keep(state.cache, keep)
         state.sequences = [state.sequences[i] for i in keep]
+
+
+def encode_prompts(prompts: Sequence[str | Sequence[int]], tokenizer: Any) -> list[list[int]]:
+    """Token ids of each prompt: text through the tokenizer (`encode(str) -> list[int]`), token ids as they are."""
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if not p:
+                raise ValueError(f"prompts[{i}] = '': expected at least one character")
+            out.append(list(tokenizer.encode(p)))
+        else:
+            out.append([int(t) for t in p])
+    return out

@@ -241,8 +241,9 @@ def _cached_causal_attention(
     appended to the cache, each query attends the row's cached keys and the new ones up to itself."""
     b, h, s, dh = q.shape
     cos, sin = rotary(step.table_len, q.device)
-    q = apply_partial_rope_at(q, cos, sin, step.positions_bs, rotary_dim)
-    k = apply_partial_rope_at(k, cos, sin, step.positions_bs, rotary_dim)
+    # q and k rotated in one pass: a decode step is dominated by per-op overhead, not arithmetic
+    qk = apply_partial_rope_at(torch.cat((q, k), dim=1), cos, sin, step.positions_bs, rotary_dim)
+    q, k = qk[:, :h], qk[:, h:]
     keys, values = cache.append(k, v, step)
     out = F.scaled_dot_product_attention(
         q, keys, values, attn_mask=step.key_mask_b1sl, is_causal=step.causal, scale=dh**-0.5

@@ -8,6 +8,7 @@ Weights are stored stacked: w1 [E, d, 2*ffn], w2 [E, ffn, d], so `x @ w1[e]` nee
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -84,27 +85,29 @@ def grouped_swiglu_backward(dy_nd: torch.Tensor, counts: Sequence[int], x_nd: to
     return dx, wgrads
 
 
-# Crossover between the two paths of grouped_swiglu, calibrated with benchmarks/expert_compute.py: the padded path
-# wins by far at few rows per expert when the cores are oversubscribed (2 bmm calls instead of ~2G small GEMMs,
-# each with a thread fork/join) and loses <= ~20% on a quiet box; with no padding it does the loop's FLOPs.
-# Measured speed-ups per mean rows per expert: docs/measurements.md.
-PADDED_MAX_MEAN_ROWS = 16.0
+# The two paths of grouped_swiglu, where each wins (benchmarks/expert_compute.py, docs/measurements.md):
+# - little padding (G * max(C_e) <= PADDED_MAX_WASTE * sum(C_e)): padded, 2 batched GEMMs doing the loop's FLOPs;
+# - otherwise the loop: on a quiet box it won even at a few rows per expert (64 tokens, 32 experts: loop 17.6 ms,
+#   padded 24.5 ms; weight reads bound both). With the cores oversubscribed padded won 3-5x there, but the choice
+#   stays a pure function of the counts: a timed choice would make the oracle's results depend on the machine's load.
 PADDED_MAX_WASTE = 1.25
+
+Path = Literal["padded", "loop"]
+
+
+def path_rule(counts: Sequence[int], weight_index: Sequence[int] | None = None) -> Path:
+    """grouped_swiglu's choice (pure): "padded" when padding costs almost nothing, else "loop". Rows of segments
+    that share an expert are merged first (replicas): G experts used, C_e rows each."""
+    per_expert = _rows_per_expert(counts, weight_index)
+    if not per_expert:
+        return "loop"
+    total, groups, longest = sum(per_expert.values()), len(per_expert), max(per_expert.values())
+    return "padded" if groups * longest <= PADDED_MAX_WASTE * total else "loop"
 
 
 def padded_is_faster(counts: Sequence[int], weight_index: Sequence[int] | None = None) -> bool:
-    """The selection rule of grouped_swiglu: True picks the padded batched path, False the loop.
-
-    Rows of segments that share an expert are merged first (replicas). With G experts used, each with C_e rows:
-    padded when mean(C_e) <= PADDED_MAX_MEAN_ROWS (few rows per expert: 2 batched GEMMs instead of ~2G small ones,
-    each with its own thread fork/join) or when the padded rows G * max(C_e) <= PADDED_MAX_WASTE * sum(C_e)
-    (almost no padding, so the padded path does no more FLOPs than the loop).
-    """
-    per_expert = _rows_per_expert(counts, weight_index)
-    if not per_expert:
-        return False
-    total, groups, longest = sum(per_expert.values()), len(per_expert), max(per_expert.values())
-    return total <= PADDED_MAX_MEAN_ROWS * groups or groups * longest <= PADDED_MAX_WASTE * total
+    """True picks the padded batched path, False the loop (`path_rule`)."""
+    return path_rule(counts, weight_index) == "padded"
 
 
 def _rows_per_expert(counts: Sequence[int], weight_index: Sequence[int] | None) -> dict[int, int]:

@@ -25,6 +25,13 @@ class StepContext:
 
     step: int
     micro_batch: int = 0
+    # Inference (a generation engine's prefill or decode step): servers keep nothing for backward, so its
+    # numbering (step = the decode step) can never meet a training step's saved activations.
+    inference: bool = False
+
+    @classmethod
+    def for_inference(cls, step: int) -> StepContext:
+        return cls(step, 0, inference=True)
 
     def __post_init__(self) -> None:
         if self.step < 0 or self.micro_batch < 0:
@@ -43,7 +50,7 @@ class Dispatcher(Protocol):
     placement: Placement
 
     def __call__(self, x_nd: torch.Tensor, plan: DispatchPlan, ctx: StepContext | None) -> torch.Tensor:
-        """[T*k, d] -> [T*k, d]"""
+        """[num_copies, d] -> [num_copies, d] (T*k for fixed top-k)"""
         ...
 
 
@@ -70,7 +77,7 @@ class MoELayer(nn.Module):
     def forward(self, x_bsd: torch.Tensor, ctx: StepContext | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x_td = x_bsd.reshape(-1, x_bsd.shape[-1])
         routed = self.router(x_td)
-        plan = DispatchPlan.build(routed.expert_ids, self.dispatcher.placement, self.layer_index)
+        plan = DispatchPlan.build(routed.expert_ids, self.dispatcher.placement, self.layer_index, routed.mask)
         y_nd = self.dispatcher(plan.gather(x_td), plan, ctx)
         out_td = plan.combine(y_nd, routed.weights)
         self.last_plan, self.last_router_output = plan, routed

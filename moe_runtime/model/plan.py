@@ -6,6 +6,10 @@ The plan is everything the data path needs to move tokens and put the results ba
 - `segments`: contiguous runs of the sorted copies with one (actor, expert) each, sorted by (actor, expert).
 A replicated expert's copies are split evenly across its replicas, in token order, so the split is deterministic
 and each replica gets n // R (+1) rows: the load model the scheduler assumes.
+
+Variable copies per token (top-p routing): ids padded to [T, k_max] with a mask of the real slots; only real
+slots become copies (`num_copies` <= T*k_max) and `order` still indexes the flattened [T*k_max] slots, so gather
+and combine are unchanged. Without a mask the plan is exactly the fixed top-k one.
 """
 
 from __future__ import annotations
@@ -73,9 +77,14 @@ class DispatchPlan:
     expert_counts: torch.Tensor  # [E] long: token copies per expert (load statistics)
 
     @classmethod
-    def build(cls, expert_ids_tk: torch.Tensor, placement: Placement, layer: int) -> DispatchPlan:
+    def build(cls, expert_ids_tk: torch.Tensor, placement: Placement, layer: int,
+              mask_tk: torch.Tensor | None = None) -> DispatchPlan:  # fmt: skip
+        """`mask_tk` [T, k] bool: which slots are real copies (None = all)."""
         if expert_ids_tk.dim() != 2:
             raise ValueError(f"expert_ids has shape {list(expert_ids_tk.shape)}: expected [tokens, top_k]")
+        if mask_tk is not None and tuple(mask_tk.shape) != tuple(expert_ids_tk.shape):
+            raise ValueError(f"mask has shape {list(mask_tk.shape)}: expected expert_ids' "
+                             f"{list(expert_ids_tk.shape)}")
         if not 0 <= layer < placement.num_layers:
             raise ValueError(f"layer = {layer}: placement has {placement.num_layers} layers")
         num_tokens, top_k = expert_ids_tk.shape
@@ -83,8 +92,13 @@ class DispatchPlan:
         flat = expert_ids_tk.reshape(-1).to(torch.long)
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= num_experts):
             raise ValueError(f"expert_ids out of range [0, {num_experts}): min {int(flat.min())}, max {int(flat.max())}")
-        by_expert = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=num_experts)
+        if mask_tk is None:
+            by_expert = torch.argsort(flat, stable=True)
+            counts = torch.bincount(flat, minlength=num_experts)
+        else:  # sorted positions of the real slots only
+            real = torch.nonzero(mask_tk.reshape(-1), as_tuple=True)[0]
+            by_expert = real.index_select(0, torch.argsort(flat.index_select(0, real), stable=True))
+            counts = torch.bincount(flat.index_select(0, real), minlength=num_experts)
 
         pieces = split_over_replicas(counts.tolist(), placement.replicas[layer])
         src_start = _expert_offsets(counts.tolist())
@@ -113,6 +127,11 @@ class DispatchPlan:
             expert_counts=counts,
         )
 
+    @property
+    def num_copies(self) -> int:
+        """Token copies sent to experts: T*k for fixed top-k, the real slots with a mask."""
+        return int(self.order.numel())
+
     @cached_property  # read once per dispatch and once per backward: build it once
     def destinations(self) -> tuple[Destination, ...]:
         return tuple(Destination(a, tuple(segs)) for a, segs in groupby(self.segments, key=lambda s: s.actor))
@@ -124,11 +143,11 @@ class DispatchPlan:
         return rows
 
     def gather(self, x_td: torch.Tensor) -> torch.Tensor:
-        """[T, d] -> [T*k, d] token copies in plan order."""
+        """[T, d] -> [num_copies, d] token copies in plan order."""
         return x_td.index_select(0, self.token_index)
 
     def combine(self, y_nd: torch.Tensor, weights_tk: torch.Tensor) -> torch.Tensor:
-        """Expert outputs in plan order, weighted by their gates, summed back per token: [T*k, d] -> [T, d]."""
+        """Expert outputs in plan order, weighted by their gates, summed back per token: [num_copies, d] -> [T, d]."""
         gate_n = weights_tk.reshape(-1).index_select(0, self.order).to(y_nd.dtype)
         out = y_nd.new_zeros(self.num_tokens, y_nd.shape[-1])
         return out.index_add(0, self.token_index, y_nd * gate_n.unsqueeze(-1))

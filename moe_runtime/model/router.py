@@ -3,6 +3,9 @@
 Attention Router (Yuan 2.0-M32 paper; IEIT-Yuan/Yuan2.0-M32 `megatron/core/transformer/moe/router.py`):
 per token x, q = Wq x, k = Wk x, v = Wv x in R^E; A[i, j] = q_i k_j (no scale, no mask); S = softmax_j(A);
 logits_i = sum_j S[i, j] v_j. Computed in fp32. Top-k logits, gates = softmax over those k only.
+
+Which experts a token takes is the routing rule (model/routing.py: topk, grouped, top_p, node_limited), the same
+for both routers. Node-limited routing needs the expert -> node map: `set_expert_nodes` whenever it changes.
 """
 
 from __future__ import annotations
@@ -13,52 +16,101 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_runtime.model.routing import (
+    RoutingSpec,
+    Selection,
+    check_expert_nodes,
+    entropy_loss,
+    select_grouped,
+    select_node_limited,
+    select_top_p,
+    top_k_gates,
+)
+
 
 @dataclass(frozen=True)
 class RouterOutput:
-    expert_ids: torch.Tensor  # [T, k] long, in descending gate order
-    weights: torch.Tensor  # [T, k] gates (sum to 1 per token), input dtype
+    expert_ids: torch.Tensor  # [T, k] long, in descending gate order (k = k_max slots for top_p)
+    weights: torch.Tensor  # [T, k] gates, input dtype (topk: sum to 1 per token; 0 at masked slots)
     probs: torch.Tensor  # [T, E] fp32 softmax over all experts (load statistics, aux loss)
-    aux_loss: torch.Tensor  # scalar fp32 (0 when the coefficient is 0)
+    aux_loss: torch.Tensor  # scalar fp32 (0 when the coefficients are 0)
+    mask: torch.Tensor | None = None  # [T, k] bool: the real slots (top_p); None = every slot is real
+
+    def experts_per_token(self) -> float:
+        """Mean experts a token took."""
+        k = self.expert_ids.shape[-1]
+        return float(k) if self.mask is None else float(self.mask.sum()) / max(1, self.mask.shape[0])
 
 
-def top_k_gates(logits_te: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k logits, softmax over the k selected (== softmax over all, top-k, renormalise)."""
-    top_logits, expert_ids = torch.topk(logits_te, k, dim=-1, sorted=True)
-    return expert_ids, torch.softmax(top_logits, dim=-1)
-
-
-def switch_load_balancing_loss(probs_te: torch.Tensor, expert_ids_tk: torch.Tensor, coeff: float) -> torch.Tensor:
-    """Switch-style: coeff * E * sum_e mean_t(p[t, e]) * mean_t(chosen[t, e]) / k."""
+def switch_load_balancing_loss(probs_te: torch.Tensor, expert_ids_tk: torch.Tensor, coeff: float,
+                               mask_tk: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Switch-style: coeff * E * sum_e mean_t(p[t, e]) * (share of the token copies that went to e).
+    With a fixed k the share is mean_t(chosen[t, e]) / k; with a mask, chosen copies / all real copies."""
     if coeff == 0.0:
         return probs_te.new_zeros(())
     num_experts, k = probs_te.shape[-1], expert_ids_tk.shape[-1]
-    chosen_te = torch.zeros_like(probs_te).scatter_(-1, expert_ids_tk, 1.0)
-    return coeff * num_experts * torch.sum(probs_te.mean(0) * chosen_te.mean(0) / k)
+    if mask_tk is None:
+        chosen_te = torch.zeros_like(probs_te).scatter_(-1, expert_ids_tk, 1.0)
+        return coeff * num_experts * torch.sum(probs_te.mean(0) * chosen_te.mean(0) / k)
+    chosen_te = torch.zeros_like(probs_te).scatter_add_(-1, expert_ids_tk, mask_tk.to(probs_te.dtype))
+    share_e = chosen_te.sum(0) / mask_tk.sum().clamp_min(1)
+    return coeff * num_experts * torch.sum(probs_te.mean(0) * share_e)
 
 
 class _Router(nn.Module):
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, aux_loss_coeff: float = 0.0):
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, aux_loss_coeff: float = 0.0,
+                 routing: RoutingSpec | None = None):  # fmt: skip
         super().__init__()
         if top_k > num_experts:
             raise ValueError(f"top_k = {top_k}: must be <= num_experts ({num_experts})")
         self.num_experts, self.top_k, self.aux_loss_coeff = num_experts, top_k, aux_loss_coeff
+        self.routing = routing or RoutingSpec("topk", top_k)
+        if self.routing.top_k != top_k:
+            raise ValueError(f"routing.top_k = {self.routing.top_k}: must equal the router's top_k ({top_k})")
+        self.routing.check(num_experts)
+        self.expert_nodes_e: torch.Tensor | None = None  # node_limited: node of each expert
+
+    def set_expert_nodes(self, expert_nodes: tuple[int, ...] | list[int]) -> None:
+        """The expert -> node map node-limited routing selects by (call again when the placement changes)."""
+        check_expert_nodes(expert_nodes, self.num_experts, self.top_k, self.routing.max_nodes)
+        self.expert_nodes_e = torch.tensor(list(expert_nodes), dtype=torch.long)
 
     def logits(self, x_td: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def select(self, logits_te: torch.Tensor, probs_te: torch.Tensor) -> Selection:
+        r = self.routing
+        if r.kind == "grouped":
+            return select_grouped(probs_te, r.top_k, r.groups)
+        if r.kind == "top_p":
+            return select_top_p(probs_te, r.top_p, r.slots(self.num_experts))
+        if r.kind == "node_limited":
+            if self.expert_nodes_e is None:
+                raise RuntimeError("node_limited routing: no expert -> node map; call set_expert_nodes (the "
+                                   "runtime does on every placement change, an in-process run with its layout)")
+            return select_node_limited(logits_te, probs_te, r.top_k, r.max_nodes,
+                                       self.expert_nodes_e.to(logits_te.device))
+        raise AssertionError(r.kind)
+
     def forward(self, x_td: torch.Tensor) -> RouterOutput:
         logits_te = self.logits(x_td)  # fp32
-        expert_ids, gates = top_k_gates(logits_te, self.top_k)
+        if self.routing.kind == "topk":  # the original path, bit for bit
+            expert_ids, gates = top_k_gates(logits_te, self.top_k)
+            probs = torch.softmax(logits_te, dim=-1)
+            aux = switch_load_balancing_loss(probs, expert_ids, self.aux_loss_coeff)
+            return RouterOutput(expert_ids, gates.to(x_td.dtype), probs, aux)
         probs = torch.softmax(logits_te, dim=-1)
-        aux = switch_load_balancing_loss(probs, expert_ids, self.aux_loss_coeff)
-        return RouterOutput(expert_ids, gates.to(x_td.dtype), probs, aux)
+        sel = self.select(logits_te, probs)
+        aux = switch_load_balancing_loss(probs, sel.expert_ids, self.aux_loss_coeff, sel.mask)
+        if self.routing.kind == "top_p":
+            aux = aux + entropy_loss(probs, self.routing.dynamic_loss_coeff)
+        return RouterOutput(sel.expert_ids, sel.gates.to(x_td.dtype), probs, aux, sel.mask)
 
 
 class AttentionRouter(_Router):
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, aux_loss_coeff: float = 0.0,
-                 init_std: float = 0.02):
-        super().__init__(hidden_size, num_experts, top_k, aux_loss_coeff)
+                 init_std: float = 0.02, routing: RoutingSpec | None = None):
+        super().__init__(hidden_size, num_experts, top_k, aux_loss_coeff, routing)
         # Wq, Wk, Wv fused as one [3E, d] matrix, no bias: 3*E*d parameters.
         self.wqkv = nn.Parameter(torch.empty(3 * num_experts, hidden_size))
         nn.init.normal_(self.wqkv, std=init_std)
@@ -71,8 +123,8 @@ class AttentionRouter(_Router):
 
 class LinearRouter(_Router):
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, aux_loss_coeff: float = 0.0,
-                 init_std: float = 0.02):
-        super().__init__(hidden_size, num_experts, top_k, aux_loss_coeff)
+                 init_std: float = 0.02, routing: RoutingSpec | None = None):
+        super().__init__(hidden_size, num_experts, top_k, aux_loss_coeff, routing)
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
         nn.init.normal_(self.weight, std=init_std)
 
@@ -81,8 +133,8 @@ class LinearRouter(_Router):
 
 
 def build_router(kind: str, hidden_size: int, num_experts: int, top_k: int, aux_loss_coeff: float,
-                 init_std: float) -> _Router:
+                 init_std: float, routing: RoutingSpec | None = None) -> _Router:
     routers = {"attention": AttentionRouter, "linear": LinearRouter}
     if kind not in routers:
         raise ValueError(f"router = {kind!r}: expected one of {sorted(routers)}")
-    return routers[kind](hidden_size, num_experts, top_k, aux_loss_coeff, init_std)
+    return routers[kind](hidden_size, num_experts, top_k, aux_loss_coeff, init_std, routing)

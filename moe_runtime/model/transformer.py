@@ -24,6 +24,8 @@ from moe_runtime.model.experts import SwiGLUExperts
 from moe_runtime.model.moe_layer import Dispatcher, LocalDispatcher, MoELayer, StepContext
 from moe_runtime.model.norm import RMSNorm
 from moe_runtime.model.router import build_router
+from moe_runtime.model.routing import RoutingSpec, expert_nodes
+from moe_runtime.placement import Placement
 
 DispatcherFactory = Callable[[int], Dispatcher]
 
@@ -54,7 +56,7 @@ class DecoderLayer(nn.Module):
         self.attn = build_attention(cfg)
         self.moe_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         router = build_router(cfg.router, cfg.hidden_size, cfg.num_experts, cfg.top_k, cfg.aux_loss_coeff,
-                              cfg.init_std)
+                              cfg.init_std, RoutingSpec.from_config(cfg))
         self.moe = MoELayer(router, dispatcher, layer_index)
 
     def forward(
@@ -146,6 +148,14 @@ class MoETransformer(nn.Module):
         out = self.forward(tokens_bs, ctx)
         ce = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(), targets_bs.reshape(-1))
         return ce + out.aux_loss, ce
+
+    def set_expert_nodes(self, placement: Placement) -> None:
+        """Node-limited routing: give every router the node of each of its layer's experts (its primary replica's
+        node in `placement`). Call on every placement change; a no-op for the other routings."""
+        if self.cfg.routing != "node_limited":
+            return
+        for i, moe in enumerate(self.moe_layers):
+            moe.router.set_expert_nodes(expert_nodes(placement, i))
 
     def expert_load(self) -> torch.Tensor:
         """[L, E] token copies per expert in the last forward."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from moe_runtime.config import RuntimeConfig
@@ -12,16 +13,28 @@ COLLECTIVE_TIMEOUT_S = 60.0
 FREE_WAIT_S = 10.0  # how long shutdown waits for Ray to take its placement group back
 
 
+def control_timeout(cfg: RuntimeConfig) -> float:
+    """How long a control-plane call may take before its party counts as hung (cluster.hang_timeout_s)."""
+    return cfg.cluster.hang_timeout_s
+
+
 def step_timeout(cfg: RuntimeConfig) -> float:
     # every MoE layer does one forward and one backward exchange per micro-batch, each bounded by the deadline
-    return CONTROL_TIMEOUT_S + 2 * cfg.model.num_layers * cfg.train.micro_batches * cfg.transport.deadline_s
+    return control_timeout(cfg) + 2 * cfg.model.num_layers * cfg.train.micro_batches * cfg.transport.deadline_s
 
 
-def get_within(refs: Any, timeout: float, what: str) -> Any:
-    """ray.get with a bound; a timeout names what was waited for."""
+def get_within(refs: Any, timeout: float, what: str, names: Sequence[str] | None = None) -> Any:
+    """ray.get with a bound; a timeout names what was waited for and, given `names` (one per ref), who did not
+    answer."""
     import ray
 
     try:
         return ray.get(refs, timeout=timeout)
     except ray.exceptions.GetTimeoutError as err:
-        raise ray.exceptions.GetTimeoutError(f"{what}: no answer within {timeout:.0f} s") from err
+        who = ""
+        if isinstance(refs, list) and refs:
+            _, pending = ray.wait(refs, num_returns=len(refs), timeout=0)
+            waiting = {r.hex() for r in pending}
+            late = [names[i] if names else f"call {i}" for i, r in enumerate(refs) if r.hex() in waiting]
+            who = f" from {', '.join(late)}" if late else ""
+        raise ray.exceptions.GetTimeoutError(f"{what}: no answer within {timeout:.3g} s{who}") from err

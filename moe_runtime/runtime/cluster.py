@@ -10,19 +10,24 @@ training step (step.py) and recovery (recovery.py).
 Parties: expert actors (ExpertActor, in a placement group, one bundle each) and router workers (RouterWorker, data
 parallel). The driver (this process) runs the control plane only.
 
-Failures (what is survived): see recovery.py. `train` rolls every party back to the last automatic checkpoint
+Failures (what is survived): see recovery.py. When a step fails before any party stepped its optimizer and every
+expert of a lost actor has a live replica, `train` copies the lost state from the replicas and re-runs only that
+step (replica_recovery.py); otherwise it rolls every party back to the last automatic checkpoint
 (train.checkpoint_every; a step-0 checkpoint is written when training starts) and re-runs the steps since; because
-a step is a pure function of (state, step), the final losses equal a run without the fault. A save interrupted
+a step is a pure function of (state, step), the final losses equal a run without the fault either way. Serving:
+`forward` routes around dead actors to live replicas and restarted actors rejoin by themselves (failover.py).
+A party that hangs is killed after cluster.hang_timeout_s and recovered like a dead one. A save interrupted
 half-way leaves the previous checkpoint as the one LATEST points to (checkpoint/training_state.py).
 What is not survived: death of the driver (restart it and `restore` the last checkpoint), loss of the checkpoint
 storage, more failures than max_restarts per actor, a failure with checkpoint_every = 0 (nothing to roll back to:
 the error is raised), and deterministic errors (after `max_recoveries` attempts without progress the original
-error is raised). A worker hung inside a gloo all-reduce whose peer died is released only by the gloo timeout.
+error is raised).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -36,14 +41,22 @@ from moe_runtime.model.transformer import expert_param_name
 from moe_runtime.placement import Placement, ShardKey, split_over_replicas
 from moe_runtime.records import TimingMeans
 from moe_runtime.checkpoint import training_state as ckpt
-from moe_runtime.runtime.calls import COLLECTIVE_TIMEOUT_S, CONTROL_TIMEOUT_S, get_within
+from moe_runtime.runtime.calls import COLLECTIVE_TIMEOUT_S, CONTROL_TIMEOUT_S, START_TIMEOUT_S, get_within
+from moe_runtime.runtime import failover
+from moe_runtime.runtime import scale as scaling
+from moe_runtime.runtime.failover import HealReport
 from moe_runtime.runtime.fleet import RayExpertFleet
 from moe_runtime.runtime.launch import Launched, check_config, launch, release
 from moe_runtime.runtime.ray_env import ClusterStartError
+from moe_runtime.runtime.party_names import names
 from moe_runtime.runtime.recovery import ClusterError, is_fault, wait_alive
+from moe_runtime.runtime.replica_recovery import rerun_without_rollback
 from moe_runtime.runtime.step import StepReport, run_train_step
+from moe_runtime.runtime.status_load import load_tables
+from moe_runtime.runtime.metrics import metrics_for, prometheus_url, record_metrics
+from moe_runtime.runtime.step_log import step_record
 from moe_runtime.scheduler.hook import SchedulerHook
-from moe_runtime.scheduler.migrate import MigrationReport
+from moe_runtime.scheduler.migrate import MigrationError, MigrationReport
 from moe_runtime.scheduler.types import PlacementDecision
 from moe_runtime.training import ProgressFn, TrainResult
 
@@ -57,8 +70,11 @@ class Cluster:
         self.env = launched.env
         self.experts: list[Any] = launched.experts  # ExpertActor handles (Ray), index = actor index
         self.workers: list[Any] = launched.workers  # RouterWorker handles (Ray)
-        self.fleet = RayExpertFleet(self.experts, self.workers, launched.placement)  # holds the placement
+        self.fleet = RayExpertFleet(self.experts, self.workers, launched.placement,
+                                    timeout_s=cfg.cluster.hang_timeout_s)  # holds the placement
         self.actor_infos = launched.infos
+        self.worker_pids: list[int] = get_within([w.ping.remote() for w in self.workers], START_TIMEOUT_S,
+                                                 "router worker pids")  # to kill one that hangs
         self._token = launched.token
         self.step = 0  # optimizer steps taken = the next step to run
         self.recoveries = 0
@@ -66,6 +82,12 @@ class Cluster:
         self._closed = False
         self._corpus = None
         self.scheduler = SchedulerHook(cfg)  # load tracking + rebalancing (scheduler.enabled)
+        self._heal_lock = threading.RLock()
+        self._healer: Any = None  # a background heal thread (forward found actors down)
+        self.last_heal: failover.HealReport | None = None
+        self.last_heal_error: str | None = None
+        self.steps_rerun = 0  # failed steps re-run from live replicas, without a rollback (replica_recovery.py)
+        self.hf_load = launched.hf_load  # hf_loading.LoadReport: what went where, when model.checkpoint was loaded
 
     @property
     def placement(self) -> Placement:
@@ -93,15 +115,16 @@ class Cluster:
 
     def _init_collective(self) -> None:
         if len(self.workers) > 1 and self.cfg.cluster.grad_sync == "gloo":
-            host, port = get_within(self.workers[0].rendezvous.remote(), CONTROL_TIMEOUT_S, "gloo rendezvous")
-            get_within([w.init_collective.remote(host, port, COLLECTIVE_TIMEOUT_S) for w in self.workers],
+            init_method = get_within(self.workers[0].rendezvous.remote(), CONTROL_TIMEOUT_S, "gloo rendezvous")
+            get_within([w.init_collective.remote(init_method, COLLECTIVE_TIMEOUT_S) for w in self.workers],
                  CONTROL_TIMEOUT_S, "gloo group")
 
     def shutdown(self) -> None:
         if self._closed:
             return
         self._closed = True
-        release(self._launched)
+        release(self._launched)  # every actor, scaled-up ones too (the experts list is shared)
+        scaling.release_scaled_groups(self)
 
     def __enter__(self) -> Cluster:  # noqa: PYI034
         return self
@@ -116,8 +139,82 @@ class Cluster:
         if tokens.dim() != 2:
             raise ValueError(f"tokens has shape {list(tokens.shape)}: expected [batch, seq]")
         parts = torch.tensor_split(tokens, min(len(self.workers), tokens.shape[0]))
-        refs = [w.forward.remote(p, self.step) for w, p in zip(self.workers, parts)]
-        return torch.cat(get_within(refs, CONTROL_TIMEOUT_S, "forward"))
+        workers = self.workers[: len(parts)]
+        refs = [w.forward.remote(p, self.step) for w, p in zip(workers, parts)]
+        down_refs = [w.down_actors.remote() for w in workers]  # runs right after the forward, same round trip
+        try:
+            logits = torch.cat(get_within(refs, self.fleet.timeout_s, "forward", names([], workers)))
+        except BaseException as err:
+            if is_fault(err):  # e.g. an expert with no live replica (on_expert_failure = fail): rejoin, then raise
+                self.heal()
+            raise
+        if any(get_within(down_refs, self.fleet.timeout_s, "down actors")):
+            self._heal_in_background()  # the workers already route around them; bring them back meanwhile
+        return logits
+
+    def heal(self) -> HealReport:
+        """Bring restarted or inconsistent expert actors back into the placement (from live replicas, or the
+        last checkpoint), without a manual recover(); re-wires the router workers. See runtime/failover.py."""
+        with self._heal_lock:
+            infos = wait_alive(self.experts, self.workers, hang_timeout_s=self.cfg.cluster.hang_timeout_s,
+                               local=self.cfg.cluster.ray_address is None,
+                               expert_pids=[i.pid for i in self.actor_infos], worker_pids=self.worker_pids)
+            report = failover.heal(self, infos)
+            self.worker_pids = get_within([w.ping.remote() for w in self.workers], self.fleet.timeout_s,
+                                          "router worker pids")
+            self.last_heal = report
+            return report
+
+    def _heal_in_background(self) -> None:
+        if self._healer is not None and self._healer.is_alive():
+            return
+
+        def run() -> None:
+            try:
+                self.heal()
+            except Exception as err:  # noqa: BLE001  (reported by status(); the next forward tries again)
+                log.warning("background heal failed: %s", err)
+                self.last_heal_error = f"{type(err).__name__}: {err}"
+
+        self._healer = threading.Thread(target=run, name="cluster-heal", daemon=True)
+        self._healer.start()
+
+    def wait_healed(self, timeout: float | None = None) -> None:
+        """Wait for a background heal started by forward() (train, checkpoint and status do this first)."""
+        if self._healer is not None:
+            self._healer.join(timeout)
+
+    def scale(self, expert_actors: int) -> scaling.ScaleReport:
+        """Add or remove expert actors, between steps or while serving: new actors join and experts move onto
+        them with their AdamW state; leaving actors are drained first (runtime/scale.py). Not enough free GPUs
+        is a ClusterStartError naming what is short."""
+        self.wait_healed()
+        with self._heal_lock:
+            return scaling.scale(self, expert_actors)
+
+    def default_checkpoint_root(self) -> Path:
+        return Path(self.cfg.train.checkpoint_dir).resolve()
+
+    def generation_engine(self, tokenizer: Any = None, eod_id: int | None = None) -> Any:
+        """A generation Engine (generation/engine.py) over router worker 0, which keeps the decoding caches
+        (runtime/generation_backend.py); the run's tokenizer (the checkpoint's, else bytes) unless one is given."""
+        from moe_runtime.checkpoint.text import tokenizer_for
+        from moe_runtime.generation.engine import Engine
+        from moe_runtime.runtime.generation_backend import RemoteBackend
+
+        if tokenizer is None:
+            run_tok = tokenizer_for(self.cfg.model)
+            tokenizer, eod_id = run_tok.tokenizer, run_tok.eod_id
+        return Engine(RemoteBackend(self.workers[0], self.cfg.model), tokenizer, eod_id)
+
+    def generate(self, prompts: list, params: Any = None, on_event: Any = None) -> list:
+        """Completions (generation/engine.py Completion) of prompts (text or token ids), all in one continuous
+        batch on the cluster; params: one SamplingParams or one per prompt; on_event(TokenEvent) per token."""
+        from moe_runtime.generation.engine import encode_prompts
+        from moe_runtime.generation.sampling import SamplingParams
+
+        engine = self.generation_engine()
+        return engine.generate(encode_prompts(prompts, engine.tokenizer), params or SamplingParams(), on_event)
 
     def evaluate(self) -> float:
         """Mean validation loss over train.val_batches fixed batches (the oracle's evaluate)."""
@@ -142,7 +239,8 @@ class Cluster:
         return report
 
     def train(self, steps: int | None = None, progress: ProgressFn | None = None,
-              max_recoveries: int | None = None, record_trace: str | Path | None = None) -> TrainResult:
+              max_recoveries: int | None = None, record_trace: str | Path | None = None,
+              step_log: Any = None) -> TrainResult:
         """Train from the current step up to `steps` (default train.steps) with automatic checkpoints every
         train.checkpoint_every steps (plus one at the start) and rollback-and-replay on faults. `record_trace`:
         write the routing of every completed step (per worker and micro-batch) there, a trace the simulator
@@ -160,6 +258,7 @@ class Cluster:
         times: dict[int, float] = {}
         loads: dict[int, torch.Tensor] = {}
         timing = TimingMeans()
+        self.wait_healed()
         first = self.step
         failures_here = 0
         if every:
@@ -172,11 +271,17 @@ class Cluster:
                 if every and self.step % every == 0:
                     self.checkpoint(root)
             except BaseException as err:
-                if not (every and is_fault(err)):
+                if not is_fault(err):
                     raise
                 failures_here += 1
                 if failures_here > limit:
                     raise ClusterError(f"step {step}: {failures_here} recoveries without progress; giving up") from err
+                if rerun_without_rollback(self, step):  # every lost expert has a live replica: re-run this step
+                    self.recoveries += 1
+                    self.steps_rerun += 1
+                    continue
+                if not every:
+                    raise
                 log.warning("step %d failed (%s); rolling back to the last checkpoint", step, err)
                 self._recover(root)
                 continue
@@ -187,6 +292,10 @@ class Cluster:
             timing.add(rep.timings)
             if progress:
                 progress(step, rep.loss)
+            record = step_record(self, rep)  # loss, lr, grad norm, times, imbalance (runtime/step_log.py)
+            record_metrics(self, rep, record)  # ray.util.metrics: dashboard + Prometheus (runtime/metrics.py)
+            if step_log is not None:  # the terminal line and the run's JSONL
+                step_log(record)
         done = sorted(s for s in losses if s >= first)
         load_sum = sum((loads[s] for s in done), torch.zeros(self.cfg.model.num_layers, self.cfg.model.num_experts,
                                                              dtype=torch.long))
@@ -206,6 +315,7 @@ class Cluster:
                 "placement": self.placement.to_dict(),
                 "actor_load": self._actor_load(load_sum),
                 "recoveries": self.recoveries,
+                "steps_rerun": self.steps_rerun,
                 "mean_timings": timing.means(),
                 "expert_actors": len(self.experts),
                 "router_workers": len(self.workers),
@@ -219,12 +329,15 @@ class Cluster:
         from moe_runtime.sim.traces import TraceRecorder
 
         m = self.cfg.model
-        rec = TraceRecorder(m.num_layers, m.num_experts, m.top_k, self.cfg.train.micro_batches,
+        t = self.cfg.train
+        chunk_tokens = (t.batch_size // (len(self.workers) * t.micro_batches) * t.seq_len
+                        if m.routing == "top_p" else None)  # variable copies per token: tokens given explicitly
+        rec = TraceRecorder(m.num_layers, m.num_experts, m.max_copies_per_token, self.cfg.train.micro_batches,
                             meta={"source": "cluster", "preset": m.preset, "router_workers": len(self.workers),
                                   "expert_actors": len(self.experts)})  # fmt: skip
         for i, loads in enumerate(steps):
             for chunk, load_le in enumerate(loads):
-                rec.record_layers(i, chunk, load_le)
+                rec.record_layers(i, chunk, load_le, tokens=chunk_tokens)
         return rec.trace().save(path)
 
     def _actor_load(self, load: torch.Tensor) -> list[int]:
@@ -246,7 +359,10 @@ class Cluster:
     def _recover(self, root: Path) -> None:
         """Bring every party back and roll back to the last committed checkpoint under `root`."""
         t0 = time.perf_counter()
-        self.actor_infos = wait_alive(self.experts, self.workers)
+        self.actor_infos = wait_alive(self.experts, self.workers, hang_timeout_s=self.cfg.cluster.hang_timeout_s,
+                                      local=self.cfg.cluster.ray_address is None,
+                                      expert_pids=[i.pid for i in self.actor_infos], worker_pids=self.worker_pids)
+        self.worker_pids = get_within([w.ping.remote() for w in self.workers], CONTROL_TIMEOUT_S, "router worker pids")
         addresses = [i.address for i in self.actor_infos]
         get_within([w.set_placement.remote(self.placement.to_dict(), addresses) for w in self.workers], CONTROL_TIMEOUT_S,
              "re-wiring router workers")
@@ -264,17 +380,35 @@ class Cluster:
         keys = self.placement.primary_shards()
         refs = [self.workers[0].save.remote(str(d))]
         refs += [a.save.remote(str(d), ks) for a, ks in zip(self.experts, keys) if ks]
-        recs = [ckpt.FileRecord.from_dict(r) for r in get_within(refs, CONTROL_TIMEOUT_S, "checkpoint save")]
+        recs = [ckpt.FileRecord.from_dict(r) for r in get_within(
+            refs, self.fleet.timeout_s, "checkpoint save",
+            ["router worker 0"] + [f"expert actor {i}" for i, ks in enumerate(keys) if ks])]
         manifest = ckpt.Manifest(step=self.step, config=self.cfg.model_dump(mode="json"),
                                  placement=self.placement.to_dict(), files=recs)
         ckpt.commit(d, manifest)
         self.last_checkpoint = d
         return d
 
+    def save_hf(self, directory: str | Path, dtype: torch.dtype | None = None,
+                max_shard_bytes: int | None = None) -> dict[str, Any]:
+        """Export the current weights in the HF Yuan layout (config.json, index, safetensors shards), streamed from
+        the parties (runtime/hf_loading.py): dtype defaults to the imported checkpoint's, else bf16. Returns the
+        report of what each party wrote (hf_loading.LoadReport.to_dict)."""
+        from moe_runtime.runtime.hf_loading import DEFAULT_MAX_SHARD_BYTES, save_cluster
+
+        report = save_cluster(self.cfg, self.experts, self.workers, self.placement, directory, dtype=dtype,
+                              max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES,
+                              timeout_s=CONTROL_TIMEOUT_S)
+        log.info("exported to %s:\n%s", directory, report.describe())
+        return report.to_dict()
+
     def restore(self, path: str | Path) -> int:
         """Load a checkpoint (root or step dir) into every party, on this cluster's actors whatever their number;
         returns the restored step (the next one to run)."""
-        m = ckpt.load_manifest(Path(path).resolve(), verify=True)
+        good = ckpt.load_latest_good(Path(path).resolve())  # past a corrupt newest one to the previous good one
+        for skipped in good.skipped:
+            log.warning("checkpoint skipped: %s", skipped)
+        m = good.manifest
         saved_model, mine = _model_identity(m.config.get("model")), _model_identity(self.cfg.model)
         if saved_model != mine:
             raise ckpt.CheckpointError(f"checkpoint {m.directory} is for model {saved_model}, not {mine}")
@@ -292,7 +426,8 @@ class Cluster:
                 for i, a in enumerate(self.experts)]
         refs += [w.load_checkpoint.remote(d) for w in self.workers]
         refs += [w.set_placement.remote(placement.to_dict()) for w in self.workers]
-        get_within(refs, CONTROL_TIMEOUT_S, "checkpoint restore")
+        get_within(refs, self.fleet.timeout_s, "checkpoint restore",
+                   names(self.experts) + [f"router worker {i}" for i in range(len(self.workers))] * 2)
         self.placement = placement
         self.step = m.step
         return m.step
@@ -302,8 +437,31 @@ class Cluster:
     def rebalance(self, decision_or_placement: PlacementDecision | Placement | None = None) -> MigrationReport | None:
         """Between steps: decide from the load seen so far (None) or apply a PlacementDecision / Placement, moving
         expert replicas with their AdamW state (scheduler/migrate.py). Returns the MigrationReport, or None when
-        the placement does not change."""
-        return self.scheduler.rebalance(self.fleet, decision_or_placement)
+        the placement does not change. A migration that fails is rolled back or completed (MigrationError says
+        which); when an actor died in it, the cluster is brought back whole from the last checkpoint."""
+        pids = [i.pid for i in self.actor_infos]
+        failure: MigrationError | None = None
+        try:
+            report = self.scheduler.rebalance(self.fleet, decision_or_placement)
+        except MigrationError as err:
+            if err.consistent and not is_fault(err):
+                raise
+            failure = err
+        # an actor that died in it is restarted empty, and Ray queues calls for it until it is back: a migration
+        # can "succeed" on it. Check what every actor really is and holds before calling the migration done.
+        infos = wait_alive(self.experts, self.workers, hang_timeout_s=self.cfg.cluster.hang_timeout_s,
+                           local=self.cfg.cluster.ray_address is None, expert_pids=pids,
+                           worker_pids=self.worker_pids)  # a restarting actor answers once it is back
+        restarted = [i for i, (info, pid) in enumerate(zip(infos, pids)) if info.pid != pid]
+        if failure is None and not restarted and not failover.broken_actors(infos, self.placement):
+            return report
+        why = str(failure) if failure is not None else f"expert actors {restarted} restarted during the migration"
+        log.warning("rebalance failed (%s): healing", why)
+        healed = self.heal()
+        how = "rolled back to the last checkpoint" if healed.rolled_back else (
+            f"repaired (actors {list(healed.broken)}) at placement version {self.placement.version}")
+        raise MigrationError(f"{why}; the cluster was {how}", consistent=True,
+                             version=self.placement.version) from failure
 
     # ================================================================== inspection
 
@@ -328,18 +486,13 @@ class Cluster:
         return {k[len("model."):]: v for k, v in st.items() if k.startswith("model.")}
 
     def status(self) -> dict[str, Any]:
-        """Placement, nodes, per-actor load and health (an actor that does not answer is reported, not raised)."""
+        """Placement, nodes, per-actor load and health (an actor that does not answer is reported, not raised).
+        An expert actor is "ok" only when it holds exactly its shards of the placement at its version and its
+        data plane answers at the address the workers use (runtime/failover.actor_status)."""
         import ray
 
-        actors = []
-        for i, a in enumerate(self.experts):
-            try:
-                s = ray.get(a.stats.remote(), timeout=10)
-                tokens = ray.get(a.token_counts.remote(), timeout=10)
-                actors.append({**s, "shards": [list(k) for k in s["shards"]], "tokens": sum(tokens.values()),
-                               "health": "ok"})
-            except ray.exceptions.RayError as err:
-                actors.append({"index": i, "health": f"unreachable: {type(err).__name__}"})
+        self.wait_healed(self.fleet.timeout_s)
+        actors = failover.actor_status(self)
         workers = []
         for i, w in enumerate(self.workers):
             try:
@@ -348,6 +501,7 @@ class Cluster:
                 workers.append({"index": i, "health": f"unreachable: {type(err).__name__}"})
         return {
             "step": self.step,
+            "model": self.cfg.model.model_dump(mode="json"),
             "placement": self.placement.to_dict(),
             "nodes": self.env.node_ids(),
             "ray_mode": self.env.mode,
@@ -356,7 +510,12 @@ class Cluster:
             "recoveries": self.recoveries,
             "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
             "healthy": all(x["health"] == "ok" for x in actors + workers),
+            "last_heal": self.last_heal.to_dict() if self.last_heal else None,
             "scheduler": self.scheduler.status(self.placement),
+            "dashboard_url": self.env.dashboard_url,
+            "metrics": metrics_for(self).snapshot(),  # the numbers last exported to Ray's metrics (runtime/metrics.py)
+            "prometheus_url": prometheus_url(),
+            **load_tables(self),  # expert_load [L][E], actor_load_per_layer [L][A], expert_map "l,e" -> actors
         }
 
 

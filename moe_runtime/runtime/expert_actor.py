@@ -16,6 +16,11 @@ Ray options (set by cluster.py): num_gpus = cluster.gpus_per_expert_actor, num_c
 max_restarts = cluster.max_restarts, max_task_retries = 0 (a control call is never silently replayed).
 A restarted actor comes back empty with a new server port; the driver re-wires the router workers and reloads
 every party from the last checkpoint (see cluster.py).
+
+Device: `model.device.ComputeDevice.resolve(device, train.precision)`, device "auto" by default, i.e. "cuda" inside
+an actor Ray gave a GPU (it sees only that one). Weights, grads, saved activations and AdamW state live there
+(ExpertShards); everything this actor returns through Ray (state, grads) is a host copy, so the driver and
+checkpoints never see device tensors. train.precision bf16 on a CPU actor is refused (model/device.py says why).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from moe_runtime.records import ActorInfo, ActorStepStats
 from moe_runtime.dispatch.server import ExpertServer
 from moe_runtime.dispatch.service import DEFAULT_MAX_MESSAGE_BYTES
 from moe_runtime.checkpoint import training_state as ckpt
+from moe_runtime.model.device import ComputeDevice, host_copy
 from moe_runtime.runtime.expert_shards import ExpertShards
 from moe_runtime.runtime.ray_env import pick_device
 from moe_runtime.training import make_adamw, set_lr
@@ -46,7 +52,7 @@ def max_message_bytes(cfg: RuntimeConfig) -> int:
     if cfg.transport.max_message_mb is not None:
         return cfg.transport.max_message_mb << 20
     t, m = cfg.train, cfg.model
-    rows = t.batch_size * t.seq_len * m.top_k  # whole global batch on one actor: an upper bound
+    rows = t.batch_size * t.seq_len * m.max_copies_per_token  # whole global batch on one actor: an upper bound
     return max(DEFAULT_MAX_MESSAGE_BYTES, 2 * rows * m.hidden_size * 4 + (1 << 20))
 
 
@@ -55,17 +61,18 @@ def _param_name(key: Key, which: str) -> str:
 
 
 class ExpertActor:
-    def __init__(self, config: dict, index: int, auth_token: str):
+    def __init__(self, config: dict, index: int, auth_token: str, device: str | None = None):
         self.cfg = RuntimeConfig.model_validate(config)
         self.index = index
         torch.set_num_threads(self.cfg.cluster.torch_threads)
-        self.device = pick_device()
+        self.compute = ComputeDevice.resolve(device or pick_device(), self.cfg.train.precision)
+        self.device = self.compute.device
         host = self.cfg.transport.host
         if self.cfg.cluster.ray_address is not None and host in ("127.0.0.1", "localhost"):
             import ray
 
             host = ray.util.get_node_ip_address()  # a real cluster: router workers may be on other machines
-        self.shards = ExpertShards()
+        self.shards = ExpertShards(device=self.compute)
         self.server = ExpertServer(
             self.shards, host, 0, auth_token=auth_token, max_message_bytes=max_message_bytes(self.cfg),
             check_finite=self.cfg.transport.check_finite, threads=self.cfg.transport.server_threads,
@@ -145,12 +152,12 @@ class ExpertActor:
         opt = self._opt_state(keys)
         for k in keys:
             p1, p2 = self._params[k]
-            d = {"w1": p1.detach().clone(), "w2": p2.detach().clone()}
+            d = {"w1": host_copy(p1), "w2": host_copy(p2)}
             for w in ("w1", "w2"):
                 for f in ckpt.OPT_FIELDS:
                     t = opt.get(f"{_param_name(k, w)}.{f}")
                     if t is not None:
-                        d[f"{w}.{f}"] = t
+                        d[f"{w}.{f}"] = t if t.device.type == "cpu" else t.to("cpu")  # already a copy
             out[k] = d
         return out
 
@@ -158,7 +165,7 @@ class ExpertActor:
 
     def grads(self, keys: Iterable[Key]) -> dict[Key, tuple[torch.Tensor, torch.Tensor]]:
         g = self.shards.grads()
-        return {(int(a), int(b)): (g[(a, b)][0].clone(), g[(a, b)][1].clone()) for a, b in keys}
+        return {(int(a), int(b)): (host_copy(g[(a, b)][0]), host_copy(g[(a, b)][1])) for a, b in keys}
 
     def set_grads(self, grads: Mapping[Key, tuple[torch.Tensor, torch.Tensor]]) -> None:
         self.shards.set_grads(grads)
@@ -215,6 +222,23 @@ class ExpertActor:
         shards = ckpt.read_expert_shards(manifest, keys)
         self.shards.abort_step(1 << 62)  # activations of an abandoned step are useless now
         return self.load_shards(shards, placement_version, replace=True)
+
+    def load_hf(self, checkpoint: Any, keys: Iterable[Key], placement_version: int, replace: bool,
+                party: str) -> Any:
+        """Host `keys` read straight from an HF checkpoint's shard files (runtime/hf_loading.py); `replace` drops
+        every other shard first. Fresh optimizer state. Returns hf_loading.PartyLoad."""
+        from moe_runtime.runtime.hf_loading import read_experts_into
+
+        report = read_experts_into(self.shards, checkpoint, keys, party, replace)
+        self.shards.set_placement_version(placement_version)
+        self._rebuild({})
+        return report
+
+    def write_hf(self, directory: str, plan: Any, keys: Iterable[Key], party: str) -> Any:
+        """Write these shards' weights at their places in an HF export (hf_loading.save_cluster)."""
+        from moe_runtime.runtime.hf_loading import write_experts
+
+        return write_experts(self.shards.weights(), self.cfg.model, directory, plan, keys, party)
 
     def shutdown(self) -> None:
         self.server.stop(0)

@@ -12,6 +12,13 @@ the actor's control calls):
 The weight and grad dicts are replaced whole by load / drop, never mutated, so compute reads a consistent
 snapshot without holding the lock; the math is the model's (model/experts.py).
 
+Device (`device`, a model.device.ComputeDevice, CPU fp32 by default): weights, grads and saved activations live
+there and the math runs there. Requests arrive and replies leave in host memory (the codec's); `HostStaging` moves
+them: one pinned host-to-device copy per frame in, one device-to-host copy into a pinned buffer out. On the CPU
+both are the identity, so the CPU path runs the same calls with no copy added. Mixed precision (bf16 on CUDA):
+weights and grads stay fp32 (the master copies AdamW updates), the matmuls run on bf16 casts of them, saved
+activations are bf16, and the bf16 weight grads are accumulated into the fp32 buffers.
+
 `sum_replica_grads` is the step-boundary rule that keeps replicas identical: every replica gets the same sum.
 """
 
@@ -25,6 +32,7 @@ from typing import Any
 import torch
 
 from moe_runtime.dispatch.server import ActivationKey, ActivationsMissing, BackendSummary, SegmentsMismatch
+from moe_runtime.model.device import CPU, ComputeDevice, HostStaging
 from moe_runtime.model.experts import WeightPair, grouped_swiglu_backward, grouped_swiglu_forward_saving
 from moe_runtime.placement import Placement, ShardKey
 
@@ -35,17 +43,17 @@ __all__ = ["ExpertShards", "sum_replica_grads"]
 class _Saved:
     experts: tuple[int, ...]
     counts: tuple[int, ...]
-    x: torch.Tensor  # [rows, d] fp32, owned (never a view of a request)
+    x: torch.Tensor  # [rows, d] in the compute dtype, on the device, owned (never a view of a request)
     h: list[torch.Tensor]  # per segment: x_seg @ w1, [n, 2f]
     nbytes: int
 
 
-def _as_shard(key: object, w: object) -> tuple[ShardKey, WeightPair]:
+def _as_shard(key: object, w: object, device: torch.device) -> tuple[ShardKey, WeightPair]:
     if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, int) and k >= 0 for k in key)):
         raise ValueError(f"shard key {key!r}: expected (layer, expert) of non-negative ints")
     if not (isinstance(w, (tuple, list)) and len(w) == 2):
         raise ValueError(f"shard {key}: expected (w1 [d, 2f], w2 [f, d])")
-    w1, w2 = (torch.as_tensor(t).detach().to(torch.float32, copy=True).contiguous() for t in w)
+    w1, w2 = (torch.as_tensor(t).detach().to(device, torch.float32, copy=True).contiguous() for t in w)
     if w1.dim() != 2 or w2.dim() != 2 or w1.shape[1] != 2 * w2.shape[0] or w2.shape[1] != w1.shape[0]:
         raise ValueError(
             f"shard {key}: w1 {list(w1.shape)}, w2 {list(w2.shape)}: expected w1 [d, 2f] and w2 [f, d]"
@@ -57,7 +65,10 @@ class ExpertShards:
     """The shards of one expert actor. Control methods (load, drop, grads, ...) run between steps; forward and
     backward are the data plane (dispatch.server.ExpertBackend)."""
 
-    def __init__(self, shards: Mapping[ShardKey, WeightPair] | None = None, placement_version: int = 0):
+    def __init__(self, shards: Mapping[ShardKey, WeightPair] | None = None, placement_version: int = 0,
+                 device: ComputeDevice = CPU):  # fmt: skip
+        self.device = device
+        self._staging = HostStaging(device.device)
         self._lock = threading.Lock()
         self._pv = int(placement_version)
         self._weights: dict[ShardKey, WeightPair] = {}
@@ -74,9 +85,9 @@ class ExpertShards:
     # -------------------------------------------------------------------------------- control (between steps)
 
     def load(self, shards: Mapping[ShardKey, WeightPair], *, replace: bool = False) -> None:
-        """Host these shards (as own fp32 copies); `replace=True` drops every shard not in `shards`. Grads of
-        (re)loaded shards start at zero."""
-        parsed = dict(_as_shard(k, w) for k, w in shards.items())
+        """Host these shards (as own fp32 copies on the device); `replace=True` drops every shard not in `shards`.
+        Grads of (re)loaded shards start at zero."""
+        parsed = dict(_as_shard(k, w, self.device.device) for k, w in shards.items())
         with self._lock:
             weights = {} if replace else dict(self._weights)
             grads = {k: g for k, g in self._grads.items() if k in weights}
@@ -191,7 +202,8 @@ class ExpertShards:
     def forward(self, layer: int, experts: Sequence[int], counts: Sequence[int], x_nd: torch.Tensor,
                 save_as: ActivationKey | None) -> torch.Tensor:  # fmt: skip
         weights = self._weights
-        y, hs = self._compute_forward([weights[(layer, e)] for e in experts], counts, x_nd)
+        x_nd = self._staging.to_device(x_nd).to(self.device.dtype)  # CPU fp32: x_nd itself
+        y, hs = self._compute_forward(self._compute_weights([weights[(layer, e)] for e in experts]), counts, x_nd)
         with self._lock:
             if save_as is not None:
                 if save_as in self._saved:
@@ -200,7 +212,7 @@ class ExpertShards:
                                               x_nd.nbytes + sum(t.nbytes for t in hs))  # fmt: skip
             for e, n in zip(experts, counts):
                 self._tokens[(layer, e)] = self._tokens.get((layer, e), 0) + n
-        return y
+        return self._staging.to_host(y)
 
     def backward(self, layer: int, experts: Sequence[int], counts: Sequence[int], dy_nd: torch.Tensor,
                  saved_as: ActivationKey) -> torch.Tensor:  # fmt: skip
@@ -214,13 +226,22 @@ class ExpertShards:
         if (saved.experts, saved.counts) != (experts, counts):
             raise SegmentsMismatch(experts, counts, saved.experts, saved.counts)
         weights = self._weights
-        dx, wgrads = self._compute_backward([weights[(layer, e)] for e in experts], counts, saved, dy_nd)
+        dy_nd = self._staging.to_device(dy_nd).to(self.device.dtype)
+        dx, wgrads = self._compute_backward(self._compute_weights([weights[(layer, e)] for e in experts]), counts,
+                                            saved, dy_nd)  # fmt: skip
         with self._lock:
             for e, (dw1, dw2) in zip(experts, wgrads):
                 g1, g2 = self._grads[(layer, e)]
-                g1.add_(dw1)
+                g1.add_(dw1)  # fp32 master grads (a bf16 dw is accumulated in fp32)
                 g2.add_(dw2)
-        return dx
+        return self._staging.to_host(dx)
+
+    def _compute_weights(self, weights: list[WeightPair]) -> list[WeightPair]:
+        """The weights the matmuls use: the fp32 masters, or their casts to the compute dtype (mixed precision)."""
+        if not self.device.mixed:
+            return weights
+        dt = self.device.dtype
+        return [(w1.to(dt), w2.to(dt)) for w1, w2 in weights]
 
     def _compute_forward(self, weights: list[WeightPair], counts: Sequence[int], x_nd: torch.Tensor
                          ) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip

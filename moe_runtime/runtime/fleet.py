@@ -27,6 +27,7 @@ class RayExpertFleet:
         self.workers = workers
         self.placement = placement
         self.timeout_s = timeout_s
+        self.phase = "done"  # of the training step in progress (runtime/step.py): "forward_backward" | "apply"
 
     def _each(self, refs: Mapping[int, Any]) -> dict[int, Any]:
         import ray

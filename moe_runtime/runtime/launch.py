@@ -16,6 +16,7 @@ from moe_runtime.placement import Placement
 from moe_runtime.records import ActorInfo
 from moe_runtime.runtime.calls import FREE_WAIT_S, START_TIMEOUT_S, get_within
 from moe_runtime.runtime.expert_actor import ExpertActor
+from moe_runtime.runtime.hf_loading import load_cluster, open_checkpoint
 from moe_runtime.runtime.ray_env import ClusterStartError, RayEnv, check_layout, start_ray
 from moe_runtime.runtime.router_worker import RouterWorker, dense_state_from_full
 
@@ -34,6 +35,13 @@ def check_config(cfg: RuntimeConfig) -> None:
         )
     if c.grad_sync == "gloo" and c.ray_address is None and c.num_nodes == 1 and c.router_workers > 64:
         problems.append(f"cluster.router_workers = {c.router_workers}: more than 64 gloo ranks on one machine")
+    import torch  # a local Ray's parties see this machine's devices
+
+    cpu_parties = "every party" if not torch.cuda.is_available() else "the router workers" if (
+        c.gpus_per_router_worker == 0) else None  # fmt: skip
+    if t.precision == "bf16" and c.ray_address is None and cpu_parties:
+        problems.append(f"train.precision = 'bf16': expected 'fp32' here, {cpu_parties} would compute on the CPU "
+                        "(bf16 is for GPUs; transport.wire_dtype: bfloat16 is the CPU's bf16)")
     if problems:
         raise ClusterStartError("invalid cluster config:\n" + "\n".join(problems))
     check_layout(c)
@@ -50,6 +58,7 @@ class Launched:
     infos: list[ActorInfo]
     placement: Placement
     token: str
+    hf_load: Any = None  # hf_loading.LoadReport when the weights came from model.checkpoint
 
 
 def _expert_bundle(cfg: RuntimeConfig) -> dict[str, float]:
@@ -103,8 +112,8 @@ def _start_actors(cfg: RuntimeConfig, pg: Any, token: str) -> tuple[list[Any], l
         experts.append(actor_cls.options(**opts).remote(conf, i, token))
     worker_cls = ray.remote(RouterWorker)
     workers = [
-        worker_cls.options(num_gpus=0, num_cpus=c.cpus_per_actor, max_restarts=c.max_restarts,
-                           max_task_retries=0).remote(conf, w, token)
+        worker_cls.options(num_gpus=c.gpus_per_router_worker, num_cpus=c.cpus_per_actor,
+                           max_restarts=c.max_restarts, max_task_retries=0).remote(conf, w, token)
         for w in range(c.router_workers)
     ]  # fmt: skip
     return experts, workers
@@ -138,6 +147,7 @@ def launch(cfg: RuntimeConfig) -> Launched:
     started is killed and Ray is left as found."""
 
     check_config(cfg)
+    hf_ckpt = open_checkpoint(cfg.model)  # a bad checkpoint fails here, naming the file and tensor, before Ray
     t_start = time.perf_counter()
     env = start_ray(cfg.cluster)
     log.info("ray up in %.1f s (%s)", time.perf_counter() - t_start, env.mode)
@@ -153,9 +163,17 @@ def launch(cfg: RuntimeConfig) -> Launched:
         nodes = sorted({i.node_id for i in infos})
         placement = Placement.contiguous(cfg.model.num_layers, cfg.model.num_experts, cfg.cluster.expert_actors,
                                          tuple(nodes.index(i.node_id) for i in infos))
-        _load_initial_weights(cfg, experts, workers, placement, infos)
+        hf_load = None
+        if hf_ckpt is None:
+            _load_initial_weights(cfg, experts, workers, placement, infos)
+        else:  # streamed: each party reads its own tensors from the shard files
+            addresses = [i.address for i in infos]
+            get_within([w.set_placement.remote(placement.to_dict(), addresses) for w in workers], START_TIMEOUT_S,
+                       "wiring router workers")
+            hf_load = load_cluster(hf_ckpt, experts, workers, placement, START_TIMEOUT_S)
+            log.info("checkpoint loaded:\n%s", hf_load.describe())
         log.info("%d router workers up at %.1f s", len(workers), time.perf_counter() - t_start)
-        return Launched(env, pg, experts, workers, infos, placement, token)
+        return Launched(env, pg, experts, workers, infos, placement, token, hf_load)
     except BaseException:
         release(Launched(env, pg, experts, workers, [], Placement.contiguous(1, 1, 1), ""), wait_free=False)
         raise

@@ -8,8 +8,8 @@ Modes (chosen from ClusterConfig):
 - ``ray_address=None, num_nodes>1``: a simulated multi-node cluster on this machine (``ray.cluster_utils.Cluster``),
   ``num_gpus`` split over the nodes, every node on 127.0.0.1. Each node is a separate raylet with its own node id,
   so placement-group strategies (SPREAD, STRICT_SPREAD) behave as on real machines.
-- ``ray_address="auto"`` or ``"ray://..."`` or ``"host:port"``: join an existing cluster (ray up, KubeRay) with
-  Ray's defaults (no loopback pinning).
+- ``ray_address="auto"`` or ``"ray://..."`` or ``"host:port"``: join an existing cluster (ray up, KubeRay,
+  `ray start --head`) with token auth, the address kept as given and a deadline: see ray_join.py.
 If this process already has Ray initialised (a test session, a notebook), that Ray is used and not shut down by us.
 
 Device rule used everywhere (driver, router workers, expert actors): ``pick_device()`` = "cuda" when
@@ -24,9 +24,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from moe_runtime.config import ClusterConfig
+from moe_runtime.model.device import ComputeDevice  # the one device rule
 
 LOOPBACK = "127.0.0.1"
 _CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -37,7 +36,7 @@ class ClusterStartError(RuntimeError):
 
 
 def pick_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(ComputeDevice.resolve("auto").device)
 
 
 def _loopback_only() -> None:
@@ -55,6 +54,7 @@ class RayEnv:
     mode: str  # "local" | "multinode" | "address" | "attached"
     owned: bool
     address: str | None = None
+    dashboard_url: str | None = None  # the Ray dashboard (http://host:port) when it runs
     _sim: Any = field(default=None, repr=False)  # ray.cluster_utils.Cluster in multinode mode
 
     def node_ids(self) -> list[str]:
@@ -147,8 +147,13 @@ def start_ray(cfg: ClusterConfig, *, object_store_mb: int = 512, log_to_driver: 
                 f"started only when this process has no Ray yet"
             )
     elif cfg.ray_address is not None:
-        ray.init(address=cfg.ray_address, log_to_driver=log_to_driver, logging_level=logging.WARNING)
-        env = RayEnv("address", owned=True, address=cfg.ray_address)
+        from moe_runtime.runtime.ray_join import JoinError, join
+
+        try:
+            joined = join(cfg.ray_address, cfg.connect_timeout_s, log_to_driver=log_to_driver)
+        except JoinError as e:
+            raise ClusterStartError(str(e)) from None
+        env = RayEnv("address", owned=True, address=cfg.ray_address, dashboard_url=joined.dashboard_url)
     elif cfg.num_nodes == 1:
         ray.init(
             address="local",  # always a fresh local Ray: never join a stray one found on the machine

@@ -1,20 +1,36 @@
 """Faults: which errors a restart and rollback can cure, and bringing every party back after one.
 
 An expert actor or router worker process dies (killed, OOM, segfault) during a step or a checkpoint save: the
-failed call surfaces as RayActorError / ExpertCallError; Ray restarts the actor (cluster.max_restarts) in its
-placement-group bundle; the driver waits for every party to answer, re-wires the router workers to the new gRPC
-addresses, re-forms the gloo group and rolls *every* party back to the last automatic checkpoint (Cluster.train).
+failed call surfaces as RayActorError / ExpertCallError / DataPlaneError, or, when a router worker dies inside the
+dense-grad all-reduce, as the surviving worker's CollectiveError (gloo's "Connection reset by peer" reaches the
+driver before Ray reports the dead worker). Ray restarts the actor (cluster.max_restarts) in its placement-group
+bundle; the driver waits for every party to answer, re-wires the router workers to the new gRPC addresses,
+re-forms the gloo group and rolls *every* party back to the last automatic checkpoint (Cluster.train).
+
+Hangs are deaths detected by deadline: a party that does not answer a control call within cluster.hang_timeout_s
+(GetTimeoutError naming it) or a data-plane call within transport.deadline_s is pinged; one that does not answer
+the ping within the same deadline is killed (Ray restarts it) and recovered like a dead one.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from moe_runtime.dispatch.client import ExpertCallError
 from moe_runtime.records import ActorInfo
 from moe_runtime.runtime.calls import CONTROL_TIMEOUT_S, START_TIMEOUT_S, get_within
-from moe_runtime.runtime.router_worker import DataPlaneError
+from moe_runtime.runtime.party_names import names
+from moe_runtime.runtime.router_worker import CollectiveError, DataPlaneError
+
+log = logging.getLogger(__name__)
+
+_FAULT_CAUSES = (ExpertCallError, DataPlaneError, CollectiveError)
 
 
 class ClusterError(RuntimeError):
@@ -22,36 +38,114 @@ class ClusterError(RuntimeError):
 
 
 def is_fault(err: BaseException) -> bool:
-    """A party died or the data plane failed: recoverable by restart + rollback."""
+    """A party died, hung or the data plane / the collective failed: recoverable by restart + rollback."""
     import ray.exceptions as rex
+    import torch.distributed as dist
 
     seen = set()
     e: BaseException | None = err
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, (rex.RayActorError, rex.GetTimeoutError, ExpertCallError, DataPlaneError,
-                          rex.ObjectLostError)):
+        if isinstance(e, (rex.RayActorError, rex.GetTimeoutError, rex.ObjectLostError, dist.DistError)
+                      + _FAULT_CAUSES):  # fmt: skip
             return True
-        if isinstance(e, rex.RayTaskError) and isinstance(e.cause, (ExpertCallError, DataPlaneError)):
+        if isinstance(e, rex.RayTaskError) and isinstance(e.cause, _FAULT_CAUSES + (dist.DistError,)):
             return True
         e = e.__cause__ or getattr(e, "cause", None)
     return False
 
 
-def wait_alive(experts: list[Any], workers: list[Any], timeout: float = START_TIMEOUT_S) -> list[ActorInfo]:
-    """Ping every party until it answers (restarted actors come back empty); returns fresh expert infos."""
+@dataclass(frozen=True)
+class Party:
+    """One actor the driver drives, named for error messages; `pid` as last seen (to kill it when hung)."""
+
+    name: str  # "expert actor 2" | "router worker 0"
+    handle: Any
+    pid: int | None = None
+
+
+def parties(experts: Sequence[Any], workers: Sequence[Any], expert_pids: Sequence[int | None] = (),
+            worker_pids: Sequence[int | None] = ()) -> list[Party]:  # fmt: skip
+    """Router workers first, then expert actors (the order wait_alive pings them)."""
+    ep, wp = list(expert_pids), list(worker_pids)
+    return ([Party(f"router worker {i}", h, wp[i] if i < len(wp) else None) for i, h in enumerate(workers)]
+            + [Party(f"expert actor {i}", h, ep[i] if i < len(ep) else None) for i, h in enumerate(experts)])
+
+
+def _kill(p: Party, local: bool) -> None:
+    """Kill a hung party so Ray restarts it. A SIGSTOPped process cannot act on Ray's kill request; in local mode
+    the driver shares the machine and SIGKILLs the pid it last saw (SIGKILL works on a stopped process)."""
     import ray
 
-    deadline = time.monotonic() + timeout
-    for h in workers + experts:
-        while True:
-            try:
-                ray.get(h.ping.remote(), timeout=max(1.0, min(30.0, deadline - time.monotonic())))
-                break
-            except ray.exceptions.ActorDiedError as err:
-                raise ClusterError(f"an actor died for good (max_restarts exhausted): {err}") from err
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
-                if time.monotonic() > deadline:
-                    raise ClusterError(f"actors did not come back within {timeout:.0f} s") from err
-                time.sleep(0.2)
-    return get_within([a.info.remote() for a in experts], CONTROL_TIMEOUT_S, "expert actor info")
+    try:
+        ray.kill(p.handle, no_restart=False)
+    except ValueError as err:
+        log.debug("kill %s: %s", p.name, err)
+    if local and p.pid:
+        try:
+            os.kill(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def wait_alive(experts: list[Any], workers: list[Any], timeout: float = START_TIMEOUT_S, *,
+               hang_timeout_s: float = CONTROL_TIMEOUT_S, local: bool = False,
+               expert_pids: Sequence[int | None] = (), worker_pids: Sequence[int | None] = ()) -> list[ActorInfo]:  # fmt: skip
+    """Ping every party until it answers (restarted actors come back empty); returns fresh expert infos.
+
+    A party whose process is alive but does not answer a ping within `hang_timeout_s` is hung: it is killed once
+    (Ray restarts it) and waited for again. Raises ClusterError naming every party that did not come back within
+    `timeout` (e.g. its node is gone and no bundle is left for it) or that died for good."""
+    import ray
+
+    t0 = time.monotonic()
+    deadline = t0 + timeout
+    todo = parties(experts, workers, expert_pids, worker_pids)
+    killed: set[str] = set()
+    since: dict[str, float] = {p.name: t0 for p in todo}  # when each party's current ping was sent
+    refs = {p.name: p.handle.ping.remote() for p in todo}
+    dead: list[str] = []
+    while todo:
+        ready, _ = ray.wait([refs[p.name] for p in todo], num_returns=len(todo), timeout=0.2)
+        done = {r.hex() for r in ready}
+        now = time.monotonic()
+        left = []
+        for p in todo:
+            ref = refs[p.name]
+            if ref.hex() in done:
+                try:
+                    ray.get(ref)
+                    continue  # alive and answering
+                except ray.exceptions.ActorDiedError as err:
+                    dead.append(f"{p.name}: {err}")
+                    continue
+                except ray.exceptions.RayActorError:  # restarting: ask again
+                    refs[p.name], since[p.name] = p.handle.ping.remote(), now
+            elif now - since[p.name] > hang_timeout_s and p.name not in killed:
+                log.warning("%s did not answer a ping within %.3g s: hung, killing it", p.name, hang_timeout_s)
+                _kill(p, local)
+                killed.add(p.name)
+                refs[p.name], since[p.name] = p.handle.ping.remote(), now
+            left.append(p)
+        todo = left
+        if todo and now > deadline:
+            break
+    if dead:
+        raise ClusterError("parties died for good (max_restarts exhausted): " + "; ".join(dead))
+    if todo:
+        who = ", ".join(p.name + (" (killed as hung)" if p.name in killed else "") for p in todo)
+        raise ClusterError(
+            f"{who} did not come back within {timeout:.0f} s: their node may be gone with no free resources to "
+            "restart them on (a placement-group bundle lives on one node)"
+        )
+    try:
+        return get_within([a.info.remote() for a in experts], CONTROL_TIMEOUT_S, "expert actor info",
+                          names(experts))  # fmt: skip
+    except ray.exceptions.ActorDiedError:
+        raise
+    except ray.exceptions.RayActorError:  # one restarted (again) between its ping and this call: wait once more
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise
+        return wait_alive(experts, workers, left, hang_timeout_s=hang_timeout_s, local=local,
+                          expert_pids=expert_pids, worker_pids=worker_pids)

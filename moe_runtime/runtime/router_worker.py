@@ -12,8 +12,13 @@ keep for backward. Then the dense grads are summed over workers (`sync_grads`: t
 through the Ray object store when cluster.grad_sync = "ray"), the driver computes the global clip coefficient,
 and every worker applies the identical AdamW step (`apply`).
 
-Ray options (set by cluster.py): num_cpus = cluster.cpus_per_actor (0 by default), num_gpus = 0,
-max_restarts = cluster.max_restarts, max_task_retries = 0.
+Ray options (set by cluster.py): num_cpus = cluster.cpus_per_actor (0 by default),
+num_gpus = cluster.gpus_per_router_worker (0 by default: Ray then hides every GPU from the worker, so it runs the
+dense model on the CPU), max_restarts = cluster.max_restarts, max_task_retries = 0.
+
+Device: `model.device.ComputeDevice.resolve("auto", train.precision)`; the dense model lives there, bf16 runs the
+forward under autocast (fp32 master weights and AdamW state); the RemoteDispatchers stage device tensors through
+pinned host buffers for the wire (dispatch/remote.py).
 """
 
 from __future__ import annotations
@@ -34,13 +39,17 @@ from moe_runtime.config import RuntimeConfig
 from moe_runtime.records import WorkerPass
 from moe_runtime.data import DEFAULT_CACHE_DIR, BatchLoader, load_corpus
 from moe_runtime.dispatch.client import ExpertCallError, ExpertClient
+from moe_runtime.dispatch.failover import Failover
 from moe_runtime.dispatch.remote import RemoteDispatcher
+from moe_runtime.model.device import ComputeDevice
 from moe_runtime.model.moe_layer import StepContext
 from moe_runtime.model.transformer import MoETransformer, build_model
+from moe_runtime.model.two_batch import two_batch_loss
 from moe_runtime.checkpoint import training_state as ckpt
 from moe_runtime.runtime.expert_actor import max_message_bytes
+from moe_runtime.runtime.generation_host import CacheHost
 from moe_runtime.placement import Placement
-from moe_runtime.runtime.ray_env import LOOPBACK, pick_device
+from moe_runtime.runtime.ray_env import pick_device
 from moe_runtime.training import chunk_rows, make_adamw, set_lr
 
 
@@ -64,6 +73,10 @@ def dense_state_from_full(full: torch.nn.Module, cfg: RuntimeConfig) -> dict[str
 class DataPlaneError(RuntimeError):
     """A data-plane (gRPC) call to an expert actor failed inside a router worker. Carries ExpertCallError's
     message across Ray (ExpertCallError itself does not unpickle: its __init__ takes six arguments)."""
+
+
+class CollectiveError(RuntimeError):
+    """The gloo all-reduce between router workers failed (a peer died or hung): a fault, recovered like one."""
 
 
 class _Timer:
@@ -111,23 +124,27 @@ class RouterWorker:
         self.world = cfg.cluster.router_workers
         self.local = cfg.cluster.ray_address is None
         torch.set_num_threads(cfg.cluster.torch_threads)
-        self.device = pick_device()
-        self._token = auth_token
         t = cfg.train
+        self.compute = ComputeDevice.resolve(pick_device(), t.precision)
+        self.device = str(self.compute.device)
+        self._token = auth_token
         self.loader = BatchLoader(load_corpus(cfg.data, cache_dir=DEFAULT_CACHE_DIR), t.batch_size, t.seq_len,
                                   seed=t.seed)
         self.chunks = chunk_rows(t.batch_size, self.world * t.micro_batches)
         self.placement: Placement | None = None
         self.clients: list[ExpertClient] = []
         self.dispatchers: list[RemoteDispatcher] = []
+        self.failover = Failover()  # actors found down by inference forwards, until the driver re-wires us
         self.model: MoETransformer | None = None
+        self._generation: CacheHost | None = None  # decoding caches of the driver's RemoteBackend
 
     def _build(self) -> None:
         cfg, t = self.cfg, self.cfg.train
         wire = getattr(torch, cfg.transport.wire_dtype)
 
         def factory(layer: int) -> RemoteDispatcher:
-            d = RemoteDispatcher(layer, self.placement, self.clients, wire_dtype=wire, worker_id=self.index)
+            d = RemoteDispatcher(layer, self.placement, self.clients, wire_dtype=wire, worker_id=self.index,
+                                 failover=self.failover)
             self.dispatchers.append(d)
             return d
 
@@ -141,7 +158,9 @@ class RouterWorker:
 
     def _clients(self, addresses: Sequence[str]) -> list[ExpertClient]:
         tc = self.cfg.transport
-        return [ExpertClient(a, self._token, tc.deadline_s, max_message_bytes(self.cfg)) for a in addresses]
+        chunk = None if tc.chunk_mb is None else max(1 << 12, int(tc.chunk_mb * (1 << 20)))  # chunked frames
+        return [ExpertClient(a, self._token, tc.deadline_s, max_message_bytes(self.cfg), chunk_bytes=chunk)
+                for a in addresses]  # fmt: skip
 
     def set_placement(self, placement: dict, addresses: Sequence[str] | None = None) -> None:
         """Switch every dispatcher to a new placement (and, after an actor restart, new server addresses).
@@ -149,6 +168,7 @@ class RouterWorker:
         self.placement = Placement.from_dict(placement)
         if addresses is not None:
             old, self.clients = self.clients, self._clients(addresses)
+            self.failover.reset()
             for c in old:
                 c.close()
         if self.model is None:
@@ -157,6 +177,7 @@ class RouterWorker:
             self._build()
         for d in self.dispatchers:
             d.refresh_placement(self.placement, self.clients)
+        self.model.set_expert_nodes(self.placement)  # node-limited routing selects by the placement's nodes
 
     def info(self) -> dict[str, Any]:
         import ray
@@ -164,25 +185,39 @@ class RouterWorker:
         return {"index": self.index, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
                 "device": self.device, "collective": dist.is_initialized()}
 
+    def down_actors(self) -> dict[int, str]:
+        """Expert actors this worker's inference forwards found down since it was last re-wired (actor -> why)."""
+        return self.failover.down
+
     def ping(self) -> int:
         return os.getpid()
 
-    def rendezvous(self) -> tuple[str, int]:
-        """(host, free port) for the gloo store; called on worker 0."""
+    def rendezvous(self) -> str:
+        """The gloo group's init_method; called on worker 0. Local mode: a FileStore in a fresh 0700 directory
+        (torch's TCPStore listens on every interface, unauthenticated; a file store listens nowhere). A real
+        cluster: tcp://<this node's ip>:<free port>."""
         import ray
 
-        host = LOOPBACK if self.local else ray.util.get_node_ip_address()
+        if self.local:
+            import shutil
+            import tempfile
+
+            if getattr(self, "_store_dir", None):
+                shutil.rmtree(self._store_dir, ignore_errors=True)  # the previous group's, now replaced
+            self._store_dir = tempfile.mkdtemp(prefix="moe-gloo-")
+            return f"file://{self._store_dir}/store"
+        host = ray.util.get_node_ip_address()
         with socket.socket() as s:
             s.bind((host, 0))
-            return host, s.getsockname()[1]
+            return f"tcp://{host}:{s.getsockname()[1]}"
 
-    def init_collective(self, host: str, port: int, timeout_s: float = 120.0) -> None:
+    def init_collective(self, init_method: str, timeout_s: float = 120.0) -> None:
         """Join the gloo group (every worker calls this concurrently); replaces a previous group."""
         if dist.is_initialized():
             dist.destroy_process_group()
         if self.local:
             os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # keep gloo's own connections on loopback too
-        dist.init_process_group("gloo", init_method=f"tcp://{host}:{port}", rank=self.index,
+        dist.init_process_group("gloo", init_method=init_method, rank=self.index,
                                 world_size=self.world, timeout=timedelta(seconds=timeout_s))
 
     # ------------------------------------------------------------------ training
@@ -202,12 +237,13 @@ class RouterWorker:
         loads = []
         try:
             for mb, rows in enumerate(mine):
-                loss, ce = self.model.loss(inputs[rows].to(self.device), targets[rows].to(self.device),
-                                           StepContext(step, mb))  # fmt: skip
+                with self.compute.autocast():  # fp32: disabled, a no-op
+                    loss, ce, load_le = self._micro_batch_loss(inputs[rows].to(self.device),
+                                                               targets[rows].to(self.device), StepContext(step, mb))
                 (loss / n).backward()
                 lm += ce.item() / n
                 aux += (loss - ce).item() / n
-                loads.append(self.model.expert_load().cpu().numpy())
+                loads.append(load_le)
         except ExpertCallError as err:
             self.opt.zero_grad(set_to_none=True)
             raise DataPlaneError(f"router worker {self.index}, step {step}: {err}") from None
@@ -218,6 +254,24 @@ class RouterWorker:
             process_cpu_s=time.process_time() - p0, moe_s=tm.get("moe", 0.0), router_s=tm.get("router", 0.0),
             dispatch_s=tm.get("dispatch", 0.0), dispatch_bwd_s=tm.get("dispatch_bwd", 0.0),
         )
+
+    def _micro_batch_loss(self, tokens_bs: torch.Tensor, targets_bs: torch.Tensor,
+                          ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:  # fmt: skip
+        """(loss, cross entropy, expert load [L, E]) of one micro-batch: whole, or as two pipelined halves whose
+        expert exchanges overlap the other half's compute (transport.overlap = "two_batch", model/two_batch.py)."""
+        if self.cfg.transport.overlap == "two_batch":
+            out = two_batch_loss(self.model, tokens_bs, targets_bs, ctx)
+            return out.loss, out.ce, out.load_le.cpu().numpy()
+        loss, ce = self.model.loss(tokens_bs, targets_bs, ctx)
+        return loss, ce, self.model.expert_load().cpu().numpy()
+
+    def set_overlap(self, mode: str) -> None:
+        """Switch transport.overlap ("none" | "two_batch") between steps: benchmarks/step.py alternates the two on
+        one cluster."""
+        from moe_runtime.config import TransportConfig
+
+        transport = TransportConfig.model_validate({**self.cfg.transport.model_dump(), "overlap": mode})
+        self.cfg = self.cfg.model_copy(update={"transport": transport})
 
     def _flat_grads(self) -> torch.Tensor:
         parts = []
@@ -248,7 +302,11 @@ class RouterWorker:
         t0 = time.perf_counter()
         flat = self._flat_grads()
         if self.world > 1:
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            try:
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            except RuntimeError as err:  # DistBackendError et al.: a peer died or hung mid-collective
+                raise CollectiveError(f"router worker {self.index}: gloo all-reduce of the dense grads failed "
+                                      f"(a peer worker died or stopped answering): {err}") from None
         sq = self._set_flat_grads(flat)
         return {"dense_sq": sq, "grad_sync_s": time.perf_counter() - t0}
 
@@ -280,9 +338,23 @@ class RouterWorker:
         """Logits [B, S, V] for `tokens` [B, S] (eval mode; the expert servers keep nothing)."""
         self.model.eval()
         try:
-            return self.model(tokens.to(self.device), StepContext(step)).logits.to("cpu")
+            with self.compute.autocast():
+                logits = self.model(tokens.to(self.device), StepContext(step)).logits
+            return logits.to("cpu", torch.float32)
         except ExpertCallError as err:
             raise DataPlaneError(f"router worker {self.index}, forward: {err}") from None
+
+    @torch.no_grad()
+    def generation(self, op: str, *args: Any) -> Any:
+        """Cached decoding over this worker's model, caches kept here (runtime/generation_host.py): prefill,
+        decode, join, free, stats."""
+        if self._generation is None:
+            self._generation = CacheHost(self.model)
+        self.model.eval()
+        try:
+            return self._generation.call(op, *args)
+        except ExpertCallError as err:
+            raise DataPlaneError(f"router worker {self.index}, generation {op}: {err}") from None
 
     # ------------------------------------------------------------------ state
 
@@ -307,6 +379,22 @@ class RouterWorker:
     def load_dense(self, tensors: Mapping[str, torch.Tensor]) -> None:
         ckpt.load_dense_tensors(self.model, self.opt, tensors)
         self.opt.zero_grad(set_to_none=True)
+
+    def load_hf(self, checkpoint: Any, party: str) -> Any:
+        """The dense tensors straight from an HF checkpoint's shard files (runtime/hf_loading.py); fresh optimizer
+        state. Returns hf_loading.PartyLoad."""
+        from moe_runtime.runtime.hf_loading import read_dense_into
+
+        report = read_dense_into(self.model, checkpoint, party)
+        self.opt.state.clear()
+        self.opt.zero_grad(set_to_none=True)
+        return report
+
+    def write_hf(self, directory: str, plan: Any, party: str) -> Any:
+        """Write the dense tensors at their places in an HF export (hf_loading.save_cluster)."""
+        from moe_runtime.runtime.hf_loading import write_dense
+
+        return write_dense(self.model, self.cfg.model, directory, plan, party)
 
     def load_checkpoint(self, step_dir: str) -> None:
         manifest = ckpt.load_manifest(step_dir, verify=False)

@@ -24,7 +24,8 @@ import torch
 from moe_runtime.config import RuntimeConfig
 from moe_runtime.placement import Placement, ShardKey
 from moe_runtime.records import ActorStepStats, StepTimings, WorkerPass
-from moe_runtime.runtime.calls import COLLECTIVE_TIMEOUT_S, CONTROL_TIMEOUT_S, get_within, step_timeout
+from moe_runtime.runtime.calls import COLLECTIVE_TIMEOUT_S, get_within, step_timeout
+from moe_runtime.runtime.party_names import names
 from moe_runtime.runtime.expert_shards import sum_replica_grads
 from moe_runtime.runtime.fleet import RayExpertFleet
 from moe_runtime.training import clip_coefficient, lr_at
@@ -104,7 +105,8 @@ def _sum_replica_grads(fleet: RayExpertFleet) -> None:
         for a in actors:
             want.setdefault(a, []).append(k)
     got = dict(zip(want, get_within([fleet.experts[a].grads.remote(ks) for a, ks in want.items()],
-                                    CONTROL_TIMEOUT_S, "replica grads")))  # fmt: skip
+                                    fleet.timeout_s, "replica grads",
+                                    [f"expert actor {a}" for a in want])))  # fmt: skip
     sums = sum_replica_grads([got.get(a, {}) for a in range(placement.num_actors)], placement,
                              [k for k, _ in replicated])  # fmt: skip
     per_actor: dict[int, dict[ShardKey, tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -112,7 +114,7 @@ def _sum_replica_grads(fleet: RayExpertFleet) -> None:
         for a in actors:
             per_actor.setdefault(a, {})[k] = sums[k]
     refs = {a: ray.put(d) for a, d in per_actor.items()}
-    get_within([fleet.experts[a].set_grads.remote(r) for a, r in refs.items()], CONTROL_TIMEOUT_S,
+    get_within([fleet.experts[a].set_grads.remote(r) for a, r in refs.items()], fleet.timeout_s,
                "set replica grads")
 
 
@@ -124,7 +126,8 @@ def _sync_dense_grads(fleet: RayExpertFleet, cfg: RuntimeConfig) -> tuple[list, 
     if cfg.cluster.grad_sync == "gloo" or len(workers) == 1:
         return [w.sync_grads.remote() for w in workers], 0.0
     t0 = time.perf_counter()  # through the driver and the object store
-    flats = get_within([w.local_grads.remote() for w in workers], CONTROL_TIMEOUT_S, "dense grads")
+    flats = get_within([w.local_grads.remote() for w in workers], fleet.timeout_s, "dense grads",
+                       names([], workers))
     total = flats[0].clone()
     for f in flats[1:]:
         total += f
@@ -137,23 +140,28 @@ def run_train_step(fleet: RayExpertFleet, cfg: RuntimeConfig, step: int) -> Step
     t = cfg.train
     placement: Placement = fleet.placement
     t0 = time.perf_counter()
+    fleet.phase = "forward_backward"  # nothing applied yet: a failure here can be cured by re-running the step
     passes: list[WorkerPass] = get_within([w.forward_backward.remote(step) for w in fleet.workers],
-                                          step_timeout(cfg), f"step {step} forward/backward")  # fmt: skip
+                                          step_timeout(cfg), f"step {step} forward/backward",
+                                          names([], fleet.workers))  # fmt: skip
     t1 = time.perf_counter()
     sync_refs, driver_sync = _sync_dense_grads(fleet, cfg)
     _sum_replica_grads(fleet)
     sq_refs = [a.grad_sq.remote(keys) for a, keys in zip(fleet.experts, placement.primary_shards())]
-    sync = get_within(sync_refs, CONTROL_TIMEOUT_S + COLLECTIVE_TIMEOUT_S, "dense grad sync")
-    expert_sq = sum(get_within(sq_refs, CONTROL_TIMEOUT_S, "expert grad norms"))
+    sync = get_within(sync_refs, fleet.timeout_s + COLLECTIVE_TIMEOUT_S, "dense grad sync",
+                      names([], fleet.workers))
+    expert_sq = sum(get_within(sq_refs, fleet.timeout_s, "expert grad norms", names(fleet.experts)))
     t2 = time.perf_counter()
     total_norm = math.sqrt(sync[0]["dense_sq"] + expert_sq)
     coef = clip_coefficient(total_norm, t.grad_clip)
     lr = lr_at(step, t)
     w = len(fleet.workers)
+    fleet.phase = "apply"  # from here a failure may leave some parties stepped: only a rollback recovers
     applied = get_within([p.apply.remote(coef, lr) for p in fleet.workers]
-                         + [a.apply.remote(coef, lr, step) for a in fleet.experts], CONTROL_TIMEOUT_S,
-                         "optimizer step")  # fmt: skip
+                         + [a.apply.remote(coef, lr, step) for a in fleet.experts], fleet.timeout_s,
+                         "optimizer step", names(fleet.experts, fleet.workers))  # fmt: skip
     t3 = time.perf_counter()
+    fleet.phase = "done"
     timings = attribute_timings(PhaseTimes(t0, t1, t2, t3, driver_sync), passes, applied[w:],
                                 [s["grad_sync_s"] for s in sync], total_norm, coef)  # fmt: skip
     load = torch.from_numpy(np.sum([p.load_le for p in passes], axis=0, dtype=np.int64))

@@ -19,6 +19,7 @@ from moe_runtime.config import RuntimeConfig
 from moe_runtime.model.accounting import expert_state_bytes
 from moe_runtime.placement import Placement, copies_between, diff_moves
 from moe_runtime.scheduler.fleet import ExpertFleet
+from moe_runtime.scheduler.groups import decide_within_groups, routing_groups
 from moe_runtime.scheduler.load import LoadTracker, balancedness
 from moe_runtime.scheduler.migrate import MigrationReport, apply_decision
 from moe_runtime.scheduler.policy import decide
@@ -100,7 +101,10 @@ class SchedulerHook:
         """Decide now from the load seen so far (None), or apply a given decision / placement. Returns the
         migration report, or None when the placement does not change."""
         old = fleet.placement
-        if what is None:
+        groups = routing_groups(self.cfg.model.routing, self.cfg.model.routing_groups, old)
+        if what is None and groups is not None:  # grouped / node-limited: each group's experts stay on its actors
+            decision = decide_within_groups(self.tracker.snapshot(), old, self.capacities(old), self.params(), groups)
+        elif what is None:
             decision = decide(self.tracker.snapshot(), old, self.capacities(old), self.params())
         elif isinstance(what, PlacementDecision):
             decision = what
@@ -110,6 +114,9 @@ class SchedulerHook:
             raise TypeError(
                 f"rebalance({type(what).__name__}): expected a PlacementDecision, a Placement or None"
             )
+        if groups is not None and groups.violations(decision.placement):
+            raise ValueError(f"placement breaks the {self.cfg.model.routing} routing's expert groups: "
+                             f"{groups.violations(decision.placement)[0]}")
         self.last_decision = decision
         self.last_decision_str = describe(decision, old.version)
         if not decision.changed:

@@ -32,7 +32,18 @@ Slot = tuple[int, int, int]  # (layer, expert, actor)
 
 
 class MigrationError(RuntimeError):
-    """A migration step failed; the message names the move(s) involved."""
+    """A migration step failed; the message names the move(s) involved.
+
+    `consistent`: the fleet was left whole at `version` (rolled back to the old placement, or completed at the
+    new one); False: some actors could not be reached to finish either way (`unreachable`) and the fleet must be
+    repaired (the Cluster rolls back to its last checkpoint)."""
+
+    def __init__(self, message: str, *, consistent: bool = True, version: int | None = None,
+                 unreachable: tuple[int, ...] = ()):  # fmt: skip
+        super().__init__(message)
+        self.consistent = consistent
+        self.version = version
+        self.unreachable = unreachable
 
 
 @dataclass(frozen=True)
@@ -128,24 +139,81 @@ def apply_decision(fleet: ExpertFleet, decision: PlacementDecision | Placement) 
     try:
         hosted = fleet.load_shards(by_dst, new.version)
     except FleetCallError as err:
-        raise MigrationError(f"loading on actor {err.actor} failed for {_on(copies, err.actor)}: {err}") from err
+        _fail(fleet, old, by_dst, f"loading on actor {err.actor} failed for {_on(copies, err.actor)}: {err}", err)
     for dst, shards in by_dst.items():
         missing = set(shards) - hosted[dst]
         if missing:
-            raise MigrationError(f"actor {dst} does not host {sorted(missing)} after loading them")
+            _fail(fleet, old, by_dst, f"actor {dst} does not host {sorted(missing)} after loading them", None)
 
-    # 2. drops, only once every copy is in place
+    # 2. drops, only once every copy is in place; from here on the migration is completed, not rolled back
     by_actor: dict[int, list[ShardKey]] = defaultdict(list)
     for layer, e, a in sorted(drops):
         by_actor[a].append((layer, e))
     try:
         fleet.drop_shards(by_actor)
     except FleetCallError as err:
-        raise MigrationError(f"dropping on actor {err.actor} failed for {_on(drops, err.actor)}: {err}") from err
+        _complete(fleet, new, by_actor, f"dropping on actor {err.actor} failed for {_on(drops, err.actor)}: {err}",
+                  err)
 
     # 3. new version everywhere; router workers switch to the new placement
     try:
         fleet.switch_placement(new)
     except FleetCallError as err:
-        raise MigrationError(f"switching to placement version {new.version} failed: {err}") from err
+        raise MigrationError(f"switching to placement version {new.version} failed: {err}; the actors hold the "
+                             f"shards of version {new.version} but not every party switched",
+                             consistent=False, version=None) from err
     return MigrationReport(moved, time.perf_counter() - t0, len(moves), new.version)
+
+
+def _each_drop(fleet: ExpertFleet, batches: dict[int, list[ShardKey]]) -> list[int]:
+    """Drop actor by actor; the actors whose drop failed. "Not hosted" (a KeyError, e.g. a copy that never
+    arrived) is nothing left to drop, not a failure."""
+    failed = []
+    for a, batch in batches.items():
+        try:
+            fleet.drop_shards({a: batch})
+        except KeyError:
+            pass
+        except FleetCallError as err:
+            if not isinstance(err.cause, KeyError):
+                failed.append(a)
+    return failed
+
+
+def _fail(fleet: ExpertFleet, old: Placement, loaded: dict[int, dict[ShardKey, ShardState]], why: str,
+          cause: BaseException | None) -> None:  # fmt: skip
+    """A copy failed before anything was dropped: roll back to `old` (drop every copy that arrived, every party
+    back at the old version), then raise. Nothing of the old placement was removed, so the rollback needs no
+    state from the failed actor."""
+    failed_actor = getattr(cause, "actor", None)  # its load did not complete: nothing of it to drop
+    unreachable = set(_each_drop(fleet, {a: sorted(ks) for a, ks in loaded.items() if a != failed_actor}))
+    try:
+        fleet.switch_placement(old)  # a dead actor fails this: the fleet then needs repair
+    except FleetCallError as err:
+        unreachable.add(err.actor if err.actor is not None else (-1 if failed_actor is None else failed_actor))
+    bad = tuple(sorted(a for a in unreachable if a >= 0))
+    consistent = not unreachable
+    raise MigrationError(
+        f"{why}; rolled back to placement version {old.version}"
+        + ("" if consistent else f" except on actors {list(bad) or 'unknown'} (unreachable: repair needed)"),
+        consistent=consistent, version=old.version, unreachable=bad,
+    ) from cause
+
+
+def _complete(fleet: ExpertFleet, new: Placement, drops: dict[int, list[ShardKey]], why: str,
+              cause: FleetCallError) -> None:
+    """A drop failed once every copy was in place: finish the migration on every actor that answers (retry the
+    drops one actor at a time, switch to `new`), then raise saying whether the fleet is whole."""
+    unreachable = set(_each_drop(fleet, drops))
+    if not unreachable:
+        try:
+            fleet.switch_placement(new)
+        except FleetCallError as err:
+            unreachable.add(err.actor if err.actor is not None else -1)
+    bad = tuple(sorted(a for a in unreachable if a >= 0))
+    consistent = not unreachable
+    raise MigrationError(
+        f"{why}; " + (f"completed at placement version {new.version} on retry" if consistent
+                      else f"actors {list(bad) or 'unknown'} unreachable: repair needed"),
+        consistent=consistent, version=new.version if consistent else None, unreachable=bad,
+    ) from cause

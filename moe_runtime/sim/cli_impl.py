@@ -142,7 +142,10 @@ def simulate_command(
             scale = scaling(sim.cost, SCALING_GPUS, cfg.sim.gpus_per_node, kind=cfg.sim.trace, zipf_s=cfg.sim.zipf_s,
                             tokens_per_worker=tok, training=sim.training, seed=cfg.train.seed)  # fmt: skip
             out["scaling"] = scale
-        path = plot_simulation(one, scale, plot, title=f"{Path(str(config_path)).name}: {table.name}")
+        after = None  # with --what-if rebalance: the same step under the scheduler's placement, drawn below
+        if what_if == "rebalance" and wi.placement is not None:
+            after = sim.run_step(tr.step(0), wi.placement, record_timeline=True)
+        path = plot_simulation(one, scale, plot, title=f"{Path(str(config_path)).name}: {table.name}", rebalanced=after)
         out["plot"] = str(path)
         _say(f"plot written to {path}")
     if as_json:

@@ -123,8 +123,9 @@ class Simulator:
     # -------------------------------------------------------------- one step
 
     def run_step(self, counts_cle: np.ndarray, placement: Placement | None = None, *,
-                 record_timeline: bool = False) -> SimResult:  # fmt: skip
-        """One step of chunk counts [chunks, layers, experts] (chunks = workers x micro-batches)."""
+                 record_timeline: bool = False, tokens_c: np.ndarray | None = None) -> SimResult:  # fmt: skip
+        """One step of chunk counts [chunks, layers, experts] (chunks = workers x micro-batches). `tokens_c`:
+        tokens per chunk when copies per token vary (top-p routing); default copies / top_k."""
         cost, lay = self.cost, self.layout
         W, A, M = lay.num_workers, lay.num_actors, self.micro_batches
         model = cost.model
@@ -155,7 +156,7 @@ class Simulator:
 
         for m in range(M):
             chunk = counts_cle[m::M] if M > 1 else counts_cle  # chunk c = w * M + m
-            tokens = chunk[:, 0, :].sum(axis=1) / k
+            tokens = chunk[:, 0, :].sum(axis=1) / k if tokens_c is None else np.asarray(tokens_c, float)[m::M]
             dense = cost.dense_time(tokens)
             dense_bwd = cost.dense_bwd_time(tokens)
             works = [self._work(chunk[:, layer, :], slots[layer]) for layer in range(L)]
@@ -240,7 +241,9 @@ class Simulator:
         """Steps 0..steps-1 of the trace (wrapping around), each from idle."""
         self.check_trace(trace)
         steps = trace.num_steps if steps is None else steps
-        return [self.run_step(trace.step(s), placement, record_timeline=record_timeline) for s in range(steps)]
+        tok = trace.token_counts
+        return [self.run_step(trace.step(s), placement, record_timeline=record_timeline,
+                              tokens_c=None if tok is None else tok[s % trace.num_steps]) for s in range(steps)]
 
     def check_trace(self, trace: RoutingTrace) -> None:
         m, lay = self.cost.model, self.layout
@@ -251,5 +254,6 @@ class Simulator:
                 f"layers x {trace.num_experts} experts: this simulation needs {want[0]} chunks "
                 f"({lay.num_workers} workers x {self.micro_batches} micro-batches) x {want[1]} x {want[2]}"
             )
-        if trace.top_k != m.top_k:
-            raise SimError(f"trace top_k = {trace.top_k}: model top_k = {m.top_k}")
+        if trace.top_k not in (m.top_k, m.max_copies_per_token):  # top_p: k_max (recorded) or top_k (synthetic)
+            raise SimError(f"trace top_k = {trace.top_k}: model top_k = {m.top_k}"
+                           + (f" (k_max {m.max_copies_per_token})" if m.routing == "top_p" else ""))

@@ -1,7 +1,9 @@
 """Routing traces: which experts the tokens of each router worker chose, per step and layer.
 
 A trace is what the simulator replays: ``counts[step, chunk, layer, expert]`` = token copies (tokens x top-k)
-that one chunk of one step sent to one expert. A chunk is one router worker's micro-batch:
+that one chunk of one step sent to one expert. With a variable number of copies per token (top-p routing) the
+trace also carries ``token_counts[step, chunk]`` (tokens per chunk; ``top_k`` is then the most copies a token can
+make) instead of inferring tokens as copies / top_k. A chunk is one router worker's micro-batch:
 ``chunks = router_workers * micro_batches`` and chunk ``c`` belongs to worker ``c // micro_batches`` (the same
 chunking as ``training.chunk_rows``). Counts are all the simulator needs: ``split_over_replicas`` turns them into
 rows per (worker, actor), exactly as ``DispatchPlan.build`` does with the ids.
@@ -13,11 +15,12 @@ Sources:
 - synthetic: ``synthetic_trace("uniform" | "zipf" | "drift", ...)``, deterministic given the seed.
 
 Files (chosen by suffix):
-- ``.npz``: arrays ``counts`` (int32 [S, C, L, E]) and ``meta`` (a JSON string: top_k, micro_batches, source,
+- ``.npz``: arrays ``counts`` (int32 [S, C, L, E]), optionally ``token_counts`` (int64 [S, C]), and ``meta`` (a JSON string: top_k, micro_batches, source,
   generator parameters). Compact; the default.
 - ``.jsonl``: line 1 is the header ``{"format": "moe-runtime-trace", "version": 1, "top_k", "micro_batches",
   "num_layers", "num_experts", "meta"}``; then one line per (step, chunk, layer):
-  ``{"step", "chunk", "layer", "counts": [E ints]}`` or, instead of counts, ``"expert_ids": [[k ints] per token]``.
+  ``{"step", "chunk", "layer", "counts": [E ints]}`` or, instead of counts, ``"expert_ids": [[k ints] per token]``
+  (rows may differ in length: variable copies), and optionally ``"tokens": n`` (the chunk's tokens).
   Missing (step, chunk, layer) lines are zero counts. Human-readable and easy to write from other tools.
 """
 
@@ -51,9 +54,10 @@ class TraceError(ValueError):
 @dataclass(frozen=True, eq=False)
 class RoutingTrace:
     counts: np.ndarray  # int64 [steps, chunks, layers, experts], read-only
-    top_k: int
+    top_k: int  # copies per token; with token_counts, the most copies one token can make
     micro_batches: int = 1
     meta: dict[str, Any] = field(default_factory=dict)
+    token_counts: np.ndarray | None = None  # int64 [steps, chunks]: tokens per chunk (variable copies); None = counts/top_k
 
     def __post_init__(self) -> None:
         arr = np.array(self.counts, dtype=np.int64)  # a copy
@@ -70,6 +74,17 @@ class RoutingTrace:
         arr.setflags(write=False)
         object.__setattr__(self, "counts", arr)
         object.__setattr__(self, "meta", dict(self.meta))
+        if self.token_counts is not None:
+            tok = np.array(self.token_counts, dtype=np.int64)
+            if tok.shape != arr.shape[:2] or (tok < 0).any():
+                raise TraceError(f"token_counts has shape {tok.shape}: expected non-negative {arr.shape[:2]} "
+                                 "[steps, chunks]")
+            copies = arr.sum(-1)  # [S, C, L]
+            if (copies > self.top_k * tok[..., None]).any():
+                raise TraceError(f"token_counts do not fit the counts: a token makes at most top_k = {self.top_k} "
+                                 "copies per layer")
+            tok.setflags(write=False)
+            object.__setattr__(self, "token_counts", tok)
 
     # ------------------------------------------------------------------ shape
 
@@ -94,8 +109,15 @@ class RoutingTrace:
         return int(self.counts.shape[3])
 
     def tokens(self) -> np.ndarray:
-        """[steps, chunks] tokens per chunk (layer 0's copies / top_k)."""
+        """[steps, chunks] tokens per chunk (token_counts, else layer 0's copies / top_k)."""
+        if self.token_counts is not None:
+            return self.token_counts
         return self.counts[:, :, 0, :].sum(-1) // self.top_k
+
+    def copies_per_token(self) -> float:
+        """Mean token copies per token and layer over the trace (top_k without token_counts)."""
+        tokens = float(self.tokens().sum()) * self.num_layers
+        return float(self.counts.sum()) / tokens if tokens else float(self.top_k)
 
     def step(self, i: int) -> np.ndarray:
         """[chunks, layers, experts] of step i (steps wrap around: a short trace can drive a long run)."""
@@ -113,6 +135,7 @@ class RoutingTrace:
             self.top_k == other.top_k
             and self.micro_batches == other.micro_batches
             and np.array_equal(self.counts, other.counts)
+            and np.array_equal(self.tokens(), other.tokens())
         )
 
     __hash__ = None  # type: ignore[assignment]
@@ -125,7 +148,8 @@ class RoutingTrace:
         meta = {"top_k": self.top_k, "micro_batches": self.micro_batches, **self.meta}
         if path.suffix == ".npz":
             tmp = path.with_name(path.name + ".tmp.npz")
-            np.savez_compressed(tmp, counts=self.counts.astype(np.int32), meta=np.array(json.dumps(meta)))
+            extra = {} if self.token_counts is None else {"token_counts": self.token_counts}
+            np.savez_compressed(tmp, counts=self.counts.astype(np.int32), meta=np.array(json.dumps(meta)), **extra)
             tmp.replace(path)
         elif path.suffix == ".jsonl":
             tmp = path.with_name(path.name + ".tmp")
@@ -138,8 +162,10 @@ class RoutingTrace:
                 for s in range(self.num_steps):
                     for c in range(self.num_chunks):
                         for layer in range(self.num_layers):
-                            row = self.counts[s, c, layer].tolist()
-                            f.write(json.dumps({"step": s, "chunk": c, "layer": layer, "counts": row}) + "\n")
+                            rec = {"step": s, "chunk": c, "layer": layer, "counts": self.counts[s, c, layer].tolist()}
+                            if self.token_counts is not None and layer == 0:
+                                rec["tokens"] = int(self.token_counts[s, c])
+                            f.write(json.dumps(rec) + "\n")
             tmp.replace(path)
         else:
             raise TraceError(f"{path}: unknown trace format {path.suffix!r}: use .npz or .jsonl")
@@ -159,10 +185,11 @@ def load_trace(path: str | Path) -> RoutingTrace:
             with np.load(path, allow_pickle=False) as z:
                 counts = z["counts"]
                 meta = json.loads(str(z["meta"]))
+                token_counts = z["token_counts"] if "token_counts" in z.files else None
         except (KeyError, ValueError, OSError) as err:
             raise TraceError(f"{path}: not a routing trace: {err}") from None
         top_k, mb = int(meta.pop("top_k")), int(meta.pop("micro_batches", 1))
-        return RoutingTrace(counts, top_k, mb, meta)
+        return RoutingTrace(counts, top_k, mb, meta, token_counts)
     if path.suffix == ".jsonl":
         return _load_jsonl(path)
     raise TraceError(f"{path}: unknown trace format {path.suffix!r}: use .npz or .jsonl")
@@ -182,6 +209,7 @@ def _load_jsonl(path: Path) -> RoutingTrace:
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise TraceError(f"{path}:1: bad header: {err!r}") from None
     recs: dict[tuple[int, int, int], np.ndarray] = {}
+    tokens: dict[tuple[int, int], int] = {}
     for lineno, line in lines[1:]:
         try:
             rec = json.loads(line)
@@ -189,7 +217,7 @@ def _load_jsonl(path: Path) -> RoutingTrace:
             if "counts" in rec:
                 row = np.asarray(rec["counts"], dtype=np.int64)
             else:
-                ids = np.asarray(rec["expert_ids"], dtype=np.int64).reshape(-1)
+                ids = np.asarray([i for row in rec["expert_ids"] for i in row], dtype=np.int64)
                 if ids.size and (ids.min() < 0 or ids.max() >= n_experts):
                     raise ValueError(f"expert id out of range [0, {n_experts})")
                 row = np.bincount(ids, minlength=n_experts)
@@ -198,6 +226,8 @@ def _load_jsonl(path: Path) -> RoutingTrace:
         if row.shape != (n_experts,) or not 0 <= key[2] < n_layers or min(key) < 0:
             raise TraceError(f"{path}:{lineno}: record {key} does not fit {n_layers} layers x {n_experts} experts")
         recs[key] = row
+        if "tokens" in rec:
+            tokens[key[:2]] = int(rec["tokens"])
     if not recs:
         raise TraceError(f"{path}: no records")
     steps = 1 + max(k[0] for k in recs)
@@ -206,7 +236,12 @@ def _load_jsonl(path: Path) -> RoutingTrace:
     counts = np.zeros((steps, chunks, n_layers, n_experts), dtype=np.int64)
     for (s, c, layer), row in recs.items():
         counts[s, c, layer] = row
-    return RoutingTrace(counts, top_k, mb, dict(header.get("meta") or {}))
+    token_counts = None
+    if tokens:  # chunks without a "tokens" field: copies / top_k
+        token_counts = counts[:, :, 0, :].sum(-1) // top_k
+        for (s, c), n in tokens.items():
+            token_counts[s, c] = n
+    return RoutingTrace(counts, top_k, mb, dict(header.get("meta") or {}), token_counts)
 
 
 # ----------------------------------------------------------------------------------------------- recording
@@ -221,6 +256,7 @@ class TraceRecorder:
         self.micro_batches = micro_batches
         self.meta = dict(meta or {})
         self._counts: dict[tuple[int, int], np.ndarray] = {}
+        self._tokens: dict[tuple[int, int], int] = {}  # variable copies: tokens per chunk, when given
 
     def _row(self, step: int, chunk: int) -> np.ndarray:
         key = (int(step), int(chunk))
@@ -228,14 +264,27 @@ class TraceRecorder:
             self._counts[key] = np.zeros((self.num_layers, self.num_experts), dtype=np.int64)
         return self._counts[key]
 
-    def record(self, step: int, chunk: int, layer: int, *, expert_ids: Any = None, counts: Any = None) -> None:
-        """One layer of one chunk: `expert_ids` [T, k] (tensor or array) or `counts` [E]."""
+    def _note_tokens(self, step: int, chunk: int, tokens: int | None) -> None:
+        if tokens is not None:
+            self._tokens[(int(step), int(chunk))] = int(tokens)
+
+    def record(self, step: int, chunk: int, layer: int, *, expert_ids: Any = None, counts: Any = None,
+               mask: Any = None, tokens: int | None = None) -> None:  # fmt: skip
+        """One layer of one chunk: `expert_ids` [T, k] (tensor or array; `mask` [T, k] marks the real slots of
+        padded ids) or `counts` [E]. `tokens`: the chunk's tokens (needed when copies per token vary; ids with a
+        mask give it)."""
         if (expert_ids is None) == (counts is None):
             raise TraceError("record(): give exactly one of expert_ids or counts")
         if not 0 <= layer < self.num_layers:
             raise TraceError(f"layer = {layer}: not in [0, {self.num_layers})")
         if expert_ids is not None:
             ids = np.asarray(expert_ids.cpu() if hasattr(expert_ids, "cpu") else expert_ids, dtype=np.int64)
+            if mask is not None:
+                keep = np.asarray(mask.cpu() if hasattr(mask, "cpu") else mask, dtype=bool)
+                if keep.shape != ids.shape:
+                    raise TraceError(f"mask has shape {keep.shape}: expected expert_ids' {ids.shape}")
+                tokens = ids.shape[0] if tokens is None else tokens
+                ids = ids[keep]
             ids = ids.reshape(-1)
             if ids.size and (ids.min() < 0 or ids.max() >= self.num_experts):
                 raise TraceError(f"expert ids out of range [0, {self.num_experts})")
@@ -245,18 +294,20 @@ class TraceRecorder:
             if row.shape != (self.num_experts,):
                 raise TraceError(f"counts has shape {row.shape}: expected ({self.num_experts},)")
         self._row(step, chunk)[layer] += row
+        self._note_tokens(step, chunk, tokens)
 
-    def record_layers(self, step: int, chunk: int, counts_le: Any) -> None:
-        """All layers of one chunk at once: [L, E] (e.g. MoETransformer.expert_load())."""
+    def record_layers(self, step: int, chunk: int, counts_le: Any, tokens: int | None = None) -> None:
+        """All layers of one chunk at once: [L, E] (e.g. MoETransformer.expert_load()); `tokens` as in record."""
         arr = np.asarray(counts_le.cpu() if hasattr(counts_le, "cpu") else counts_le, dtype=np.int64)
         if arr.shape != (self.num_layers, self.num_experts):
             raise TraceError(f"counts has shape {arr.shape}: expected ({self.num_layers}, {self.num_experts})")
         self._row(step, chunk)[:] += arr
+        self._note_tokens(step, chunk, tokens)
 
     def record_plans(self, step: int, chunk: int, plans: Sequence[Any]) -> None:
         """The DispatchPlans of one chunk's forward (one per layer, in layer order or with .layer set)."""
         for plan in plans:
-            self.record(step, chunk, int(plan.layer), counts=plan.expert_counts)
+            self.record(step, chunk, int(plan.layer), counts=plan.expert_counts, tokens=plan.num_tokens)
 
     def trace(self) -> RoutingTrace:
         if not self._counts:
@@ -267,7 +318,13 @@ class TraceRecorder:
         counts = np.zeros((steps, chunks, self.num_layers, self.num_experts), dtype=np.int64)
         for (s, c), row in self._counts.items():
             counts[s, c] = row
-        return RoutingTrace(counts, self.top_k, self.micro_batches, {"source": "recorded", **self.meta})
+        token_counts = None
+        if self._tokens:  # chunks recorded without tokens: copies / top_k
+            token_counts = counts[:, :, 0, :].sum(-1) // self.top_k
+            for (s, c), n in self._tokens.items():
+                token_counts[s, c] = n
+        return RoutingTrace(counts, self.top_k, self.micro_batches, {"source": "recorded", **self.meta},
+                            token_counts)
 
 
 # ----------------------------------------------------------------------------------------------- synthetic

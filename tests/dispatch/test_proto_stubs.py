@@ -45,7 +45,8 @@ def test_stubs_import_and_describe_the_service():
     from moe_runtime.dispatch.proto import expert_pb2, expert_pb2_grpc
 
     service = expert_pb2.DESCRIPTOR.services_by_name["ExpertService"]
-    assert [m.name for m in service.methods] == ["Dispatch", "Backward", "Health", "EndStep"]
+    assert [m.name for m in service.methods] == ["Dispatch", "Backward", "DispatchStream", "BackwardStream", "Health",
+                                               "EndStep"]
     assert service.full_name == "moe_runtime.expert.ExpertService"
     assert [f.name for f in expert_pb2.Frame.DESCRIPTOR.fields] == ["data", "pad"]
     assert hasattr(expert_pb2_grpc, "ExpertServiceStub") and hasattr(expert_pb2_grpc, "add_ExpertServiceServicer_to_server")

@@ -1,6 +1,6 @@
 """grouped_swiglu and its two paths against a per-token reference: outputs and gradients (x, w1, w2) in fp32,
 with replicas (repeated weight_index), zero-count segments, unsorted expert order and empty input; the selection
-rule (padded for few rows per expert, loop for many); the no-autograd forward / hand-written backward the expert
+rule (padded without padding waste, else the loop); the no-autograd forward / hand-written backward the expert
 server runs, against autograd."""
 
 import pytest
@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from moe_runtime.model.experts import (
-    PADDED_MAX_MEAN_ROWS,
     SwiGLUExperts,
     grouped_swiglu,
     grouped_swiglu_backward,
@@ -17,6 +16,7 @@ from moe_runtime.model.experts import (
     grouped_swiglu_loop,
     grouped_swiglu_padded,
     padded_is_faster,
+    path_rule,
     swiglu,
     swiglu_backward,
     swiglu_forward_saving,
@@ -45,8 +45,8 @@ CASES = {
     "replicas_zero": (3, [0, 2, 3, 0, 1], [2, 2, 0, 1, 0]),
     # 3 of 16 experts, spread over a wide range: the padded path gathers their weights instead of a view
     "sparse_subset": (16, [3, 2, 4], [13, 1, 7]),
-    # 18 rows per expert, padding 3 * 24 / 54 = 1.33: the one case where "auto" takes the loop
-    "many_rows": (3, [20, 24, 10], None),
+    # 72 rows per expert, padding 3 * 96 / 216 = 1.33: the one case where "auto" takes the loop by rule
+    "many_rows": (3, [80, 96, 40], None),
     "one_segment": (3, [6], [2]),
     "skewed": (6, [1, 17, 2, 0, 3, 1], None),
 }
@@ -64,7 +64,7 @@ def test_path_matches_per_token_reference(path, case):
     x_ref, w1_ref, w2_ref = (t.detach().clone().requires_grad_(True) for t in (x, w1, w2))
 
     if case == "many_rows":
-        assert not padded_is_faster(counts, weight_index)
+        assert path_rule(counts, weight_index) == "loop"
     y = PATHS[path](x, counts, w1, w2, weight_index)
     y_ref = per_token_reference(x_ref, counts, w1_ref, w2_ref, weight_index)
     assert y.shape == (sum(counts), d)
@@ -152,22 +152,24 @@ def test_rejects_bad_counts(fn):
 
 
 def test_selection_rule():
-    # few rows per expert (small batch: 64 tokens top-2 over 32 experts): padded
-    assert padded_is_faster([4] * 32)
-    assert padded_is_faster([1, 9, 0, 3] * 8)
+    # few rows per expert with padding (small batch: 64 tokens top-2 over 32 experts): the loop (quiet-box winner)
+    assert path_rule([4] * 31 + [11]) == "loop"
+    assert path_rule([1, 9, 0, 3] * 8) == "loop"
+    # no padding to speak of: padded (the loop's FLOPs in 2 ops)
+    assert path_rule([4] * 32) == "padded"
+    assert path_rule([5, 5, 6, 5]) == "padded"  # waste 24 / 21 = 1.14
+    assert path_rule([5, 5, 8, 5]) == "loop"  # waste 32 / 23 = 1.39
     # many rows per expert, skewed (4096 tokens top-2): loop
     skewed = [150, 400, 220, 600, 180, 260, 90, 300] * 4
-    assert not padded_is_faster(skewed)
-    # replica segments of one expert are merged before the rule: {0: 20, 1: 30} rows is 25 per expert, padded to
-    # 2 * 30 = 60 rows (waste 1.2): padded; the same segments as three experts (17/expert, 3 * 30 = 90 rows): loop
-    assert padded_is_faster([10, 10, 30], [0, 0, 1])
-    assert not padded_is_faster([10, 10, 30], [0, 2, 1])
-    # the threshold itself
-    t = int(PADDED_MAX_MEAN_ROWS)
-    assert padded_is_faster([t, t - 1, t + 1, 0])
-    assert not padded_is_faster([t + 1, 4 * t, t // 2, 3 * t])
-    assert not padded_is_faster([])
-    assert not padded_is_faster([0, 0])
+    assert path_rule(skewed) == "loop"
+    # replica segments of one expert are merged before the rule: {0: 20, 1: 30} rows, padded to 2 * 30 = 60 rows
+    # (waste 1.2): padded; the same segments as three experts (3 * 30 = 90 rows for 50): loop
+    assert path_rule([10, 10, 30], [0, 0, 1]) == "padded"
+    assert path_rule([10, 10, 30], [0, 2, 1]) == "loop"
+    assert path_rule([]) == "loop"
+    assert path_rule([0, 0]) == "loop"
+    assert padded_is_faster([4] * 32) and not padded_is_faster([1, 9, 0, 3] * 8)
+
 
 
 @pytest.mark.parametrize("counts", [[4] * 32, [150, 400, 220, 600] * 8])
@@ -180,9 +182,8 @@ def test_grouped_swiglu_dispatches_by_the_rule(monkeypatch, counts):
         monkeypatch.setattr(mod, name, lambda *a, _n=name, _f=real, **k: called.append(_n) or _f(*a, **k))
     x = torch.randn(sum(counts), 4)
     mod.grouped_swiglu(x, counts, torch.randn(32, 4, 8), torch.randn(32, 4, 4))
-    expected = "grouped_swiglu_padded" if mod.padded_is_faster(counts) else "grouped_swiglu_loop"
+    expected = "grouped_swiglu_padded" if counts[0] == 4 else "grouped_swiglu_loop"
     assert called == [expected]
-    assert expected == ("grouped_swiglu_padded" if counts[0] == 4 else "grouped_swiglu_loop")
 
 
 def test_handwritten_backward_matches_autograd():

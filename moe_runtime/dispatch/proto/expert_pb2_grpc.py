@@ -45,6 +45,16 @@ class ExpertServiceStub:
                 request_serializer=expert__pb2.Frame.SerializeToString,
                 response_deserializer=expert__pb2.Frame.FromString,
                 _registered_method=True)
+        self.DispatchStream = channel.stream_stream(
+                '/moe_runtime.expert.ExpertService/DispatchStream',
+                request_serializer=expert__pb2.Frame.SerializeToString,
+                response_deserializer=expert__pb2.Frame.FromString,
+                _registered_method=True)
+        self.BackwardStream = channel.stream_stream(
+                '/moe_runtime.expert.ExpertService/BackwardStream',
+                request_serializer=expert__pb2.Frame.SerializeToString,
+                response_deserializer=expert__pb2.Frame.FromString,
+                _registered_method=True)
         self.Health = channel.unary_unary(
                 '/moe_runtime.expert.ExpertService/Health',
                 request_serializer=expert__pb2.HealthRequest.SerializeToString,
@@ -75,6 +85,21 @@ class ExpertServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DispatchStream(self, request_iterator, context):
+        """Chunked frames, for frames of any size (moe_runtime/dispatch/chunks.py): the `data` fields of the messages,
+        concatenated, are one codec frame (the first message holds at least its prefix and whole header); the
+        reply comes back chunked the same way. Otherwise the same as Dispatch / Backward.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BackwardStream(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Health(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -98,6 +123,16 @@ def add_ExpertServiceServicer_to_server(servicer, server):
             ),
             'Backward': grpc.unary_unary_rpc_method_handler(
                     servicer.Backward,
+                    request_deserializer=expert__pb2.Frame.FromString,
+                    response_serializer=expert__pb2.Frame.SerializeToString,
+            ),
+            'DispatchStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.DispatchStream,
+                    request_deserializer=expert__pb2.Frame.FromString,
+                    response_serializer=expert__pb2.Frame.SerializeToString,
+            ),
+            'BackwardStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.BackwardStream,
                     request_deserializer=expert__pb2.Frame.FromString,
                     response_serializer=expert__pb2.Frame.SerializeToString,
             ),
@@ -165,6 +200,60 @@ class ExpertService:
             request,
             target,
             '/moe_runtime.expert.ExpertService/Backward',
+            expert__pb2.Frame.SerializeToString,
+            expert__pb2.Frame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DispatchStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/moe_runtime.expert.ExpertService/DispatchStream',
+            expert__pb2.Frame.SerializeToString,
+            expert__pb2.Frame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BackwardStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/moe_runtime.expert.ExpertService/BackwardStream',
             expert__pb2.Frame.SerializeToString,
             expert__pb2.Frame.FromString,
             options,

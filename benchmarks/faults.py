@@ -1,0 +1,298 @@
+"""Faults on a live local cluster (tiny model, 4 expert actors, 2 router workers): how long recovery takes, how
+many requests fail, how many steps are re-run, against a clean run in the same process.
+
+    python benchmarks/faults.py [--quick] [--json]
+
+Scenarios (each starts from the same step-0 state; kills hit only this cluster's actor PIDs):
+- serving, replicas: every expert of actor 2 also on actor 3; SIGKILL actor 2 between requests; count failed
+  requests, time the first request after the kill (failover) and until status() is healthy again (rejoin);
+- serving, no replica: SIGKILL actor 1; the request fails naming actor / layer / experts; time to rejoin;
+- training, replicas: SIGKILL actor 2 during a step; only that step is re-run; recovery time = the run's wall
+  time minus the clean run's; losses compared with the clean run;
+- training, rollback: same without replicas: rolled back to the last checkpoint;
+- hang, control plane: SIGSTOP an expert actor, then a checkpoint: time until the call fails naming it
+  (cluster.hang_timeout_s), and until recover() has killed, restarted and restored it;
+- hang, data plane: SIGSTOP an expert actor during training: the router workers' deadline (transport.deadline_s)
+  and recovery's ping find it; time from the stop to the end of the failed step's recovery;
+- scale: 4 -> 6 -> 3 expert actors between training steps; losses compared with the clean run.
+Not measured here (not built): node loss with replicas spanning nodes.
+
+Last stdout line (and runs/bench/faults.json): serving_failed_requests_with_replicas, serving_failover_s,
+serving_rejoin_s, training_recovery_with_replicas_s, steps_rerun_with_replicas, training_losses_equal_with_replicas,
+training_recovery_rollback_s, steps_rerun_rollback, hang_detected_s (control plane), hang_timeout_s,
+hang_recovered_s, data_plane_hang_recovered_s, scale_losses_equal, scale_up_s, scale_down_s, and ratios against
+the clean forward / step times.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._common import emit, make_parser, stderr_console  # noqa: E402
+
+NAME = "faults"
+HANG_TIMEOUT_S = 2.0
+DEADLINE_S = 3.0
+
+
+def _config(tmp: Path, steps: int):
+    from moe_runtime.config import parse_config
+
+    return parse_config({
+        "model": {"preset": "tiny"},
+        "data": {"max_files": 40},
+        "train": {"steps": steps, "batch_size": 8, "seq_len": 32, "micro_batches": 2, "warmup_steps": 2,
+                  "checkpoint_every": 2, "checkpoint_dir": str(tmp / "auto")},
+        "transport": {"deadline_s": DEADLINE_S},
+        "cluster": {"num_gpus": 6, "expert_actors": 4, "router_workers": 2, "hang_timeout_s": HANG_TIMEOUT_S,
+                    "max_restarts": 10},  # every scenario kills an actor again
+    })  # fmt: skip
+
+
+def _pid(handle) -> int:
+    import ray
+
+    return ray.get(handle.ping.remote(), timeout=60)
+
+
+def _kill(pid: int, sig: int = signal.SIGKILL) -> None:
+    os.kill(pid, sig)
+    if sig == signal.SIGKILL:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.01)
+
+
+def _replicate(c, actor: int):
+    p = c.placement
+    other = (actor + 1) % p.num_actors
+    rows = [list(r) for r in p.replicas]
+    for layer, e in p.shards_of(actor):
+        if other not in rows[layer][e]:
+            rows[layer][e] = tuple(rows[layer][e]) + (other,)
+    return p.with_replicas(tuple(tuple(r) for r in rows))
+
+
+def _wait_healthy(c, timeout_s: float = 120.0) -> float:
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout_s:
+        c.wait_healed(timeout_s)
+        if c.status()["healthy"]:
+            return time.perf_counter() - t0
+        time.sleep(0.1)
+    raise RuntimeError(f"cluster not healthy {timeout_s} s after the fault")
+
+
+def _serving(c, probe, requests: int, replicas: bool, log) -> dict:
+    import torch
+
+    c.restore(c.init_dir)
+    if replicas:
+        c.rebalance(_replicate(c, 2))
+    c.checkpoint(c.serve_dir)  # of this step: an actor with no live replica reloads from it
+    want = c.forward(probe)
+    clean = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        c.forward(probe)
+        clean.append(time.perf_counter() - t0)
+    victim = 2 if replicas else 1
+    pid = _pid(c.experts[victim])
+    _kill(pid)
+    t_kill = time.perf_counter()
+    failed, first_ok, latencies = 0, None, []
+    for _ in range(requests):
+        t0 = time.perf_counter()
+        try:
+            got = c.forward(probe)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            if first_ok is None:
+                first_ok = time.perf_counter() - t_kill
+        except Exception as err:  # noqa: BLE001  (counted: a failed request)
+            failed += 1
+            log(f"  request failed: {str(err).splitlines()[0][:160]}")
+        latencies.append(time.perf_counter() - t0)
+    _wait_healthy(c)
+    rejoin = time.perf_counter() - t_kill  # kill -> every actor whole, wired and answering again
+    clean_s = sorted(clean)[1]
+    return {"failed_requests": failed, "requests": requests, "first_ok_after_kill_s": first_ok,
+            "first_request_s": latencies[0], "clean_forward_s": clean_s,
+            "first_request_vs_clean": latencies[0] / clean_s, "rejoin_s": rejoin}  # fmt: skip
+
+
+def _training(c, steps: int, clean_losses, clean_s: float, replicas: bool, hang: bool = False) -> dict:
+    import torch
+
+    c.restore(c.init_dir)
+    if replicas:
+        c.rebalance(_replicate(c, 2))
+    victim = _pid(c.experts[2])
+    before, rerun0 = c.recoveries, c.steps_rerun
+    fired: list[float] = []
+    done: list[int] = []  # every completed step, a replayed one again
+    sig = signal.SIGSTOP if hang else signal.SIGKILL
+
+    def progress(step: int, loss: float) -> None:
+        done.append(step)
+        if step == 2 and not fired:
+            fired.append(time.perf_counter())
+            threading.Timer(0.03, os.kill, (victim, sig)).start()
+
+    t0 = time.perf_counter()
+    try:
+        result = c.train(steps, progress=progress)
+    finally:
+        if hang:
+            try:
+                os.kill(victim, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    wall = time.perf_counter() - t0
+    equal = True
+    try:
+        torch.testing.assert_close(torch.tensor(result.losses), torch.tensor(clean_losses), rtol=1e-4, atol=0)
+    except AssertionError:
+        equal = False
+    return {"recovery_s": max(0.0, wall - clean_s), "wall_s": wall, "clean_wall_s": clean_s,
+            "recovery_vs_clean_step": max(0.0, wall - clean_s) / (clean_s / steps),
+            # steps executed again: the failed one, plus any replayed after a rollback
+            "steps_rerun": (len(done) - len(set(done))) + (1 if c.recoveries > before else 0),
+            "recoveries": c.recoveries - before,
+            "rolled_back": c.steps_rerun - rerun0 == 0, "losses_equal": equal}  # fmt: skip
+
+
+def _control_hang(c, tmp: Path) -> dict:
+    import ray
+
+    c.restore(c.init_dir)
+    pid = _pid(c.experts[1])
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t0 = time.perf_counter()
+        named = False
+        try:
+            c.checkpoint(tmp / "hang")
+        except ray.exceptions.GetTimeoutError as err:
+            named = "expert actor 1" in str(err)
+        detected = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        c.recover(c.init_dir)
+        recovered = time.perf_counter() - t1
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return {"detected_s": detected, "named": named, "recovered_s": recovered, "restarted": _pid(c.experts[1]) != pid}
+
+
+def _scale(c, steps: int, clean_losses) -> dict:
+    """4 -> 6 -> 3 expert actors between training steps; back to 4 afterwards."""
+    import torch
+
+    c.restore(c.init_dir)
+    losses, times = [], {}
+    plan = {2: 6, 3: 3}  # before step 2 scale to 6, before step 3 to 3
+    for step in range(steps):
+        if step in plan:
+            rep = c.scale(plan[step])
+            times[f"to_{plan[step]}_s"] = rep.seconds
+        losses.append(c.train_step().loss)
+    c.scale(4)
+    equal = True
+    try:
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(clean_losses), rtol=1e-4, atol=0)
+    except AssertionError:
+        equal = False
+    return {"losses_equal": equal, **times}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = make_parser(NAME, __doc__.split("\n\n")[0])
+    args = p.parse_args(argv)
+    console = stderr_console()
+    log = console.log
+    import torch
+
+    from moe_runtime.runtime.cluster import Cluster
+
+    torch.set_num_threads(1)
+    steps = 4 if args.quick else 6
+    requests = 4 if args.quick else 10
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="moe-faults-") as tmpdir:
+        tmp = Path(tmpdir)
+        with Cluster.start(_config(tmp, steps)) as c:
+            c.init_dir = c.checkpoint(tmp / "init")
+            c.serve_dir = tmp / "serve"
+            probe = torch.randint(0, c.cfg.model.vocab_size, (4, 32),
+                                                   generator=torch.Generator().manual_seed(0))  # fmt: skip
+            log("clean training run (baseline)")
+            c.restore(c.init_dir)
+            t0 = time.perf_counter()
+            clean = c.train(steps)
+            clean_s = time.perf_counter() - t0
+            log("serving with replicas: kill actor 2")
+            serve_rep = _serving(c, probe, requests, True, log)
+            log("serving without a replica: kill actor 1")
+            serve_none = _serving(c, probe, 2, False, log)
+            log("training with replicas: kill actor 2 in step 3")
+            train_rep = _training(c, steps, clean.losses, clean_s, True)
+            log("training without replicas: kill actor 2 in step 3 (rollback)")
+            train_rb = _training(c, steps, clean.losses, clean_s, False)
+            log("hang in a control call: SIGSTOP actor 1, checkpoint")
+            hang = _control_hang(c, tmp)
+            log("hang in the data plane: SIGSTOP actor 2 in step 3 (replicas)")
+            hang_dp = _training(c, steps, clean.losses, clean_s, True, hang=True)
+            log("scale 4 -> 6 -> 3 expert actors between steps")
+            scaled = _scale(c, steps, clean.losses)
+    result = {
+        "bench": NAME,
+        "quick": args.quick,
+        "serving_failed_requests_with_replicas": serve_rep["failed_requests"],
+        "serving_failover_s": serve_rep["first_ok_after_kill_s"],
+        "serving_failover_vs_clean_forward": serve_rep["first_request_vs_clean"],
+        "serving_rejoin_s": serve_rep["rejoin_s"],
+        "serving_failed_requests_without_replicas": serve_none["failed_requests"],
+        "serving_rejoin_without_replicas_s": serve_none["rejoin_s"],
+        "training_recovery_with_replicas_s": train_rep["recovery_s"],
+        "steps_rerun_with_replicas": train_rep["steps_rerun"],
+        "training_losses_equal_with_replicas": train_rep["losses_equal"],
+        "training_recovery_rollback_s": train_rb["recovery_s"],
+        "steps_rerun_rollback": train_rb["steps_rerun"],
+        "training_losses_equal_rollback": train_rb["losses_equal"],
+        "hang_detected_s": hang["detected_s"],
+        "hang_timeout_s": HANG_TIMEOUT_S,
+        "hang_detected_vs_timeout": hang["detected_s"] / HANG_TIMEOUT_S,
+        "hang_named_the_actor": hang["named"],
+        "hang_recovered_s": hang["recovered_s"],
+        "data_plane_hang_recovered_s": hang_dp["recovery_s"],
+        "data_plane_hang_losses_equal": hang_dp["losses_equal"],
+        "scale_losses_equal": scaled["losses_equal"],
+        "scale_up_s": scaled.get("to_6_s"),
+        "scale_down_s": scaled.get("to_3_s"),
+        "clean_step_s": clean_s / steps,
+        "detail": {"serving_replicas": serve_rep, "serving_no_replica": serve_none, "training_replicas": train_rep,
+                   "training_rollback": train_rb, "hang_control": hang, "hang_data_plane": hang_dp,
+                   "scale": scaled},
+        "total_s": time.perf_counter() - t_start,
+    }
+    emit(result, args.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""The Yuan 2.0-M32 slice at its real width (cluster/yuan-m32-slice.yaml) through the cluster, against its limits.
+
+A random-weight checkpoint of the slice (bf16 on disk, moe_runtime.checkpoint.synthetic) is written to a temporary
+directory (or --checkpoint names one), loaded onto the cluster, and one prefill of --tokens tokens is timed; then the
+cluster is shut down and the same checkpoint is loaded in this process and timed the same way (one heavy party at a
+time: this machine has 24 GB). Measured, each against its baseline or limit:
+1. prefill tokens/s, cluster vs in-process (same tokens; the in-process model runs with every core);
+2. bytes on the wire per token (the expert servers' bytes in + out) vs the minimum, 2 x top_k x hidden x wire bytes
+   per MoE layer (each token copy goes to its expert and comes back once);
+3. peak RSS of every party (VmHWM) vs what it must hold: an expert actor its shards' fp32 weights + their grad
+   buffers, a router worker its dense fp32 parameters; the driver's peak during the load vs the largest tensor;
+   and each party's RSS over the repeated prefills (flat = nothing accumulates per call);
+4. checkpoint load time (every party reading its own tensors in parallel) vs reading the same files once from
+   this process (page cache warm for both: the files were just written or read), the physical limit, and vs
+   loading the same checkpoint into one in-process model (the same conversions: bf16 -> fp32, the expert
+   transposes; the actors also copy each shard once more into their own tensors).
+Logits of the two runs are compared (max relative error). --quick: 2 layers of 4 experts, 64 tokens.
+Writes runs/bench/real_width.json and prints it as the last stdout line.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch
+import yaml
+
+from benchmarks._common import emit, make_parser, stderr_console
+from moe_runtime.checkpoint.run_config import resolve_checkpoint
+from moe_runtime.checkpoint.synthetic import write_random_checkpoint
+from moe_runtime.config import ModelConfig
+
+SLICE = ROOT / "cluster" / "yuan-m32-slice.yaml"
+
+
+def _proc_status(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (bytes) of a process on this machine."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, value = line.split(":", 1)
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def _read_files(directory: Path) -> tuple[float, int]:
+    """Seconds to read every weight file once into a reused 64 MiB buffer, and the bytes read."""
+    buf = bytearray(64 << 20)
+    view = memoryview(buf)
+    total = 0
+    t0 = time.perf_counter()
+    for path in sorted(directory.glob("*.safetensors")):
+        with path.open("rb", buffering=0) as f:
+            while n := f.readinto(view):
+                total += n
+    return time.perf_counter() - t0, total
+
+
+def _time(fn: Any, reps: int) -> tuple[list[float], Any]:
+    times, out = [], None
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return times, out
+
+
+def _parties(cluster: Any) -> dict[str, int]:
+    st = cluster.status()
+    pids = {f"actor {a['index']}": a["pid"] for a in st["expert_actors"]}
+    pids.update({f"worker {w['index']}": w["pid"] for w in st["router_workers"]})
+    return pids
+
+
+def _wire_bytes(cluster: Any) -> int:
+    return sum(a["bytes_in"] + a["bytes_out"] for a in cluster.status()["expert_actors"])
+
+
+def run(args: Any) -> dict[str, Any]:
+    from moe_runtime.checkpoint.in_process import load_model
+    from moe_runtime.runtime.cluster import Cluster
+    from moe_runtime.runtime.hf_loading import current_rss, peak_rss, reset_peak_rss
+
+    con = stderr_console()
+    data = yaml.safe_load(Path(args.config).read_text())
+    layers, experts, tokens = (2, 4, 64) if args.quick else (args.layers, args.experts, args.tokens)
+    if layers is not None:
+        data["model"]["num_layers"] = layers
+    if experts is not None:
+        data["model"]["num_experts"] = experts
+    model = ModelConfig(**data["model"])
+    m = model
+    with tempfile.TemporaryDirectory(prefix="real_width_") as tmp:
+        if args.checkpoint is not None:
+            directory = Path(args.checkpoint)
+        else:
+            t0 = time.perf_counter()
+            directory = write_random_checkpoint(Path(tmp) / "ck", model, dtype=torch.bfloat16,
+                                                max_shard_bytes=1 << 30)
+            con.print(f"wrote a random {m.num_layers}-layer x {m.num_experts}-expert checkpoint in "
+                      f"{time.perf_counter() - t0:.1f} s")
+        cfg = resolve_checkpoint(data, str(args.config), directory)
+        read_s, disk_bytes = _read_files(directory)
+        ids = torch.randint(0, m.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+        wire = torch.finfo(getattr(torch, cfg.transport.wire_dtype)).bits // 8
+        min_wire_per_token = 2 * m.top_k * m.hidden_size * wire * m.num_layers
+
+        base_driver = current_rss()
+        with Cluster.start(cfg) as cluster:
+            load = cluster.hf_load
+            pids = _parties(cluster)
+            cluster.forward(ids)  # warm-up: first-touch of every buffer
+            before = _wire_bytes(cluster)
+            rss_series = {p: [] for p in pids}
+
+            def prefill() -> torch.Tensor:
+                out = cluster.forward(ids)
+                for p, pid in pids.items():
+                    rss_series[p].append(_proc_status(pid)["VmRSS"])
+                return out
+
+            cluster_times, cluster_logits = _time(prefill, args.reps)
+            wire_per_token = (_wire_bytes(cluster) - before) / (args.reps * tokens)
+            procs = {p: _proc_status(pid) for p, pid in pids.items()}
+        totals = load.totals()
+        parties = {}
+        for p, st in procs.items():
+            t = totals[p]
+            must = 2 * t["held_bytes"] if p.startswith("actor") else t["held_bytes"]  # actors: + grad buffers
+            parties[p] = {"peak_rss": st["VmHWM"], "must_hold": must, "peak_load_delta": t["peak_delta"],
+                          "peak_load_delta_vs_must_hold": t["peak_delta"] / max(must, 1),
+                          "rss_over_prefills": rss_series[p],
+                          "rss_drift": (rss_series[p][-1] - rss_series[p][0]) if rss_series[p] else 0}
+
+        threads = torch.get_num_threads()
+        reset_peak_rss()
+        before_local = current_rss()
+        t_load = time.perf_counter()
+        local = load_model(directory).eval()
+        local_load_s = time.perf_counter() - t_load
+        with torch.no_grad():
+            local(ids)  # warm-up
+            local_times, local_logits = _time(lambda: local(ids).logits, args.reps)
+        local_peak = peak_rss() - before_local
+    diff = float((cluster_logits.double() - local_logits.double()).abs().max() / local_logits.double().abs().max())
+    c_med, l_med = statistics.median(cluster_times), statistics.median(local_times)
+    result = {
+        "model": {"hidden": m.hidden_size, "heads": m.num_heads, "head_dim": m.head_dim, "rotary_dim": m.rotary_dim,
+                  "layers": m.num_layers, "experts": m.num_experts, "ffn": m.ffn_hidden_size, "vocab": m.vocab_size,
+                  "top_k": m.top_k},
+        "tokens": tokens, "reps": args.reps, "quick": bool(args.quick),
+        "expert_actors": cfg.cluster.expert_actors, "router_workers": cfg.cluster.router_workers,
+        "prefill_tokens_per_s_cluster": tokens / c_med, "prefill_tokens_per_s_in_process": tokens / l_med,
+        "prefill_cluster_vs_in_process": l_med / c_med, "in_process_threads": threads,
+        "logits_max_rel_diff": diff,
+        "wire_bytes_per_token": wire_per_token, "wire_bytes_per_token_min": min_wire_per_token,
+        "wire_vs_min": wire_per_token / min_wire_per_token,
+        "checkpoint_bytes": disk_bytes, "checkpoint_load_s": load.seconds, "disk_read_s": read_s,
+        "load_vs_disk_read": load.seconds / read_s,
+        "in_process_load_s": local_load_s, "load_vs_in_process_load": load.seconds / local_load_s,
+        "driver_load_peak_delta": load.driver.peak_delta if load.driver else None,
+        "largest_tensor_bytes": load.largest_tensor_bytes,
+        "driver_peak_vs_largest_tensor": (load.driver.peak_delta / load.largest_tensor_bytes) if load.driver else None,
+        "driver_rss_baseline": base_driver,
+        "in_process_peak_delta": local_peak,
+        "parties": parties,
+    }
+    _table(con, result)
+    return result
+
+
+def _table(con: Any, r: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"real width: {r['model']['layers']} layers x {r['model']['experts']} experts, "
+                    f"hidden {r['model']['hidden']}, {r['tokens']} tokens")
+    t.add_column("quantity")
+    t.add_column("value", justify="right")
+    t.add_column("baseline / limit", justify="right")
+    t.add_column("ratio", justify="right")
+    t.add_row("prefill tokens/s (cluster)", f"{r['prefill_tokens_per_s_cluster']:.1f}",
+              f"{r['prefill_tokens_per_s_in_process']:.1f} in process", f"{r['prefill_cluster_vs_in_process']:.2f}")
+    t.add_row("wire bytes / token", f"{r['wire_bytes_per_token']:,.0f}", f"{r['wire_bytes_per_token_min']:,} min",
+              f"{r['wire_vs_min']:.3f}")
+    t.add_row("checkpoint load s (cluster)", f"{r['checkpoint_load_s']:.2f}", f"{r['disk_read_s']:.2f} read once",
+              f"{r['load_vs_disk_read']:.2f}")
+    t.add_row("", "", f"{r['in_process_load_s']:.2f} one process", f"{r['load_vs_in_process_load']:.2f}")
+    t.add_row("driver peak during load", f"{(r['driver_load_peak_delta'] or 0) / 2**20:,.1f} MiB",
+              f"{r['largest_tensor_bytes'] / 2**20:,.1f} MiB largest tensor",
+              f"{r['driver_peak_vs_largest_tensor'] or 0:.3f}")
+    for p, v in r["parties"].items():
+        t.add_row(f"{p} load peak (+)", f"{v['peak_load_delta'] / 2**20:,.0f} MiB",
+                  f"{v['must_hold'] / 2**20:,.0f} MiB must hold", f"{v['peak_load_delta_vs_must_hold']:.2f}")
+        t.add_row(f"{p} peak RSS / drift", f"{v['peak_rss'] / 2**20:,.0f} MiB",
+                  f"drift {v['rss_drift'] / 2**20:+.1f} MiB", "")
+    t.add_row("logits cluster vs in-process", f"{r['logits_max_rel_diff']:.2e}", "max rel", "")
+    con.print(t)
+
+
+def main() -> None:
+    p = make_parser("real_width", __doc__)
+    p.add_argument("--config", type=Path, default=SLICE)
+    p.add_argument("--checkpoint", type=Path, default=None, help="an existing checkpoint of the config's model")
+    p.add_argument("--layers", type=int, default=None, help="model.num_layers (default: the config's)")
+    p.add_argument("--experts", type=int, default=None, help="model.num_experts (default: the config's)")
+    p.add_argument("--tokens", type=int, default=512, help="prefill length")
+    p.add_argument("--reps", type=int, default=3, help="timed prefills per variant")
+    args = p.parse_args()
+    emit(run(args), args.out)
+
+
+if __name__ == "__main__":
+    main()
