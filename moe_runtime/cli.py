@@ -226,6 +226,18 @@ def _check_corpus_fits(cfg: RuntimeConfig) -> None:
         err.print(f"[red]error:[/red] data.source = 'stdlib' is byte-level (token ids up to {VOCAB_SIZE_MIN - 1}) but "
                   f"the checkpoint's vocab_size is {cfg.model.vocab_size}")
         raise typer.Exit(2)
+    if cfg.data.source == "files":  # read and tokenise here first: a bad file fails before anything starts
+        from moe_runtime.data_files import load_file_corpus
+
+        try:
+            corpus = load_file_corpus(cfg.data, cfg.model)
+        except ValueError as e:
+            err.print(f"[red]error:[/red] {e}")
+            raise typer.Exit(2) from None
+        d = corpus.describe()
+        err.print(f"data: {d['num_files']} files ({d['train_files']} train / {d['val_files']} val), "
+                  f"{d['train_documents'] + d['val_documents']} documents, {d['train_tokens']:,} train tokens "
+                  f"({d['tokenizer']} tokenizer)")
 
 
 # ----------------------------------------------------------------------------------------------- cluster life

@@ -140,10 +140,27 @@ class ModelConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    source: Literal["stdlib"] = "stdlib"  # byte-level text of the interpreter's standard-library sources
+    # stdlib: byte-level text of the interpreter's standard-library sources; files: your own text / jsonl documents
+    # (moe_runtime/data_files.py), tokenised with the checkpoint's tokenizer, packed with <eod> between documents
+    source: Literal["stdlib", "files"] = "stdlib"
     val_fraction: float = Field(default=0.05, gt=0, lt=1)
     split_seed: int = 0
     max_files: int | None = Field(default=None, gt=0)  # cap the corpus (tests); None = all files
+    paths: list[str] = Field(default_factory=list)  # source files: file paths or globs (** recursive), in order
+    format: Literal["auto", "text", "jsonl"] = "auto"  # auto: *.jsonl -> jsonl, anything else -> text
+    text_field: str = Field(default="text", min_length=1)  # jsonl: the field that holds a document's text
+    # files: positions restart at 0 after each <eod> (Megatron's reset_position_ids). False = the released HF
+    # inference code (it computes reset positions, then drops them: positions run 0..S-1 across documents)
+    reset_positions: bool = False
+
+    @model_validator(mode="after")
+    def _check_files(self) -> DataConfig:
+        if self.source == "files" and not self.paths:
+            raise ValueError("data.paths = []: data.source = 'files' needs at least one file path or glob")
+        if self.source != "files" and self.paths:
+            raise ValueError(f"data.paths = {self.paths!r}: only read with data.source = 'files' "
+                             f"(source is {self.source!r})")
+        return self
 
 
 class TrainConfig(_Strict):
@@ -185,9 +202,9 @@ class TransportConfig(_Strict):
     auth_token: str | None = None  # None = generated at start
     check_finite: bool = False  # reject NaN/Inf in frames (costs a pass over the data)
     # serving, an expert whose every replica is down: fail = an error naming actor, layer and experts
-    # (dispatch/failover.py). "mask" (top-k among the live experts, gates renormalised) is not built yet: it needs
-    # the router to take an expert mask.
-    on_expert_failure: Literal["fail"] = "fail"
+    # (dispatch/failover.py); mask = the routers exclude those experts (top-k among the live ones, gates
+    # renormalised) until the cluster heals, and responses list them as `degraded`. Training never masks.
+    on_expert_failure: Literal["fail", "mask"] = "fail"
     server_threads: int = Field(default=4, gt=0)
     # two_batch: each router worker splits a micro-batch into two halves that take turns, so one half's expert
     # exchange is in flight while the other runs attention and the router, forward and backward (model/two_batch.py)

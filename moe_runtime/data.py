@@ -144,6 +144,10 @@ class Corpus:
             return self.val
         raise ValueError(f"split = {name!r}: expected 'train' or 'val'")
 
+    def documents(self, tokens_bs: torch.Tensor) -> None:
+        """No document masks: stdlib windows attend across file boundaries (data_files.FileCorpus has them)."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         """JSON-able summary."""
         return {
@@ -331,7 +335,7 @@ class BatchLoader:
         if self.tokens.numel() < seq_len + 1:
             raise ValueError(
                 f"seq_len = {seq_len}: the {split} split has only {self.tokens.numel()} tokens "
-                f"(needs >= seq_len + 1); raise data.max_files"
+                f"(needs >= seq_len + 1); raise data.max_files or add data.paths files"
             )
 
     def offsets(self, step: int) -> torch.Tensor:
@@ -372,7 +376,8 @@ def val_batches(
     tokens = corpus.val
     if tokens.numel() < seq_len + 1:
         raise ValueError(
-            f"seq_len = {seq_len}: the val split has only {tokens.numel()} tokens; raise data.max_files"
+            f"seq_len = {seq_len}: the val split has only {tokens.numel()} tokens; raise data.max_files or add "
+            "data.paths files (or data.val_fraction)"
         )
     out = []
     for i in range(n):

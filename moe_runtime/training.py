@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from moe_runtime.config import RuntimeConfig, TrainConfig
-from moe_runtime.data import BatchLoader, load_corpus, val_batches
+from moe_runtime.data import BatchLoader, val_batches
+from moe_runtime.data_files import DocumentBatch, load_training_corpus
 from moe_runtime.model.routing import static_actor_nodes
 from moe_runtime.model.transformer import MoETransformer, build_model
 from moe_runtime.placement import Placement
@@ -64,6 +65,15 @@ def chunk_rows(batch_size: int, chunks: int) -> list[slice]:
     return [slice(i * per, (i + 1) * per) for i in range(chunks)]
 
 
+def document_kwargs(docs: DocumentBatch | None, rows: slice | None = None) -> dict[str, torch.Tensor | None]:
+    """MoETransformer.forward / loss keyword arguments of a batch's documents (of `rows`); {} without any."""
+    if docs is None:
+        return {}
+    if rows is not None:
+        docs = docs.rows(rows)
+    return {"documents_bs": docs.documents_bs, "positions_bs": docs.positions_bs}
+
+
 @dataclass
 class TrainResult:
     losses: list[float]
@@ -89,7 +99,7 @@ class InProcessTrainer:
 
     def __init__(self, cfg: RuntimeConfig):
         self.cfg = cfg
-        self.corpus = load_corpus(cfg.data)
+        self.corpus = load_training_corpus(cfg.data, cfg.model)
         t = cfg.train
         self.loader = BatchLoader(self.corpus, t.batch_size, t.seq_len, seed=t.seed)
         self.model: MoETransformer = build_model(cfg.model, seed=t.seed)
@@ -106,11 +116,12 @@ class InProcessTrainer:
         t = self.cfg.train
         self.model.train()
         inputs, targets = self.loader.batch(step)
+        docs = self.corpus.documents(inputs)  # None for the stdlib corpus
         self.opt.zero_grad(set_to_none=True)
         lm_total, aux_total = 0.0, 0.0
         load = torch.zeros(self.cfg.model.num_layers, self.cfg.model.num_experts, dtype=torch.long)
         for rows in self.chunks:
-            loss, ce = self.model.loss(inputs[rows], targets[rows])
+            loss, ce = self.model.loss(inputs[rows], targets[rows], **document_kwargs(docs, rows))
             (loss / len(self.chunks)).backward()
             lm_total += ce.item() / len(self.chunks)
             aux_total += (loss - ce).item() / len(self.chunks)
@@ -130,7 +141,7 @@ class InProcessTrainer:
         self.model.eval()
         t = self.cfg.train
         batches = val_batches(self.corpus, t.val_batches, t.batch_size, t.seq_len)
-        losses = [self.model.loss(x, y)[1].item() for x, y in batches]
+        losses = [self.model.loss(x, y, **document_kwargs(self.corpus.documents(x)))[1].item() for x, y in batches]
         return sum(losses) / len(losses)
 
     def run(self, steps: int, progress: ProgressFn | None = None) -> TrainResult:

@@ -4,7 +4,9 @@ replicas of the same experts, so a request with a live replica for every expert 
 One `Failover` per router worker, shared by its RemoteDispatchers: the actors found down (UNAVAILABLE, a deadline,
 or FAILED_PRECONDITION: a restarted server without its shards) are remembered until the driver re-wires the worker
 (`reset`), and later forwards route around them without trying them first. An expert whose every replica is down
-fails the forward with an error naming the actor, the layer and the experts (transport.on_expert_failure = fail).
+fails the forward with an error naming the actor, the layer and the experts (transport.on_expert_failure = fail);
+with `mask` the router worker catches that error, excludes the experts `lost_experts` names from routing in every
+layer (the routers' expert_alive) and runs the forward again (runtime/expert_mask.py).
 
 Only inference: a training forward keeps activations on the actor it reached for its backward, so training
 recovers at the step level (runtime/recovery.py) instead.
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import grpc
@@ -25,11 +27,12 @@ from moe_runtime.dispatch.codec import FrameError, decode_frame, encode_frame
 from moe_runtime.dispatch.fanout import ExpertCall, fan_out
 from moe_runtime.model.device import HostStaging
 from moe_runtime.model.plan import DispatchPlan
+from moe_runtime.placement import Placement
 
 if TYPE_CHECKING:
     from moe_runtime.dispatch.remote import RemoteDispatcher, _Exchange
 
-__all__ = ["DOWN_CODES", "ExpertsUnavailable", "Failover"]
+__all__ = ["DOWN_CODES", "ExpertsUnavailable", "Failover", "lost_experts"]
 
 # statuses that mean "this actor cannot answer now", as opposed to a bad request
 DOWN_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.FAILED_PRECONDITION,
@@ -44,10 +47,22 @@ class ExpertsUnavailable(ExpertCallError):
         super().__init__(address, method, layer, step, code, details)
 
 
+def lost_experts(placement: Placement, down: Iterable[int]) -> dict[int, list[int]]:
+    """layer -> the experts whose every replica is on a down actor (none: the layer is absent)."""
+    dead = set(down)
+    out: dict[int, list[int]] = {}
+    for layer, replicas in enumerate(placement.replicas):
+        lost = [e for e, actors in enumerate(replicas) if all(a in dead for a in actors)]
+        if lost:
+            out[layer] = lost
+    return out
+
+
 class Failover:
     """The actors a router worker found down, and re-routing around them."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_expert_failure: str = "fail") -> None:
+        self.on_expert_failure = on_expert_failure  # named in the error; "mask": the router worker re-routes
         self._lock = threading.Lock()
         self._down: dict[int, str] = {}  # actor -> why
         self.rerouted_calls = 0  # forwards that went around a down actor
@@ -111,7 +126,8 @@ class Failover:
                              for a, es in sorted(lost.items()))  # fmt: skip
             raise ExpertsUnavailable(
                 disp.clients[min(lost)].address, "Dispatch", layer, exchange.step, grpc.StatusCode.UNAVAILABLE,
-                f"layer {layer}: {what}; no live replica to fail over to (transport.on_expert_failure = fail)",
+                f"layer {layer}: {what}; no live replica to fail over to (transport.on_expert_failure = "
+                f"{self.on_expert_failure})",
             )
         staging = HostStaging.shared(x_nd.device)
         x_host = staging.to_host(x_nd.detach(), disp.wire_dtype)

@@ -184,6 +184,8 @@ class Engine:
                 raise ValueError(f"request {r.request_id}: stop strings need a detokenizer (none given)")
 
     def _accept(self, seqs: Sequence[_Sequence], logits_bv: torch.Tensor) -> list[TokenEvent]:
+        if all(s.request.params.greedy for s in seqs):  # one argmax for the batch (first maximum, as per row)
+            return [self._append(s, t) for s, t in zip(seqs, logits_bv.argmax(-1).tolist())]
         return [self._append(s, sample_token(logits_bv[i], s.request.params, s.generator))
                 for i, s in enumerate(seqs)]
 

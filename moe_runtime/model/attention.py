@@ -21,7 +21,7 @@ numbers of a full forward over the whole sequence.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -108,8 +108,12 @@ def apply_partial_rope_at(
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
     """NeoX rotate-half on the first rotary_dim channels; cos/sin broadcast against x[..., :rotary_dim]."""
     compute = torch.promote_types(x.dtype, torch.float32)
-    xr = x[..., :rotary_dim].to(compute)
+    xr = x[..., :rotary_dim]
     half = rotary_dim // 2
+    if x.dtype == compute == cos.dtype == sin.dtype:  # no casts to call (each a no-op dispatch otherwise)
+        out = xr * cos + torch.cat((-xr[..., half:], xr[..., :half]), dim=-1) * sin
+        return torch.cat((out, x[..., rotary_dim:]), dim=-1)
+    xr = xr.to(compute)
     rotated = torch.cat((-xr[..., half:], xr[..., :half]), dim=-1)  # rotate_half
     out = xr * cos.to(compute) + rotated * sin.to(compute)
     return torch.cat((out.to(x.dtype), x[..., rotary_dim:]), dim=-1)
@@ -186,15 +190,35 @@ class LocalizedFilter(nn.Module):
         at each row's last two real positions)."""
         _check_input(x_bsd, self.hidden_size, "LocalizedFilter")
         window = torch.cat((inputs_b2d, x_bsd), dim=1)  # [B, 2+S, d]: positions start-2 .. start+S-1
-        y = self.conv1(window.transpose(1, 2))  # [B, d/2, S+1]: y at positions start-1 .. start+S-1
+        # Each kernel-2 conv as one linear over [previous | current] features: CPU conv1d on a few columns is
+        # 3-6x slower than the matmul (equal up to fp32 rounding)
+        y = F.linear(_pairs(window), _conv_as_linear(self.conv1), self.conv1.bias)  # [B, S+1, d/2]: start-1..
         if step.has_past_b11 is not None:
-            y[:, :, :1] *= step.has_past_b11  # y_{-1} is the second conv's zero padding, not conv1's bias
-        z = self.conv2(y)  # [B, d, S]
-        u = self.norm(z.transpose(1, 2) + x_bsd)
+            y[:, :1] *= step.has_past_b11  # y_{-1} is the second conv's zero padding, not conv1's bias
+        z = F.linear(_pairs(y), _conv_as_linear(self.conv2), self.conv2.bias)  # [B, S, d]
+        u = self.norm(z + x_bsd)
         if step.lfa_tail_b2 is None:
             return u, window[:, -2:]
         tail = step.lfa_tail_b2.unsqueeze(-1).expand(-1, -1, window.shape[-1])  # window columns n, n+1
         return u, window.gather(1, tail)
+
+
+def _pairs(x_bsc: torch.Tensor) -> torch.Tensor:
+    """[B, S, C] -> [B, S-1, 2C]: each position's features after its predecessor's."""
+    return torch.cat((x_bsc[:, :-1], x_bsc[:, 1:]), dim=-1)
+
+
+def _conv_as_linear(conv: nn.Conv1d) -> torch.Tensor:
+    """A kernel-2 Conv1d's weight [out, in, 2] as a linear weight [out, 2*in] over `_pairs` (previous tap
+    first), rebuilt only when the weight changes (a load, a training step)."""
+    w = conv.weight
+    key = (w.data_ptr(), w._version, w.dtype, w.device)
+    cached = getattr(conv, "_as_linear", None)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, w.detach().permute(0, 2, 1).reshape(w.shape[0], -1).clone())
+        conv._as_linear = cached
+    return cached[1]
 
 
 # ----------------------------------------------------------------------------------------------- attention
@@ -216,34 +240,76 @@ def _linear(d_in: int, d_out: int, std: float) -> nn.Linear:
     return lin
 
 
+@dataclass(frozen=True, eq=False)
+class DocumentMask:
+    """Rows packed with several documents (full-sequence forward only): a query attends the keys of its own
+    document up to itself (the HF code's reset_attention_mask), optionally with positions restarting per document.
+    Built once per forward from the batch's document ids, read by every layer."""
+
+    mask_b1ss: torch.Tensor  # [B, 1, S, S] bool: query i sees key j iff j <= i and both are in the same document
+    positions_bs: torch.Tensor | None  # [B, S] long rope positions; None = 0..S-1 in every row
+    table_len: int  # rotary table rows needed: max(S, the largest position + 1)
+
+    @classmethod
+    def build(cls, documents_bs: torch.Tensor, positions_bs: torch.Tensor | None = None) -> DocumentMask:
+        if documents_bs.dim() != 2:
+            raise ValueError(f"documents has shape {list(documents_bs.shape)}: expected [batch, seq]")
+        if positions_bs is not None and positions_bs.shape != documents_bs.shape:
+            raise ValueError(f"positions has shape {list(positions_bs.shape)}: expected the documents' "
+                             f"{list(documents_bs.shape)}")
+        s = documents_bs.shape[1]
+        causal_ss = torch.ones(s, s, dtype=torch.bool, device=documents_bs.device).tril()
+        same_bss = documents_bs[:, :, None] == documents_bs[:, None, :]
+        table_len = s
+        if positions_bs is not None:
+            lo, hi = (int(v) for v in positions_bs.aminmax())  # one sync per forward, not per layer
+            if lo < 0:
+                raise ValueError(f"positions: {lo} is negative; expected positions >= 0")
+            table_len = max(s, hi + 1)
+        return cls((same_bss & causal_ss)[:, None], positions_bs, table_len)
+
+
 def _causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary: RotaryCache, rotary_dim: int
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary: RotaryCache, rotary_dim: int,
+    docs: DocumentMask | None = None,
 ) -> torch.Tensor:
-    """q, k, v [B, H, S, Dh] -> [B, S, H*Dh]: partial rope on q and k, causal softmax(q k^T / sqrt(Dh)) v."""
+    """q, k, v [B, H, S, Dh] -> [B, S, H*Dh]: partial rope on q and k, causal softmax(q k^T / sqrt(Dh)) v
+    (with `docs`: within each document, at its positions)."""
     b, h, s, dh = q.shape
-    cos, sin = rotary(s, q.device)
-    q = apply_partial_rope(q, cos, sin, rotary_dim)
-    k = apply_partial_rope(k, cos, sin, rotary_dim)
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=dh**-0.5)
+    cos, sin = rotary(s if docs is None else docs.table_len, q.device)
+    if docs is not None and docs.positions_bs is not None:
+        q = apply_partial_rope_at(q, cos, sin, docs.positions_bs, rotary_dim)
+        k = apply_partial_rope_at(k, cos, sin, docs.positions_bs, rotary_dim)
+    else:
+        q = apply_partial_rope(q, cos, sin, rotary_dim)
+        k = apply_partial_rope(k, cos, sin, rotary_dim)
+    if docs is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=dh**-0.5)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=docs.mask_b1ss, scale=dh**-0.5)
     return out.transpose(1, 2).reshape(b, s, h * dh)
 
 
 def _cached_causal_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
+    qk: torch.Tensor,
     v: torch.Tensor,
     rotary: RotaryCache,
     rotary_dim: int,
     cache: LayerKVCache,
     step: CacheStep,
+    interleaved: bool,
 ) -> torch.Tensor:
     """`_causal_attention` for new tokens continuing cached rows: rope at each row's positions, keys/values
-    appended to the cache, each query attends the row's cached keys and the new ones up to itself."""
-    b, h, s, dh = q.shape
-    cos, sin = rotary(step.table_len, q.device)
-    # q and k rotated in one pass: a decode step is dominated by per-op overhead, not arithmetic
-    qk = apply_partial_rope_at(torch.cat((q, k), dim=1), cos, sin, step.positions_bs, rotary_dim)
-    q, k = qk[:, :h], qk[:, h:]
+    appended to the cache, each query attends the row's cached keys and the new ones up to itself.
+
+    qk [B, 2H, S, Dh]: queries and keys together, rotated in one pass (a decode step is per-op overhead, not
+    arithmetic), heads q0..q(H-1) then k0..k(H-1), or `interleaved` q0, k0, q1, k1, ... (LFA's per-head layout,
+    a view of its projection: no copy); v [B, H, S, Dh]."""
+    b, h, s, dh = v.shape
+    if rotary_dim:
+        cos_b1sr, sin_b1sr = _step_rope_rows(rotary, step, qk.device)
+        qk = _rotate(qk, cos_b1sr, sin_b1sr, rotary_dim)
+    q, k = (qk[:, 0::2], qk[:, 1::2]) if interleaved else (qk[:, :h], qk[:, h:])
     keys, values = cache.append(k, v, step)
     out = F.scaled_dot_product_attention(
         q, keys, values, attn_mask=step.key_mask_b1sl, is_causal=step.causal, scale=dh**-0.5
@@ -251,9 +317,23 @@ def _cached_causal_attention(
     return out.transpose(1, 2).reshape(b, s, h * dh)
 
 
-def _check_cache_args(cache: LayerKVCache | None, step: CacheStep | None, who: str) -> None:
+def _step_rope_rows(rotary: RotaryCache, step: CacheStep, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin rows [B, 1, S, r] at the step's positions, gathered once per step: every layer's table is the same
+    function of (rotary_dim, base, mode), so the layers share the rows."""
+    key = (rotary.rotary_dim, rotary.base, rotary.mode, device)
+    rows = step.rope_rows.get(key)
+    if rows is None:
+        cos, sin = rotary(step.table_len, device)
+        rows = step.rope_rows[key] = (cos[step.positions_bs].unsqueeze(1), sin[step.positions_bs].unsqueeze(1))
+    return rows
+
+
+def _check_cache_args(cache: LayerKVCache | None, step: CacheStep | None, who: str,
+                      docs: DocumentMask | None = None) -> None:  # fmt: skip
     if (cache is None) != (step is None):
         raise ValueError(f"{who}: a cached forward needs both the layer cache and the step (got one of them)")
+    if docs is not None and cache is not None:
+        raise ValueError(f"{who}: document masks are for a full-sequence forward, not a cached one")
 
 
 class LFAAttention(nn.Module):
@@ -275,12 +355,14 @@ class LFAAttention(nn.Module):
         self.rotary = RotaryCache(cfg.rotary_dim, cfg.rope_base, cfg.max_seq_len, cfg.rope)
 
     def forward(
-        self, x: torch.Tensor, cache: LayerKVCache | None = None, step: CacheStep | None = None
+        self, x: torch.Tensor, cache: LayerKVCache | None = None, step: CacheStep | None = None,
+        docs: DocumentMask | None = None,
     ) -> torch.Tensor:
-        """Without a cache: the whole sequence. With (cache, step): new tokens continuing the cached rows; the
-        cache gets their keys, values and LFA inputs."""
+        """Without a cache: the whole sequence (`docs`: packed documents; the filter is not reset at a boundary,
+        as in the HF training forward). With (cache, step): new tokens continuing the cached rows; the cache gets
+        their keys, values and LFA inputs."""
         _check_input(x, self.hidden_size, "LFAAttention")
-        _check_cache_args(cache, step, "LFAAttention")
+        _check_cache_args(cache, step, "LFAAttention", docs)
         b, s, _ = x.shape
         h, dh = self.num_heads, self.head_dim
         v = self.v_proj(x).view(b, s, h, dh).transpose(1, 2)
@@ -289,10 +371,12 @@ class LFAAttention(nn.Module):
         else:
             u, cache.lfa_inputs_b2d = self.lfa.forward_cached(x, cache.lfa_inputs_b2d, step)
         qk = self.qk_proj(u).view(b, s, h, 2 * dh)
+        if cache is not None:  # a [B, 2H, S, Dh] view: heads q0, k0, q1, k1, ...
+            qk_b2hsd = qk.view(b, s, 2 * h, dh).transpose(1, 2)
+            return self.o_proj(_cached_causal_attention(qk_b2hsd, v, self.rotary, self.rotary_dim, cache, step,
+                                                        interleaved=True))
         q, k = (t.transpose(1, 2) for t in qk.split(dh, dim=-1))  # per head: first Dh = q, last Dh = k
-        if cache is None:
-            return self.o_proj(_causal_attention(q, k, v, self.rotary, self.rotary_dim))
-        return self.o_proj(_cached_causal_attention(q, k, v, self.rotary, self.rotary_dim, cache, step))
+        return self.o_proj(_causal_attention(q, k, v, self.rotary, self.rotary_dim, docs))
 
 
 class CausalSelfAttention(nn.Module):
@@ -309,17 +393,19 @@ class CausalSelfAttention(nn.Module):
         self.rotary = RotaryCache(cfg.rotary_dim, cfg.rope_base, cfg.max_seq_len, cfg.rope)
 
     def forward(
-        self, x: torch.Tensor, cache: LayerKVCache | None = None, step: CacheStep | None = None
+        self, x: torch.Tensor, cache: LayerKVCache | None = None, step: CacheStep | None = None,
+        docs: DocumentMask | None = None,
     ) -> torch.Tensor:
         """Like LFAAttention.forward (the cache holds keys and values only)."""
         _check_input(x, self.hidden_size, "CausalSelfAttention")
-        _check_cache_args(cache, step, "CausalSelfAttention")
+        _check_cache_args(cache, step, "CausalSelfAttention", docs)
         b, s, _ = x.shape
         h, dh = self.num_heads, self.head_dim
         q, k, v = (p(x).view(b, s, h, dh).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         if cache is None:
-            return self.o_proj(_causal_attention(q, k, v, self.rotary, self.rotary_dim))
-        return self.o_proj(_cached_causal_attention(q, k, v, self.rotary, self.rotary_dim, cache, step))
+            return self.o_proj(_causal_attention(q, k, v, self.rotary, self.rotary_dim, docs))
+        return self.o_proj(_cached_causal_attention(torch.cat((q, k), dim=1), v, self.rotary, self.rotary_dim,
+                                                    cache, step, interleaved=False))
 
 
 def build_attention(cfg: ModelConfig) -> nn.Module:
@@ -358,6 +444,7 @@ class CacheStep:
     lfa_tail_b2: torch.Tensor | None  # [B, 2]: num_new + (0, 1), the last two real filter inputs; None: no padding
     key_len: int  # L = max(start + num_new): the cache prefix the attention reads
     table_len: int  # rotary table rows needed: max(start) + S
+    rope_rows: dict = field(default_factory=dict, repr=False)  # cos/sin rows at positions_bs, filled by layer 0
 
     @property
     def padded(self) -> bool:
@@ -412,15 +499,15 @@ class LayerKVCache:
         self, k_bhsd: torch.Tensor, v_bhsd: torch.Tensor, step: CacheStep
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the real new tokens' keys/values at their positions; return the first key_len slots (views)."""
-        if step.writes_n is None:
+        if step.writes_n is None:  # narrow + copy_: the slice assignment's copy without its indexing overhead
             lo = step.start[0]
-            self.k_bhcd[:, :, lo : lo + step.seq_len] = k_bhsd
-            self.v_bhcd[:, :, lo : lo + step.seq_len] = v_bhsd
+            self.k_bhcd.narrow(2, lo, step.seq_len).copy_(k_bhsd)
+            self.v_bhcd.narrow(2, lo, step.seq_len).copy_(v_bhsd)
         else:
             rows, slots, cols = step.writes_n
             self.k_bhcd[rows, :, slots] = k_bhsd[rows, :, cols]
             self.v_bhcd[rows, :, slots] = v_bhsd[rows, :, cols]
-        return self.k_bhcd[:, :, : step.key_len], self.v_bhcd[:, :, : step.key_len]
+        return self.k_bhcd.narrow(2, 0, step.key_len), self.v_bhcd.narrow(2, 0, step.key_len)
 
     def rows(self, idx_n: torch.Tensor) -> LayerKVCache:
         lfa = None if self.lfa_inputs_b2d is None else self.lfa_inputs_b2d.index_select(0, idx_n)

@@ -23,6 +23,10 @@ import torch
 from moe_runtime.placement import Placement, split_over_replicas
 
 
+# Up to this many token copies (T*k) a plan is built from Python lists (`_build_small`): a decode step's tokens.
+SMALL_PLAN_COPIES = 16
+
+
 def _expert_offsets(expert_counts: list[int]) -> list[int]:
     out, acc = [], 0
     for n in expert_counts:
@@ -89,6 +93,8 @@ class DispatchPlan:
             raise ValueError(f"layer = {layer}: placement has {placement.num_layers} layers")
         num_tokens, top_k = expert_ids_tk.shape
         num_experts = placement.num_experts
+        if mask_tk is None and num_tokens * top_k <= SMALL_PLAN_COPIES:
+            return cls._build_small(expert_ids_tk, placement, layer)
         flat = expert_ids_tk.reshape(-1).to(torch.long)
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= num_experts):
             raise ValueError(f"expert_ids out of range [0, {num_experts}): min {int(flat.min())}, max {int(flat.max())}")
@@ -127,6 +133,40 @@ class DispatchPlan:
             expert_counts=counts,
         )
 
+    @classmethod
+    def _build_small(cls, expert_ids_tk: torch.Tensor, placement: Placement, layer: int) -> DispatchPlan:
+        """`build` for a few copies (a decode step): the same plan from plain Python lists, one host read of the
+        ids instead of argsort / bincount / min / max round trips, which dominate at a handful of tokens."""
+        num_tokens, top_k = expert_ids_tk.shape
+        num_experts = placement.num_experts
+        flat = expert_ids_tk.reshape(-1).to(torch.long).tolist()
+        if flat and (min(flat) < 0 or max(flat) >= num_experts):
+            raise ValueError(f"expert_ids out of range [0, {num_experts}): min {min(flat)}, max {max(flat)}")
+        counts = [0] * num_experts
+        for e in flat:
+            counts[e] += 1
+        by_expert = sorted(range(len(flat)), key=flat.__getitem__)  # stable, as argsort(stable=True)
+        src_start = _expert_offsets(counts)
+        taken: dict[int, int] = {}
+        segments, order = [], []
+        for actor, expert, c in split_over_replicas(counts, placement.replicas[layer]):
+            s = src_start[expert] + taken.get(expert, 0)
+            taken[expert] = taken.get(expert, 0) + c
+            segments.append(Segment(actor, expert, len(order), c))
+            order += by_expert[s : s + c]
+        device = expert_ids_tk.device
+        return cls(
+            layer=layer,
+            num_tokens=num_tokens,
+            top_k=top_k,
+            num_experts=num_experts,
+            placement_version=placement.version,
+            order=torch.tensor(order, dtype=torch.long, device=device),
+            token_index=torch.tensor([n // top_k for n in order], dtype=torch.long, device=device),
+            segments=tuple(segments),
+            expert_counts=torch.tensor(counts, dtype=torch.long, device=device),
+        )
+
     @property
     def num_copies(self) -> int:
         """Token copies sent to experts: T*k for fixed top-k, the real slots with a mask."""
@@ -148,6 +188,8 @@ class DispatchPlan:
 
     def combine(self, y_nd: torch.Tensor, weights_tk: torch.Tensor) -> torch.Tensor:
         """Expert outputs in plan order, weighted by their gates, summed back per token: [num_copies, d] -> [T, d]."""
-        gate_n = weights_tk.reshape(-1).index_select(0, self.order).to(y_nd.dtype)
+        gate_n = weights_tk.reshape(-1).index_select(0, self.order)
+        if gate_n.dtype != y_nd.dtype:
+            gate_n = gate_n.to(y_nd.dtype)
         out = y_nd.new_zeros(self.num_tokens, y_nd.shape[-1])
         return out.index_add(0, self.token_index, y_nd * gate_n.unsqueeze(-1))

@@ -6,10 +6,12 @@ logits_i = sum_j S[i, j] v_j. Computed in fp32. Top-k logits, gates = softmax ov
 
 Which experts a token takes is the routing rule (model/routing.py: topk, grouped, top_p, node_limited), the same
 for both routers. Node-limited routing needs the expert -> node map: `set_expert_nodes` whenever it changes.
+Serving around dead experts: `set_expert_alive` (the rule runs over the live experts only).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,8 +21,10 @@ from torch import nn
 from moe_runtime.model.routing import (
     RoutingSpec,
     Selection,
+    check_expert_alive,
     check_expert_nodes,
     entropy_loss,
+    mask_dead,
     select_grouped,
     select_node_limited,
     select_top_p,
@@ -69,11 +73,27 @@ class _Router(nn.Module):
             raise ValueError(f"routing.top_k = {self.routing.top_k}: must equal the router's top_k ({top_k})")
         self.routing.check(num_experts)
         self.expert_nodes_e: torch.Tensor | None = None  # node_limited: node of each expert
+        self.expert_alive_e: torch.Tensor | None = None  # [E] bool, None = all alive (serving around dead experts)
 
     def set_expert_nodes(self, expert_nodes: tuple[int, ...] | list[int]) -> None:
         """The expert -> node map node-limited routing selects by (call again when the placement changes)."""
         check_expert_nodes(expert_nodes, self.num_experts, self.top_k, self.routing.max_nodes)
         self.expert_nodes_e = torch.tensor(list(expert_nodes), dtype=torch.long)
+
+    def set_expert_alive(self, alive: Sequence[bool] | torch.Tensor | None) -> None:
+        """Route only to the live experts (model/routing.py, masked experts); None or all alive = no mask. Set by
+        the runtime while an expert has no live replica (serving, transport.on_expert_failure = mask)."""
+        if alive is None:
+            self.expert_alive_e = None
+            return
+        flags = [bool(a) for a in (alive.tolist() if isinstance(alive, torch.Tensor) else alive)]
+        nodes = None if self.expert_nodes_e is None else self.expert_nodes_e.tolist()
+        check_expert_alive(flags, self.routing, self.num_experts, nodes)
+        self.expert_alive_e = None if all(flags) else torch.tensor(flags, dtype=torch.bool)
+
+    def masked_experts(self) -> list[int]:
+        """The experts routing excludes now (set_expert_alive)."""
+        return [] if self.expert_alive_e is None else (~self.expert_alive_e).nonzero().flatten().tolist()
 
     def logits(self, x_td: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -83,7 +103,8 @@ class _Router(nn.Module):
         if r.kind == "grouped":
             return select_grouped(probs_te, r.top_k, r.groups)
         if r.kind == "top_p":
-            return select_top_p(probs_te, r.top_p, r.slots(self.num_experts))
+            alive = None if self.expert_alive_e is None else self.expert_alive_e.to(probs_te.device)
+            return select_top_p(probs_te, r.top_p, r.slots(self.num_experts), alive)
         if r.kind == "node_limited":
             if self.expert_nodes_e is None:
                 raise RuntimeError("node_limited routing: no expert -> node map; call set_expert_nodes (the "
@@ -94,6 +115,8 @@ class _Router(nn.Module):
 
     def forward(self, x_td: torch.Tensor) -> RouterOutput:
         logits_te = self.logits(x_td)  # fp32
+        if self.expert_alive_e is not None:  # serving around dead experts: every rule runs over the live ones
+            logits_te = mask_dead(logits_te, self.expert_alive_e)
         if self.routing.kind == "topk":  # the original path, bit for bit
             expert_ids, gates = top_k_gates(logits_te, self.top_k)
             probs = torch.softmax(logits_te, dim=-1)
@@ -118,6 +141,8 @@ class AttentionRouter(_Router):
     def logits(self, x_td: torch.Tensor) -> torch.Tensor:
         q, k, v = (x_td.float() @ self.wqkv.float().t()).chunk(3, dim=-1)  # [T, E] each
         scores_tee = q.unsqueeze(-1) * k.unsqueeze(-2)  # A[t, i, j] = q_i k_j
+        if not torch.is_grad_enabled():  # the bmm einsum runs, without its Python planning (decode steps)
+            return torch.bmm(torch.softmax(scores_tee, dim=-1), v.unsqueeze(-1)).squeeze(-1)
         return torch.einsum("tij,tj->ti", torch.softmax(scores_tee, dim=-1), v)
 
 

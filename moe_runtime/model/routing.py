@@ -16,6 +16,13 @@
   explicitly whenever the placement changes.
 
 Every rule returns ids in descending gate order within a token.
+
+Masked experts (serving with transport.on_expert_failure = mask: an expert whose every replica is down): the router
+sets the dead experts' logits to -inf before the rule runs (`mask_dead`), so every rule runs over the live experts
+only: topk and node_limited gates are the softmax over the chosen live logits (renormalised over them, as hivemind
+does with the experts that answered); grouped and top_p take the softmax over the live experts (their rules do not
+renormalise over the chosen ones; the dead experts' mass goes to the live ones). `check_expert_alive` refuses a
+mask that leaves a rule fewer experts than it must take (fewer than k alive; a group with fewer than k/G).
 """
 
 from __future__ import annotations
@@ -102,11 +109,13 @@ def select_grouped(probs_te: torch.Tensor, k: int, groups: int) -> Selection:
     return Selection(ids, gates, None)
 
 
-def select_top_p(probs_te: torch.Tensor, p: float, k_max: int) -> Selection:
+def select_top_p(probs_te: torch.Tensor, p: float, k_max: int, alive_e: torch.Tensor | None = None) -> Selection:
     gates, ids = torch.topk(probs_te, k_max, dim=-1, sorted=True)
     mass_before = torch.cumsum(gates, dim=-1) - gates  # mass of the better experts before each slot
     mask = mass_before < p  # smallest prefix reaching p; slot 0 always (mass_before = 0 < p)
     mask[:, 0] = True
+    if alive_e is not None:  # a dead expert (probability 0) fills a slot past the live ones: never a real one
+        mask &= alive_e[ids]
     ids = torch.where(mask, ids, ids[:, :1])
     return Selection(ids, gates * mask, mask)
 
@@ -124,6 +133,36 @@ def select_node_limited(logits_te: torch.Tensor, probs_te: torch.Tensor, k: int,
         logits_te = logits_te.masked_fill(~allowed_te, float("-inf"))
     ids, gates = top_k_gates(logits_te, k)
     return Selection(ids, gates, None)
+
+
+def mask_dead(logits_te: torch.Tensor, alive_e: torch.Tensor) -> torch.Tensor:
+    """Logits with the dead experts' at -inf: no rule picks them, every softmax gives them 0."""
+    return logits_te.masked_fill(~alive_e.to(logits_te.device), float("-inf"))
+
+
+def check_expert_alive(alive: Sequence[bool], spec: RoutingSpec, num_experts: int,
+                       expert_nodes: Sequence[int] | None = None) -> None:  # fmt: skip
+    """Every token must still find the experts its rule takes among the live ones."""
+    if len(alive) != num_experts:
+        raise ValueError(f"expert_alive has {len(alive)} entries: expected num_experts ({num_experts})")
+    live = [e for e in range(num_experts) if alive[e]]
+    dead = [e for e in range(num_experts) if not alive[e]]
+    need = 1 if spec.kind == "top_p" else spec.top_k
+    if len(live) < need:
+        raise ValueError(f"expert_alive: {len(live)} of {num_experts} experts alive (dead {dead}), fewer than "
+                         f"{'the 1 top_p routing takes' if spec.kind == 'top_p' else f'top_k = {spec.top_k}'}")
+    if spec.kind == "grouped":
+        per_group = spec.top_k // spec.groups
+        for g, members in enumerate(expert_groups(num_experts, spec.groups)):
+            n = sum(1 for e in members if alive[e])
+            if n < per_group:
+                raise ValueError(f"expert_alive: group {g} (experts {members[0]}..{members[-1]}) has {n} live "
+                                 f"experts, fewer than top_k / routing_groups = {per_group} (dead {dead})")
+    if spec.kind == "node_limited" and expert_nodes is not None:
+        try:
+            check_expert_nodes([expert_nodes[e] for e in live], len(live), spec.top_k, spec.max_nodes)
+        except ValueError as err:
+            raise ValueError(f"expert_alive: with experts {dead} dead, {err}") from None
 
 
 def check_expert_nodes(expert_nodes: Sequence[int], num_experts: int, k: int, max_nodes: int) -> None:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_runtime.config import ModelConfig
-from moe_runtime.model.attention import CacheStep, KVCache, LayerKVCache, build_attention
+from moe_runtime.model.attention import CacheStep, DocumentMask, KVCache, LayerKVCache, build_attention
 from moe_runtime.model.experts import SwiGLUExperts
 from moe_runtime.model.moe_layer import Dispatcher, LocalDispatcher, MoELayer, StepContext
 from moe_runtime.model.norm import RMSNorm
@@ -65,8 +65,9 @@ class DecoderLayer(nn.Module):
         ctx: StepContext | None = None,
         kv: LayerKVCache | None = None,
         step: CacheStep | None = None,
+        docs: DocumentMask | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        h = x_bsd + self.attn(self.attn_norm(x_bsd), kv, step)
+        h = x_bsd + self.attn(self.attn_norm(x_bsd), kv, step, docs)
         m_bsd = self.moe_norm(h)
         if step is None or not step.padded:
             y, aux = self.moe(m_bsd, ctx)
@@ -100,12 +101,16 @@ class MoETransformer(nn.Module):
         cache: KVCache | None = None,
         num_new: Sequence[int] | torch.Tensor | None = None,
         last_logits_only: bool = False,
+        documents_bs: torch.Tensor | None = None,
+        positions_bs: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Logits [B, S, V]; with last_logits_only, [B, 1, V] at each row's last real token.
 
         `ctx`: the step and micro-batch, passed to every MoE layer's dispatcher (remote ones need it).
         `cache`: tokens_bs continues the cache's rows (right-padded: row b has num_new[b] real tokens, all S by
         default) and the cache is extended in place. Inference only (run under torch.no_grad()).
+        `documents_bs` [B, S]: rows packed with documents (data_files.py): attention stays inside each
+        document; `positions_bs` [B, S]: rope positions (e.g. restarting per document). Full-sequence only.
         """
         if tokens_bs.dim() != 2:
             raise ValueError(f"tokens has shape {list(tokens_bs.shape)}: expected [batch, seq]")
@@ -124,10 +129,23 @@ class MoETransformer(nn.Module):
             elif isinstance(num_new, torch.Tensor):
                 num_new = num_new.tolist()
             step = cache.begin(num_new, s, tokens_bs.device)
+        docs = None
+        if documents_bs is not None or positions_bs is not None:
+            if cache is not None:
+                raise ValueError("documents / positions with a cache: document masks are for a full-sequence "
+                                 "forward")
+            if documents_bs is None:
+                raise ValueError("positions without documents: pass documents_bs (one document per row: zeros)")
+            if documents_bs.shape != tokens_bs.shape:
+                raise ValueError(f"documents has shape {list(documents_bs.shape)}: expected the tokens' "
+                                 f"{list(tokens_bs.shape)}")
+            docs = DocumentMask.build(documents_bs, positions_bs)
+            if docs.table_len > self.cfg.max_seq_len:
+                raise ValueError(f"positions reach {docs.table_len - 1}: exceeds max_seq_len {self.cfg.max_seq_len}")
         x = self.embed(tokens_bs)
         aux = x.new_zeros((), dtype=torch.float32)
         for i, layer in enumerate(self.layers):
-            x, layer_aux = layer(x, ctx, None if cache is None else cache.layers[i], step)
+            x, layer_aux = layer(x, ctx, None if cache is None else cache.layers[i], step, docs)
             aux = aux + layer_aux
         if cache is not None:
             cache.advance(step)
@@ -142,10 +160,11 @@ class MoETransformer(nn.Module):
         w = self.embed.weight
         return KVCache.allocate(self.cfg, batch_size, capacity, w.dtype, w.device)
 
-    def loss(self, tokens_bs: torch.Tensor, targets_bs: torch.Tensor,
-             ctx: StepContext | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """(total loss = cross entropy + aux, cross entropy alone)."""
-        out = self.forward(tokens_bs, ctx)
+    def loss(self, tokens_bs: torch.Tensor, targets_bs: torch.Tensor, ctx: StepContext | None = None, *,
+             documents_bs: torch.Tensor | None = None,
+             positions_bs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(total loss = cross entropy + aux, cross entropy alone); documents / positions as in forward."""
+        out = self.forward(tokens_bs, ctx, documents_bs=documents_bs, positions_bs=positions_bs)
         ce = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(), targets_bs.reshape(-1))
         return ce + out.aux_loss, ce
 

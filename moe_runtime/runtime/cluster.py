@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from moe_runtime.config import ModelConfig, RuntimeConfig, load_config
-from moe_runtime.data import load_corpus, val_batches
+from moe_runtime.data import val_batches
+from moe_runtime.data_files import DocumentBatch, load_training_corpus
 from moe_runtime.model.transformer import expert_param_name
 from moe_runtime.placement import Placement, ShardKey, split_over_replicas
 from moe_runtime.records import TimingMeans
@@ -86,6 +87,7 @@ class Cluster:
         self._healer: Any = None  # a background heal thread (forward found actors down)
         self.last_heal: failover.HealReport | None = None
         self.last_heal_error: str | None = None
+        self.last_degraded: list[list[int]] = []  # (layer, expert) masked in the last forward / generate (mask mode)
         self.steps_rerun = 0  # failed steps re-run from live replicas, without a rollback (replica_recovery.py)
         self.hf_load = launched.hf_load  # hf_loading.LoadReport: what went where, when model.checkpoint was loaded
 
@@ -134,20 +136,26 @@ class Cluster:
 
     # ================================================================== inference
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits [B, S, V] for tokens [B, S]; rows are split over the router workers."""
+    def forward(self, tokens: torch.Tensor, docs: DocumentBatch | None = None) -> torch.Tensor:
+        """Logits [B, S, V] for tokens [B, S]; rows are split over the router workers. `docs`: packed documents
+        of the rows (data_files.py). With transport.on_expert_failure = mask, experts with no live replica are
+        routed around (runtime/expert_mask.py) and `last_degraded` lists them as [layer, expert] pairs."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens has shape {list(tokens.shape)}: expected [batch, seq]")
         parts = torch.tensor_split(tokens, min(len(self.workers), tokens.shape[0]))
         workers = self.workers[: len(parts)]
-        refs = [w.forward.remote(p, self.step) for w, p in zip(workers, parts)]
+        bounds = torch.tensor([0, *(len(p) for p in parts)]).cumsum(0).tolist()
+        part_docs = [None if docs is None else docs.rows(slice(lo, hi)) for lo, hi in zip(bounds, bounds[1:])]
+        refs = [w.forward.remote(p, self.step, d) for w, p, d in zip(workers, parts, part_docs)]
         down_refs = [w.down_actors.remote() for w in workers]  # runs right after the forward, same round trip
+        degraded_refs = [w.degraded.remote() for w in workers]  # experts masked in it (on_expert_failure = mask)
         try:
             logits = torch.cat(get_within(refs, self.fleet.timeout_s, "forward", names([], workers)))
         except BaseException as err:
             if is_fault(err):  # e.g. an expert with no live replica (on_expert_failure = fail): rejoin, then raise
                 self.heal()
             raise
+        self.last_degraded = failover.degraded_pairs(get_within(degraded_refs, self.fleet.timeout_s, "degraded"))
         if any(get_within(down_refs, self.fleet.timeout_s, "down actors")):
             self._heal_in_background()  # the workers already route around them; bring them back meanwhile
         return logits
@@ -214,17 +222,23 @@ class Cluster:
         from moe_runtime.generation.sampling import SamplingParams
 
         engine = self.generation_engine()
-        return engine.generate(encode_prompts(prompts, engine.tokenizer), params or SamplingParams(), on_event)
+        get_within(self.workers[0].degraded.remote(), self.fleet.timeout_s, "degraded")  # count from here
+        done = engine.generate(encode_prompts(prompts, engine.tokenizer), params or SamplingParams(), on_event)
+        self.last_degraded = failover.degraded_pairs([get_within(self.workers[0].degraded.remote(),
+                                                                 self.fleet.timeout_s, "degraded")])  # fmt: skip
+        if self.last_degraded:
+            self._heal_in_background()  # served around the lost experts; bring their actors back meanwhile
+        return done
 
     def evaluate(self) -> float:
         """Mean validation loss over train.val_batches fixed batches (the oracle's evaluate)."""
         t = self.cfg.train
         if self._corpus is None:
-            self._corpus = load_corpus(self.cfg.data)
+            self._corpus = load_training_corpus(self.cfg.data, self.cfg.model)
         batches = val_batches(self._corpus, t.val_batches, t.batch_size, t.seq_len)
         losses = []
         for x, y in batches:
-            logits = self.forward(x)
+            logits = self.forward(x, self._corpus.documents(x))
             losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1)).item())
         return sum(losses) / len(losses)
 
@@ -510,6 +524,8 @@ class Cluster:
             "recoveries": self.recoveries,
             "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
             "healthy": all(x["health"] == "ok" for x in actors + workers),
+            "degraded": failover.masked_now(self.workers),  # (layer, expert) the routers exclude now (mask mode)
+            "last_degraded": self.last_degraded,  # masked in the last forward / generate
             "last_heal": self.last_heal.to_dict() if self.last_heal else None,
             "scheduler": self.scheduler.status(self.placement),
             "dashboard_url": self.env.dashboard_url,

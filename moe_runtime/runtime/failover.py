@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HealReport", "RepairPlan", "broken_actors", "heal", "repair_sources"]
+__all__ = ["HealReport", "RepairPlan", "broken_actors", "degraded_pairs", "heal", "masked_now", "repair_sources"]
 
 
 @dataclass(frozen=True)
@@ -136,6 +136,25 @@ def heal(cluster: Cluster, infos: Sequence[ActorInfo]) -> HealReport:
         log.warning("healed expert actors %s in %.2f s (from replicas %s, from checkpoint %s)", broken,
                     report.seconds, copied, from_ckpt)
     return report
+
+
+def degraded_pairs(replies: Sequence[dict], key: str = "seen") -> list[list[int]]:
+    """The (layer, expert) pairs some router worker masked (RouterWorker.degraded replies), sorted, unique."""
+    return [list(p) for p in sorted({(int(la), int(e)) for r in replies for la, e in r[key]})]
+
+
+def masked_now(workers: Sequence, timeout_s: float = 10.0) -> list[list[int]]:
+    """The (layer, expert) pairs the router workers exclude from routing now; a worker that does not answer
+    counts as none (status() reports it unreachable)."""
+    import ray
+
+    replies = []
+    for w in workers:
+        try:
+            replies.append(ray.get(w.degraded.remote(False), timeout=timeout_s))
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+            continue
+    return degraded_pairs(replies, "masked")
 
 
 def actor_status(cluster: Cluster, timeout_s: float = 10.0) -> list[dict]:

@@ -23,8 +23,8 @@ from moe_runtime.model.transformer import MoETransformer
 
 
 class CacheHost:
-    def __init__(self, model: MoETransformer):
-        self.backend = LocalBackend(model)
+    def __init__(self, model: MoETransformer, backend: LocalBackend | None = None):
+        self.backend = backend or LocalBackend(model)  # the worker's: runs under its expert mask (expert_mask.py)
         self._caches: dict[int, KVCache] = {}
         self._next = 0
 

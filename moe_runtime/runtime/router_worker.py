@@ -37,7 +37,8 @@ import torch.distributed as dist
 
 from moe_runtime.config import RuntimeConfig
 from moe_runtime.records import WorkerPass
-from moe_runtime.data import DEFAULT_CACHE_DIR, BatchLoader, load_corpus
+from moe_runtime.data import DEFAULT_CACHE_DIR, BatchLoader
+from moe_runtime.data_files import DocumentBatch, load_training_corpus
 from moe_runtime.dispatch.client import ExpertCallError, ExpertClient
 from moe_runtime.dispatch.failover import Failover
 from moe_runtime.dispatch.remote import RemoteDispatcher
@@ -47,10 +48,11 @@ from moe_runtime.model.transformer import MoETransformer, build_model
 from moe_runtime.model.two_batch import two_batch_loss
 from moe_runtime.checkpoint import training_state as ckpt
 from moe_runtime.runtime.expert_actor import max_message_bytes
+from moe_runtime.runtime.expert_mask import ExpertMask, MaskError, MaskingBackend
 from moe_runtime.runtime.generation_host import CacheHost
 from moe_runtime.placement import Placement
 from moe_runtime.runtime.ray_env import pick_device
-from moe_runtime.training import chunk_rows, make_adamw, set_lr
+from moe_runtime.training import chunk_rows, document_kwargs, make_adamw, set_lr
 
 
 def expert_keys(cfg: RuntimeConfig) -> set[str]:
@@ -128,14 +130,15 @@ class RouterWorker:
         self.compute = ComputeDevice.resolve(pick_device(), t.precision)
         self.device = str(self.compute.device)
         self._token = auth_token
-        self.loader = BatchLoader(load_corpus(cfg.data, cache_dir=DEFAULT_CACHE_DIR), t.batch_size, t.seq_len,
-                                  seed=t.seed)
+        self.loader = BatchLoader(load_training_corpus(cfg.data, cfg.model, cache_dir=DEFAULT_CACHE_DIR),
+                                  t.batch_size, t.seq_len, seed=t.seed)
         self.chunks = chunk_rows(t.batch_size, self.world * t.micro_batches)
         self.placement: Placement | None = None
         self.clients: list[ExpertClient] = []
         self.dispatchers: list[RemoteDispatcher] = []
-        self.failover = Failover()  # actors found down by inference forwards, until the driver re-wires us
+        self.failover = Failover(cfg.transport.on_expert_failure)  # actors found down by inference forwards, until the driver re-wires us
         self.model: MoETransformer | None = None
+        self.mask: ExpertMask | None = None  # experts routed around while they have no live replica (mask mode)
         self._generation: CacheHost | None = None  # decoding caches of the driver's RemoteBackend
 
     def _build(self) -> None:
@@ -150,6 +153,8 @@ class RouterWorker:
 
         # Dense weights are random until `load_model_state` / `load_checkpoint`: the driver sends the oracle's.
         self.model = build_model(cfg.model, t.seed, dispatcher_factory=factory).to(self.device)
+        self.mask = ExpertMask(self.model, self.failover, lambda: self.placement,
+                               cfg.transport.on_expert_failure == "mask")
         self.opt = make_adamw(self.model.named_parameters(), t)
         self.timer = _Timer(self.model)
         self._params = [p for p in self.model.parameters() if p.requires_grad]
@@ -177,6 +182,7 @@ class RouterWorker:
             self._build()
         for d in self.dispatchers:
             d.refresh_placement(self.placement, self.clients)
+        self.mask.clear()  # healed or re-placed: a forward that still meets a lost expert masks it again
         self.model.set_expert_nodes(self.placement)  # node-limited routing selects by the placement's nodes
 
     def info(self) -> dict[str, Any]:
@@ -188,6 +194,13 @@ class RouterWorker:
     def down_actors(self) -> dict[int, str]:
         """Expert actors this worker's inference forwards found down since it was last re-wired (actor -> why)."""
         return self.failover.down
+
+    def degraded(self, take_seen: bool = True) -> dict[str, list[tuple[int, int]]]:
+        """(layer, expert) pairs: `masked` now, `seen` = masked in a forward or generation step since the last
+        call that took them (mask mode; empty otherwise)."""
+        if self.mask is None:
+            return {"masked": [], "seen": []}
+        return {"masked": self.mask.pairs(), "seen": self.mask.take_seen() if take_seen else []}
 
     def ping(self) -> int:
         return os.getpid()
@@ -228,10 +241,12 @@ class RouterWorker:
         t0, c0, p0 = time.perf_counter(), time.thread_time(), time.process_time()
         t = self.cfg.train
         n = self.world * t.micro_batches
+        self.mask.clear()  # training never masks: a lost expert fails the step (rollback / re-run as always)
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
         self.timer.reset()
         inputs, targets = self.loader.batch(step)
+        docs = self.loader.corpus.documents(inputs)  # packed documents (data.source files), else None
         mine = self.chunks[self.index * t.micro_batches : (self.index + 1) * t.micro_batches]
         lm, aux = 0.0, 0.0
         loads = []
@@ -239,7 +254,8 @@ class RouterWorker:
             for mb, rows in enumerate(mine):
                 with self.compute.autocast():  # fp32: disabled, a no-op
                     loss, ce, load_le = self._micro_batch_loss(inputs[rows].to(self.device),
-                                                               targets[rows].to(self.device), StepContext(step, mb))
+                                                               targets[rows].to(self.device), StepContext(step, mb),
+                                                               None if docs is None else docs.rows(rows))
                 (loss / n).backward()
                 lm += ce.item() / n
                 aux += (loss - ce).item() / n
@@ -255,14 +271,19 @@ class RouterWorker:
             dispatch_s=tm.get("dispatch", 0.0), dispatch_bwd_s=tm.get("dispatch_bwd", 0.0),
         )
 
-    def _micro_batch_loss(self, tokens_bs: torch.Tensor, targets_bs: torch.Tensor,
-                          ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:  # fmt: skip
+    def _micro_batch_loss(self, tokens_bs: torch.Tensor, targets_bs: torch.Tensor, ctx: StepContext,
+                          docs: DocumentBatch | None = None) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:  # fmt: skip
         """(loss, cross entropy, expert load [L, E]) of one micro-batch: whole, or as two pipelined halves whose
-        expert exchanges overlap the other half's compute (transport.overlap = "two_batch", model/two_batch.py)."""
+        expert exchanges overlap the other half's compute (transport.overlap = "two_batch", model/two_batch.py).
+        `docs`: the rows' packed documents (data.source files)."""
         if self.cfg.transport.overlap == "two_batch":
+            if docs is not None:
+                raise ValueError("transport.overlap = 'two_batch' does not take document masks yet: use "
+                                 "overlap 'none' with data.source = 'files'")
             out = two_batch_loss(self.model, tokens_bs, targets_bs, ctx)
             return out.loss, out.ce, out.load_le.cpu().numpy()
-        loss, ce = self.model.loss(tokens_bs, targets_bs, ctx)
+        loss, ce = self.model.loss(tokens_bs, targets_bs, ctx, **document_kwargs(
+            None if docs is None else docs.to(self.device)))
         return loss, ce, self.model.expert_load().cpu().numpy()
 
     def set_overlap(self, mode: str) -> None:
@@ -334,14 +355,16 @@ class RouterWorker:
         self.opt.zero_grad(set_to_none=True)
 
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor, step: int = 0) -> torch.Tensor:
-        """Logits [B, S, V] for `tokens` [B, S] (eval mode; the expert servers keep nothing)."""
+    def forward(self, tokens: torch.Tensor, step: int = 0, docs: DocumentBatch | None = None) -> torch.Tensor:
+        """Logits [B, S, V] for `tokens` [B, S] (eval mode; the expert servers keep nothing); `docs`: packed
+        documents of the rows (attention stays inside each)."""
         self.model.eval()
+        kw = document_kwargs(None if docs is None else docs.to(self.device))
         try:
             with self.compute.autocast():
-                logits = self.model(tokens.to(self.device), StepContext(step)).logits
+                logits = self.mask.run(lambda: self.model(tokens.to(self.device), StepContext(step), **kw).logits)
             return logits.to("cpu", torch.float32)
-        except ExpertCallError as err:
+        except (ExpertCallError, MaskError) as err:
             raise DataPlaneError(f"router worker {self.index}, forward: {err}") from None
 
     @torch.no_grad()
@@ -349,11 +372,11 @@ class RouterWorker:
         """Cached decoding over this worker's model, caches kept here (runtime/generation_host.py): prefill,
         decode, join, free, stats."""
         if self._generation is None:
-            self._generation = CacheHost(self.model)
+            self._generation = CacheHost(self.model, MaskingBackend(self.model, self.mask))
         self.model.eval()
         try:
             return self._generation.call(op, *args)
-        except ExpertCallError as err:
+        except (ExpertCallError, MaskError) as err:
             raise DataPlaneError(f"router worker {self.index}, generation {op}: {err}") from None
 
     # ------------------------------------------------------------------ state

@@ -209,3 +209,18 @@ def test_clear_errors():
             model.layers[0].attn(torch.zeros(1, 1, cfg.hidden_size), cache.layers[0])
         with pytest.raises(ValueError, match="rows 0..1"):
             cache.select([2])
+
+
+def test_cached_filter_follows_weight_changes():
+    """The conv-as-linear weight of the cached filter is rebuilt when the conv weights change (a load)."""
+    torch.manual_seed(0)
+    filt = LocalizedFilter(16)
+    x = torch.randn(2, 5, 16)
+    zeros = torch.zeros(2, 2, 16)
+    step = CacheStep.build([0, 0], [5, 5], 5, "cpu")
+    with torch.inference_mode():
+        before, _ = filt.forward_cached(x, zeros, step)
+        filt.load_state_dict({k: torch.randn_like(v) for k, v in filt.state_dict().items()})
+        after, _ = filt.forward_cached(x, zeros, step)
+        assert_close(after, filt(x))
+    assert not torch.allclose(before, after)

@@ -63,3 +63,24 @@ def test_grouped_swiglu_rejects_count_mismatch():
     w1, w2 = torch.randn(2, 4, 8), torch.randn(2, 4, 4)
     with pytest.raises(ValueError, match="counts sum to 3: expected x rows \\(4\\)"):
         grouped_swiglu(torch.randn(4, 4), [1, 2], w1, w2)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_local_dispatcher_batch1_decode_path_equals_grouped_swiglu(seed):
+    """Inference with a couple of copies runs segment by segment: bit for bit grouped_swiglu's loop path (its
+    padded path, which it would pick here, up to fp32 rounding)."""
+    from moe_runtime.model.experts import grouped_swiglu_loop
+    from moe_runtime.model.plan import DispatchPlan
+
+    torch.manual_seed(seed)
+    experts = SwiGLUExperts(8, 16, 24)
+    dispatcher = LocalDispatcher(experts, num_layers=1)
+    ids = torch.randperm(8)[:2].view(1, 2)
+    plan = DispatchPlan.build(ids, dispatcher.placement, 0)
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        fast = dispatcher(x, plan)
+        args = (x, [s.count for s in plan.segments], experts.w1, experts.w2, [s.expert for s in plan.segments])
+        loop, grouped = grouped_swiglu_loop(*args), grouped_swiglu(*args)
+    assert torch.equal(fast, loop)
+    assert_close(fast, grouped)

@@ -47,3 +47,35 @@ def test_bad_inputs_are_named():
         DispatchPlan.build(torch.tensor([[0, 1]]), placement, 2)
     with pytest.raises(ValueError, match=r"expected \[tokens, top_k\]"):
         DispatchPlan.build(torch.tensor([0, 1]), placement, 0)
+
+
+def _general_plan(ids, placement, layer, monkeypatch):
+    import moe_runtime.model.plan as plan_module
+
+    with monkeypatch.context() as m:
+        m.setattr(plan_module, "SMALL_PLAN_COPIES", -1)  # force the tensor path
+        return DispatchPlan.build(ids, placement, layer)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_small_plan_from_lists_equals_the_tensor_path(seed, monkeypatch):
+    """Decode steps build plans from Python lists (`_build_small`): the same plan, field for field."""
+    import moe_runtime.model.plan as plan_module
+
+    g = torch.Generator().manual_seed(seed)
+    placement = Placement(3, (((0, 2), (1,), (2,), (0, 1, 2), (1,), (0,)),))  # replicated experts 0 and 3
+    k = 1 + seed % 3
+    tokens = int(torch.randint(1, plan_module.SMALL_PLAN_COPIES // k + 1, (), generator=g))
+    ids = torch.randint(0, 6, (tokens, k), generator=g)
+    small, general = DispatchPlan.build(ids, placement, 0), _general_plan(ids, placement, 0, monkeypatch)
+    assert small.segments == general.segments
+    for name in ("order", "token_index", "expert_counts"):
+        a, b = getattr(small, name), getattr(general, name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert (small.num_tokens, small.top_k, small.num_experts) == (general.num_tokens, general.top_k, 6)
+
+
+def test_small_plan_rejects_out_of_range_ids():
+    placement = Placement.contiguous(1, 4, 2)
+    with pytest.raises(ValueError, match=r"out of range \[0, 4\): min 0, max 4"):
+        DispatchPlan.build(torch.tensor([[0, 4]]), placement, 0)

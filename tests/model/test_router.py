@@ -88,3 +88,13 @@ def test_switch_aux_loss_formula_and_gradient():
     out.aux_loss.backward()
     assert router.weight.grad.abs().sum() > 0
     assert switch_load_balancing_loss(p, out.expert_ids, 0.0).item() == 0.0
+
+
+def test_attention_router_inference_logits_bit_identical_to_training_logits():
+    torch.manual_seed(3)
+    router = AttentionRouter(32, 8, 2)
+    for tokens in (1, 8, 300):
+        x = torch.randn(tokens, 32)
+        with torch.no_grad():
+            fast = router.logits(x)
+        assert torch.equal(fast, router.logits(x).detach())
