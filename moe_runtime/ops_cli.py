@@ -23,8 +23,8 @@ def _flag_type_hidden() -> None:
     show none."""
     from typer.core import TyperOption
 
-    shown = TyperOption.display_type_rich
-    if getattr(shown, "_flags_hidden", False):
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "_flags_hidden", False):  # another typer: leave its help as it is
         return
 
     def display_type_rich(self: TyperOption, ctx: Any) -> str | None:
