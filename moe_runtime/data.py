@@ -110,6 +110,15 @@ def _tokenize_files(root: Path, relpaths: list[str]) -> tuple[np.ndarray, int]:
     return np.concatenate(parts), nbytes
 
 
+def select_split(train: torch.Tensor, val: torch.Tensor, name: str) -> torch.Tensor:
+    """The token stream of split `name` ("train" or "val") of a corpus."""
+    if name == "train":
+        return train
+    if name == "val":
+        return val
+    raise ValueError(f"split = {name!r}: expected 'train' or 'val'")
+
+
 @dataclass(eq=False)
 class Corpus:
     """Token streams of the two splits. ``train`` / ``val`` are 1-D torch.int16 tensors (shared with the cache:
@@ -138,11 +147,7 @@ class Corpus:
         return self.train_bytes + self.val_bytes
 
     def split(self, name: str) -> torch.Tensor:
-        if name == "train":
-            return self.train
-        if name == "val":
-            return self.val
-        raise ValueError(f"split = {name!r}: expected 'train' or 'val'")
+        return select_split(self.train, self.val, name)
 
     def documents(self, tokens_bs: torch.Tensor) -> None:
         """No document masks: stdlib windows attend across file boundaries (data_files.FileCorpus has them)."""

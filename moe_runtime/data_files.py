@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from moe_runtime.config import DataConfig, ModelConfig
-from moe_runtime.data import Corpus, assign_split, load_corpus
+from moe_runtime.data import Corpus, assign_split, load_corpus, select_split
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,11 +94,7 @@ class FileCorpus:
     fingerprint: str
 
     def split(self, name: str) -> torch.Tensor:
-        if name == "train":
-            return self.train
-        if name == "val":
-            return self.val
-        raise ValueError(f"split = {name!r}: expected 'train' or 'val'")
+        return select_split(self.train, self.val, name)
 
     def documents(self, tokens_bs: torch.Tensor) -> DocumentBatch:
         """The documents of batch rows (the model's attention restarts after each <eod>)."""
