@@ -34,6 +34,7 @@ __all__ = [
     "int_list",
     "jsonable",
     "make_parser",
+    "ratio_spread",
     "stderr_console",
     "write_result",
 ]
@@ -110,3 +111,23 @@ def emit(result: Mapping[str, Any], out: str | Path) -> str:
     sys.stdout.flush()
     print(line, flush=True)
     return line
+
+
+def ratio_spread(samples_a: list[float], samples_b: list[float]) -> dict[str, Any]:
+    """Paired ratios a[i] / b[i] of interleaved rounds (round i measured a and b back to back): median, min, max,
+    the per-round ratios, and a two-sided sign test against 1 (no change). within_noise: p >= 0.05, i.e. the rounds
+    do not fall on one side of 1 often enough to call the difference real (7 of 7, or 8 of 9, rounds are needed)."""
+    if len(samples_a) != len(samples_b) or not samples_a:
+        raise ValueError(f"ratio_spread: got {len(samples_a)} and {len(samples_b)} samples: expected the same "
+                         "number (>= 1), one pair per round")
+    ratios = [a / b for a, b in zip(samples_a, samples_b)]
+    below = sum(r < 1.0 for r in ratios)
+    above = sum(r > 1.0 for r in ratios)
+    n = below + above  # ties carry no sign
+    k = max(below, above)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k, n + 1)) / 2**n) if n else 1.0
+    ordered = sorted(ratios)
+    mid = len(ordered) // 2
+    median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+    return {"median": median, "min": ordered[0], "max": ordered[-1], "rounds": len(ratios), "ratios": ratios,
+            "rounds_below_1": below, "sign_test_p": p, "within_noise": p >= 0.05}

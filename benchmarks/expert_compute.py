@@ -5,12 +5,14 @@
 Setup like Yuan-M32 on this machine (see /work/shared/machine-notes.md): 32 SwiGLU experts, d 512, ffn 1408, fp32,
 tokens routed top-2 with a mild skew (expert popularity softmax(0.5 * N(0, 1))), so N tokens give 2N rows sorted by
 expert. Per batch size, in ONE process and interleaved round-robin (this CPU is shared; runs vary by +-40%, so only
-the ratios inside one run mean anything), median of the repeats, forward only (fwd+bwd with --backward):
+the ratios inside one run mean anything), median of the repeats, forward, and fwd+bwd with --backward or --quick:
 
-  grouped  grouped_swiglu as the runtime calls it (the selection rule picks padded or loop)
+  grouped  grouped_swiglu as the runtime calls it (the selection rule picks padded or the loop, which it runs
+           fused: grouped_swiglu_fused, the same matmuls as `loop` with less around them)
   padded   grouped_swiglu_padded forced (bmm over a zero-padded [experts, max_rows, d] buffer)
   loop     grouped_swiglu_loop forced (one matmul pair per expert: the baseline)
-  gmm      torch._grouped_mm over the same rows (no padding; forward only, for reference)
+  gmm      torch._grouped_mm over the same rows (no padding; forward only, for reference: on CPU torch 2.13 runs
+           it as a C++ loop of mm_out, i.e. the loop's GEMMs; its backward needs a contiguous dy)
   dense    ONE matmul pair x[2N, d] @ [d, 2*ffn], [2N, ffn] @ [ffn, d]: exactly the FLOPs of the grouped call,
            but with one expert's weights (8.6 MB, stays in cache) instead of 32 (276 MB, streamed from DRAM)
 Diagnostics (where the time goes; not part of the ratios):
@@ -23,15 +25,17 @@ Diagnostics (where the time goes; not part of the ratios):
 torch.set_num_threads(2) (override with --threads): the machine has 2 vCPUs, and torch's default would also be 2;
 pinning it makes runs comparable when the host changes. Throughput is rows (token-expert pairs) per second.
 
-Results of past runs and where the time goes: docs/measurements.md. --quick: ~12 s on a quiet box, longer when
-shared.
+Results of past runs and where the time goes: docs/measurements.md. --quick (with fwd+bwd): ~30 s on a quiet box,
+longer when shared.
 
 Output: a table on stderr; the LAST stdout line is one JSON object: grouped_vs_dense (grouped / dense throughput
 at the largest batch; goal >= 0.85), grouped_vs_loop (loop time / grouped time at the smallest batch),
 grouped_vs_loop_min (its minimum over the sizes; goal >= 0.95: never slower than the loop), grouped_vs_floor_small
 (weight-read time / grouped time at the smallest size; goal >= 1/1.4), per-size numbers with the per-round spread
-of grouped_vs_loop; the same JSON is written to runs/bench/expert_compute.json. The path column says what
-grouped_swiglu ran (model/experts.py path_rule).
+of grouped_vs_loop (min-max, and grouped_vs_loop_spread: benchmarks/_common.ratio_spread, whose within_noise says
+the rounds do not show a real difference from the loop) and fwdbwd_* for forward+backward (in --quick too); the
+same JSON is written to runs/bench/expert_compute.json. The path column says what grouped_swiglu ran
+(model/experts.py path_rule; "loop" runs the fused loop).
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import emit, make_parser
+from benchmarks._common import emit, make_parser, ratio_spread
 from moe_runtime.model.experts import (
     grouped_swiglu,
     grouped_swiglu_loop,
@@ -70,10 +74,13 @@ def routed_counts(tokens: int, popularity: torch.Tensor, k: int, gen: torch.Gene
     return torch.bincount(ids.flatten(), minlength=experts).tolist()
 
 
-def timed(fns: dict, repeats: int, backward: bool) -> dict[str, list[float]]:
-    """Seconds per call of each fn, `repeats` rounds interleaved round-robin after one warm-up call each."""
+def timed(fns: dict, repeats: int, backward: bool, leaves: tuple = ()) -> dict[str, list[float]]:
+    """Seconds per call of each fn, `repeats` rounds interleaved round-robin after one warm-up call each. With
+    backward, the leaves' grads are set to None before each call (as zero_grad(set_to_none=True) between steps)."""
 
     def once(fn):
+        for t in leaves:
+            t.grad = None
         t0 = time.perf_counter()
         y = fn()
         if backward:
@@ -160,7 +167,9 @@ def bench_size(tokens: int, args, w1, w2, dense_w1, dense_w2, popularity, gen, b
             if name in fns:
                 torch.testing.assert_close(fns[name]().detach(), ref, rtol=1e-4, atol=1e-5)
         repeats = args.repeats_small if rows < 2048 else args.repeats_large
-        times = timed(fns, repeats, backward)
+        if backward:
+            repeats = max(3, repeats // 2)  # fwd+bwd takes ~4x a forward
+        times = timed(fns, repeats, backward, leaves=(x, w1, w2, dense_w1, dense_w2) if backward else ())
     sec = {k: statistics.median(v) for k, v in times.items()}
     if backward:
         for t in (x, w1, w2, dense_w1, dense_w2):
@@ -183,7 +192,12 @@ def bench_size(tokens: int, args, w1, w2, dense_w1, dense_w2, popularity, gen, b
         "grouped_vs_dense": paired(times, "dense", "grouped"),
         "grouped_vs_loop": paired(times, "loop", "grouped"),
         "grouped_vs_loop_range": spread(times, "loop", "grouped"),
+        # median, min, max, per-round ratios and a sign test against 1: within_noise = no real difference from the loop
+        "grouped_vs_loop_spread": ratio_spread(times["loop"], times["grouped"]),
         "padded_vs_loop": paired(times, "loop", "padded") if "padded" in times else None,
+        # weight-read floor / grouped, paired per round (1.0 = at the floor); forward only
+        "grouped_vs_floor": paired(times, "wread", "grouped") if "wread" in times else None,
+        "grouped_vs_floor_range": spread(times, "wread", "grouped") if "wread" in times else None,
         "repeats": repeats,
     }
 
@@ -207,7 +221,7 @@ def table(title: str, results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     p = make_parser("expert_compute", __doc__)
-    p.add_argument("--backward", action="store_true", help="also time forward+backward")
+    p.add_argument("--backward", action="store_true", help="also time forward+backward (--quick always does)")
     p.add_argument(
         "--sizes", type=str, default=None, help="comma-separated token counts (default 64,...,4096)"
     )
@@ -227,7 +241,8 @@ def main(argv: list[str] | None = None) -> dict:
         sizes = [int(s) for s in args.sizes.split(",")]
     else:
         sizes = [64, 512, 4096] if args.quick else [64, 128, 256, 512, 1024, 2048, 4096]
-    args.repeats_small, args.repeats_large = (7, 3) if args.quick else (15, 7)
+    # enough interleaved rounds that the median ratio moves < ~3% between runs on a quiet box
+    args.repeats_small, args.repeats_large = (15, 7) if args.quick else (31, 11)
 
     gen = torch.Generator().manual_seed(args.seed)
     e, d, f = args.experts, args.hidden, args.ffn
@@ -243,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
     fwd = [bench_size(n, args, w1, w2, dense_w1, dense_w2, popularity, gen, backward=False) for n in sizes]
     fwdbwd = (
         [bench_size(n, args, w1, w2, dense_w1, dense_w2, popularity, gen, backward=True) for n in sizes]
-        if args.backward
+        if args.backward or args.quick
         else []
     )
     small, large = min(fwd, key=lambda r: r["tokens"]), max(fwd, key=lambda r: r["tokens"])
@@ -259,7 +274,12 @@ def main(argv: list[str] | None = None) -> dict:
         # the weight-read floor / grouped time at the smallest size (1.0 = at the floor)
         "grouped_vs_loop_min": min(r["grouped_vs_loop"] for r in fwd),
         "grouped_vs_loop_min_tokens": min(fwd, key=lambda r: r["grouped_vs_loop"])["tokens"],
-        "grouped_vs_floor_small": small["ms"]["wread"] / small["ms"]["grouped"],
+        "grouped_vs_floor_small": small["grouped_vs_floor"],
+        "grouped_vs_floor_small_range": small["grouped_vs_floor_range"],
+        "grouped_vs_loop_min_range": min(fwd, key=lambda r: r["grouped_vs_loop"])["grouped_vs_loop_range"],
+        "grouped_vs_loop_min_within_noise": min(fwd, key=lambda r: r["grouped_vs_loop"])["grouped_vs_loop_spread"][
+            "within_noise"
+        ],
         "goal_grouped_vs_dense": GOAL_VS_DENSE,
         "goal_grouped_vs_loop_min": GOAL_VS_LOOP_MIN,
         "goal_grouped_vs_floor_small": GOAL_VS_FLOOR_SMALL,
@@ -273,6 +293,10 @@ def main(argv: list[str] | None = None) -> dict:
     if fwdbwd:
         out["fwdbwd_grouped_vs_loop"] = min(fwdbwd, key=lambda r: r["tokens"])["grouped_vs_loop"]
         out["fwdbwd_grouped_vs_dense"] = max(fwdbwd, key=lambda r: r["tokens"])["grouped_vs_dense"]
+        worst = min(fwdbwd, key=lambda r: r["grouped_vs_loop"])
+        out["fwdbwd_grouped_vs_loop_min"] = worst["grouped_vs_loop"]
+        out["fwdbwd_grouped_vs_loop_min_tokens"] = worst["tokens"]
+        out["fwdbwd_grouped_vs_loop_min_range"] = worst["grouped_vs_loop_range"]
 
     print(
         table(f"forward, {e} experts d {d} ffn {f} top-{args.top_k}, {args.threads} threads", fwd),
@@ -283,7 +307,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"grouped_vs_dense @ {large['tokens']} tokens = {out['grouped_vs_dense']:.2f} (goal >= {GOAL_VS_DENSE}); "
         f"grouped_vs_loop_min = {out['grouped_vs_loop_min']:.2f} @ {out['grouped_vs_loop_min_tokens']} tokens "
-        f"(goal >= {GOAL_VS_LOOP_MIN}); grouped_vs_floor_small = {out['grouped_vs_floor_small']:.2f}; "
+        f"rounds {out['grouped_vs_loop_min_range'][0]:.2f}-{out['grouped_vs_loop_min_range'][1]:.2f}"
+        f"{' (within noise)' if out['grouped_vs_loop_min_within_noise'] else ''} "
+        f"(goal >= {GOAL_VS_LOOP_MIN}); grouped_vs_floor_small = {out['grouped_vs_floor_small']:.2f} "
+        f"(goal >= {GOAL_VS_FLOOR_SMALL:.3f}); "
         f"load avg {load0:.1f} -> {out['loadavg_1m'][1]:.1f}; {out['seconds']:.1f} s",
         file=sys.stderr,
     )

@@ -12,22 +12,34 @@ Scenarios (each starts from the same step-0 state; kills hit only this cluster's
 - training, rollback: same without replicas: rolled back to the last checkpoint;
 - hang, control plane: SIGSTOP an expert actor, then a checkpoint: time until the call fails naming it
   (cluster.hang_timeout_s), and until recover() has killed, restarted and restored it;
-- hang, data plane: SIGSTOP an expert actor during training: the router workers' deadline (transport.deadline_s)
-  and recovery's ping find it; time from the stop to the end of the failed step's recovery;
+- hang, data plane, training: SIGSTOP an expert actor (router worker) while a step is in flight: the router workers'
+  deadline transport.deadline_s (the straggler bound cluster.hang_timeout_s after the other worker finished,
+  runtime/hangs.py) fails the step naming it; time from the stop to the failed step (detected) and to the end of
+  the run minus a clean run (recovery: ping, kill, restart, repair from replicas, the step re-run);
+- hang, data plane, serving: SIGSTOP an expert actor (router worker) while a forward is in flight: the request
+  still answers (rows re-sent to a replica / to the other worker) after about one deadline; failed requests and
+  time until status() is healthy again;
+- node loss (a child process with its own 2-node Ray, benchmarks/_faults_nodes.py): every expert on both nodes,
+  the second node removed while serving (failed requests, first answer, until healthy) and during training
+  (steps re-run, losses equal; not with --quick: the node_loss_training_* fields are then null);
 - scale: 4 -> 6 -> 3 expert actors between training steps; losses compared with the clean run.
-Not measured here (not built): node loss with replicas spanning nodes.
 
 Last stdout line (and runs/bench/faults.json): serving_failed_requests_with_replicas, serving_failover_s,
 serving_rejoin_s, training_recovery_with_replicas_s, steps_rerun_with_replicas, training_losses_equal_with_replicas,
 training_recovery_rollback_s, steps_rerun_rollback, hang_detected_s (control plane), hang_timeout_s,
-hang_recovered_s, data_plane_hang_recovered_s, scale_losses_equal, scale_up_s, scale_down_s, and ratios against
-the clean forward / step times.
+hang_recovered_s, data_plane_hang_detected_s, data_plane_hang_deadline_s, data_plane_hang_recovered_s,
+worker_hang_detected_s, worker_hang_recovered_s, serving_hang_failed_requests, serving_expert_hang_answered_s,
+serving_worker_hang_answered_s, node_loss_failed_requests, node_loss_failover_s, node_loss_recovery_s,
+node_loss_training_recovery_s, node_loss_steps_rerun, node_loss_losses_equal, scale_losses_equal, scale_up_s,
+scale_down_s, and ratios against the clean forward / step times.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -40,8 +52,10 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._common import emit, make_parser, stderr_console  # noqa: E402
 
 NAME = "faults"
-HANG_TIMEOUT_S = 2.0
-DEADLINE_S = 3.0
+HANG_TIMEOUT_S = 2.0  # the control-call hang scenario
+DEADLINE_S = 3.0  # data plane (transport.deadline_s)
+DATA_HANG_TIMEOUT_S = 5.0  # cluster.hang_timeout_s elsewhere: above the data-plane deadline (a worker waiting on
+# a stopped expert actor must fail its exchange before the driver counts the worker itself as hung)
 
 
 def _config(tmp: Path, steps: int):
@@ -53,7 +67,7 @@ def _config(tmp: Path, steps: int):
         "train": {"steps": steps, "batch_size": 8, "seq_len": 32, "micro_batches": 2, "warmup_steps": 2,
                   "checkpoint_every": 2, "checkpoint_dir": str(tmp / "auto")},
         "transport": {"deadline_s": DEADLINE_S},
-        "cluster": {"num_gpus": 6, "expert_actors": 4, "router_workers": 2, "hang_timeout_s": HANG_TIMEOUT_S,
+        "cluster": {"num_gpus": 6, "expert_actors": 4, "router_workers": 2, "hang_timeout_s": DATA_HANG_TIMEOUT_S,
                     "max_restarts": 10},  # every scenario kills an actor again
     })  # fmt: skip
 
@@ -133,13 +147,25 @@ def _serving(c, probe, requests: int, replicas: bool, log) -> dict:
             "first_request_vs_clean": latencies[0] / clean_s, "rejoin_s": rejoin}  # fmt: skip
 
 
-def _training(c, steps: int, clean_losses, clean_s: float, replicas: bool, hang: bool = False) -> dict:
+def _training(c, steps: int, clean_losses, clean_s: float, replicas: bool, hang: bool = False,
+              party: str = "expert") -> dict:  # fmt: skip
     import torch
 
     c.restore(c.init_dir)
     if replicas:
         c.rebalance(_replicate(c, 2))
-    victim = _pid(c.experts[2])
+    victim = _pid(c.experts[2]) if party == "expert" else c.worker_pids[1]
+    failed_at: list[float] = []
+    step_fn = c.train_step
+
+    def train_step(step=None):  # the moment the step fails = the moment the fault was detected
+        try:
+            return step_fn(step)
+        except BaseException:
+            failed_at.append(time.perf_counter())
+            raise
+
+    c.train_step = train_step
     before, rerun0 = c.recoveries, c.steps_rerun
     fired: list[float] = []
     done: list[int] = []  # every completed step, a replayed one again
@@ -148,13 +174,14 @@ def _training(c, steps: int, clean_losses, clean_s: float, replicas: bool, hang:
     def progress(step: int, loss: float) -> None:
         done.append(step)
         if step == 2 and not fired:
-            fired.append(time.perf_counter())
+            fired.append(time.perf_counter() + 0.03)
             threading.Timer(0.03, os.kill, (victim, sig)).start()
 
     t0 = time.perf_counter()
     try:
         result = c.train(steps, progress=progress)
     finally:
+        del c.train_step
         if hang:
             try:
                 os.kill(victim, signal.SIGKILL)
@@ -171,7 +198,49 @@ def _training(c, steps: int, clean_losses, clean_s: float, replicas: bool, hang:
             # steps executed again: the failed one, plus any replayed after a rollback
             "steps_rerun": (len(done) - len(set(done))) + (1 if c.recoveries > before else 0),
             "recoveries": c.recoveries - before,
-            "rolled_back": c.steps_rerun - rerun0 == 0, "losses_equal": equal}  # fmt: skip
+            "rolled_back": c.steps_rerun - rerun0 == 0, "losses_equal": equal,
+            "detected_s": failed_at[0] - fired[0] if failed_at and fired else None}  # fmt: skip
+
+
+def _serving_hang(c, probe, party: str, log) -> dict:
+    """SIGSTOP an expert actor (every expert of it replicated) or a router worker while a forward is in flight."""
+    import torch
+
+    c.restore(c.init_dir)
+    c.rebalance(_replicate(c, 2))
+    want = c.forward(probe)
+    pid = _pid(c.experts[2]) if party == "expert" else c.worker_pids[1]
+    timer = threading.Timer(0.02, os.kill, (pid, signal.SIGSTOP))
+    failed = 0
+    try:
+        t0 = time.perf_counter()
+        timer.start()
+        try:
+            torch.testing.assert_close(c.forward(probe), want, rtol=1e-5, atol=1e-6)
+        except Exception as err:  # noqa: BLE001  (counted: a failed request)
+            failed += 1
+            log(f"  request failed: {str(err).splitlines()[0][:160]}")
+        answered = time.perf_counter() - t0
+        timer.join()
+        healthy = _wait_healthy(c) + answered
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return {"failed_requests": failed, "answered_s": answered, "healthy_s": healthy}
+
+
+def _node_loss(tmp: Path, steps: int, requests: int, quick: bool, log) -> dict:
+    """benchmarks/_faults_nodes.py in a child process (its own simulated 2-node Ray); --quick: serving only."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "_faults_nodes.py"), str(tmp / "nodes"),
+                           str(steps), str(requests), *(["quick"] if quick else [])], capture_output=True, text=True, timeout=400, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)  # fmt: skip
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        log(f"  node-loss child failed (rc {proc.returncode}): {proc.stderr[-2000:]}")
+        return {}
+    return json.loads(lines[-1][len("RESULT "):])
 
 
 def _control_hang(c, tmp: Path) -> dict:
@@ -179,6 +248,9 @@ def _control_hang(c, tmp: Path) -> dict:
 
     c.restore(c.init_dir)
     pid = _pid(c.experts[1])
+    old = (c.cfg, c.fleet.timeout_s)  # this scenario's deadline: HANG_TIMEOUT_S
+    c.cfg = c.cfg.model_copy(update={"cluster": c.cfg.cluster.model_copy(update={"hang_timeout_s": HANG_TIMEOUT_S})})
+    c.fleet.timeout_s = HANG_TIMEOUT_S
     os.kill(pid, signal.SIGSTOP)
     try:
         t0 = time.perf_counter()
@@ -192,6 +264,7 @@ def _control_hang(c, tmp: Path) -> dict:
         c.recover(c.init_dir)
         recovered = time.perf_counter() - t1
     finally:
+        c.cfg, c.fleet.timeout_s = old
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -257,8 +330,20 @@ def main(argv: list[str] | None = None) -> dict:
             hang = _control_hang(c, tmp)
             log("hang in the data plane: SIGSTOP actor 2 in step 3 (replicas)")
             hang_dp = _training(c, steps, clean.losses, clean_s, True, hang=True)
+            log("hang in the data plane: SIGSTOP router worker 1 in step 3")
+            hang_w = _training(c, steps, clean.losses, clean_s, True, hang=True, party="worker")
+            log("hang in the data plane while serving: SIGSTOP actor 2, then router worker 1, mid-forward")
+            serve_hang_e = _serving_hang(c, probe, "expert", log)
+            serve_hang_w = _serving_hang(c, probe, "worker", log)
             log("scale 4 -> 6 -> 3 expert actors between steps")
             scaled = _scale(c, steps, clean.losses)
+        log("node loss (child process, 2 simulated nodes): serving" + ("" if args.quick else ", then training"))
+        nodes = _node_loss(tmp, steps, requests, args.quick, log)
+    node_serve, node_train = nodes.get("serving", {}), nodes.get("training", {})
+    node_equal = None
+    if node_train:
+        node_equal = bool(torch.allclose(torch.tensor(node_train["losses"]), torch.tensor(clean.losses), rtol=1e-4,
+                                         atol=0))  # fmt: skip
     result = {
         "bench": NAME,
         "quick": args.quick,
@@ -279,15 +364,33 @@ def main(argv: list[str] | None = None) -> dict:
         "hang_detected_vs_timeout": hang["detected_s"] / HANG_TIMEOUT_S,
         "hang_named_the_actor": hang["named"],
         "hang_recovered_s": hang["recovered_s"],
+        "data_plane_hang_detected_s": hang_dp["detected_s"],
+        "data_plane_hang_deadline_s": DEADLINE_S,
         "data_plane_hang_recovered_s": hang_dp["recovery_s"],
         "data_plane_hang_losses_equal": hang_dp["losses_equal"],
+        "worker_hang_detected_s": hang_w["detected_s"],
+        "worker_hang_timeout_s": DATA_HANG_TIMEOUT_S,
+        "worker_hang_recovered_s": hang_w["recovery_s"],
+        "worker_hang_steps_rerun": hang_w["steps_rerun"],
+        "worker_hang_losses_equal": hang_w["losses_equal"],
+        "serving_hang_failed_requests": serve_hang_e["failed_requests"] + serve_hang_w["failed_requests"],
+        "serving_expert_hang_answered_s": serve_hang_e["answered_s"],
+        "serving_worker_hang_answered_s": serve_hang_w["answered_s"],
+        "serving_worker_hang_healthy_s": serve_hang_w["healthy_s"],
+        "node_loss_failed_requests": node_serve.get("failed_requests"),
+        "node_loss_failover_s": node_serve.get("first_ok_s"),
+        "node_loss_recovery_s": node_serve.get("recovery_s"),
+        "node_loss_training_recovery_s": node_train.get("recovery_s"),
+        "node_loss_steps_rerun": node_train.get("steps_rerun"),
+        "node_loss_losses_equal": node_equal,
         "scale_losses_equal": scaled["losses_equal"],
         "scale_up_s": scaled.get("to_6_s"),
         "scale_down_s": scaled.get("to_3_s"),
         "clean_step_s": clean_s / steps,
         "detail": {"serving_replicas": serve_rep, "serving_no_replica": serve_none, "training_replicas": train_rep,
                    "training_rollback": train_rb, "hang_control": hang, "hang_data_plane": hang_dp,
-                   "scale": scaled},
+                   "hang_worker": hang_w, "serving_hang_expert": serve_hang_e, "serving_hang_worker": serve_hang_w,
+                   "node_loss": nodes, "scale": scaled},
         "total_s": time.perf_counter() - t_start,
     }
     emit(result, args.out)

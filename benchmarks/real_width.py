@@ -7,19 +7,25 @@ time: this machine has 24 GB). Measured, each against its baseline or limit:
 1. prefill tokens/s, cluster vs in-process (same tokens; the in-process model runs with every core);
 2. bytes on the wire per token (the expert servers' bytes in + out) vs the minimum, 2 x top_k x hidden x wire bytes
    per MoE layer (each token copy goes to its expert and comes back once);
-3. peak RSS of every party (VmHWM) vs what it must hold: an expert actor its shards' fp32 weights + their grad
-   buffers, a router worker its dense fp32 parameters; the driver's peak during the load vs the largest tensor;
-   and each party's RSS over the repeated prefills (flat = nothing accumulates per call);
+3. peak RSS of every party (VmHWM) vs what it must hold: an expert actor its shards' weights in their storage
+   dtype (bf16 in the slice: model.expert_weight_dtype) + grad buffers if it has any (allocated at the first
+   backward: none here), a router worker its dense fp32 parameters; the driver's peak during the load vs the
+   largest tensor; and each party's RSS over the repeated prefills and generations (flat = nothing accumulates);
 4. checkpoint load time (every party reading its own tensors in parallel) vs reading the same files once from
    this process (page cache warm for both: the files were just written or read), the physical limit, and vs
    loading the same checkpoint into one in-process model (the same conversions: bf16 -> fp32, the expert
    transposes; the actors also copy each shard once more into their own tensors).
+5. decode tokens/s (cached greedy generation, benchmarks/_real_width_decode.py), cluster vs in process, and
+   whether the two produce the same tokens.
+The cluster and the in-process model run one after the other (both at once do not fit at 32 experts), so the
+ratios are of medians over --reps runs each, not of interleaved rounds; min-max are reported.
 Logits of the two runs are compared (max relative error). --quick: 2 layers of 4 experts, 64 tokens.
 Writes runs/bench/real_width.json and prints it as the last stdout line.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import tempfile
@@ -33,8 +39,9 @@ sys.path.insert(0, str(ROOT))
 import torch
 import yaml
 
-from benchmarks._common import emit, make_parser, stderr_console
-from moe_runtime.checkpoint.run_config import resolve_checkpoint
+from benchmarks._common import emit, int_list, make_parser, stderr_console
+from benchmarks._real_width_decode import compare, decode_rows
+from moe_runtime.checkpoint.run_config import resolve_checkpoint, run_overrides
 from moe_runtime.checkpoint.synthetic import write_random_checkpoint
 from moe_runtime.config import ModelConfig
 
@@ -88,11 +95,15 @@ def _wire_bytes(cluster: Any) -> int:
 def run(args: Any) -> dict[str, Any]:
     from moe_runtime.checkpoint.in_process import load_model
     from moe_runtime.runtime.cluster import Cluster
+    from moe_runtime.generation.backend import LocalBackend
+    from moe_runtime.generation.engine import Engine
     from moe_runtime.runtime.hf_loading import current_rss, peak_rss, reset_peak_rss
 
     con = stderr_console()
+    load_start = os.getloadavg()[0]  # this machine is shared: say how busy it was
     data = yaml.safe_load(Path(args.config).read_text())
     layers, experts, tokens = (2, 4, 64) if args.quick else (args.layers, args.experts, args.tokens)
+    decode_batches, decode_new = ([1, 4], 8) if args.quick else (args.decode_batches, args.decode_tokens)
     if layers is not None:
         data["model"]["num_layers"] = layers
     if experts is not None:
@@ -130,13 +141,26 @@ def run(args: Any) -> dict[str, Any]:
 
             cluster_times, cluster_logits = _time(prefill, args.reps)
             wire_per_token = (_wire_bytes(cluster) - before) / (args.reps * tokens)
+            cluster_decode = decode_rows(cluster.generation_engine(), m.vocab_size, decode_batches, decode_new,
+                                         args.reps)
+            for p, pid in pids.items():
+                rss_series[p].append(_proc_status(pid)["VmRSS"])
             procs = {p: _proc_status(pid) for p, pid in pids.items()}
+            import ray
+
+            actor_stats = {f"actor {i}": st for i, st in enumerate(ray.get([a.stats.remote()
+                                                                         for a in cluster.experts]))}
         totals = load.totals()
         parties = {}
         for p, st in procs.items():
             t = totals[p]
-            must = 2 * t["held_bytes"] if p.startswith("actor") else t["held_bytes"]  # actors: + grad buffers
+            must = t["held_bytes"]  # weights in their storage dtype
+            if p.startswith("actor"):
+                must += actor_stats[p]["grad_bytes"]  # 0 unless a backward ran
+            baseline = load.parties[p][0].memory.rss_before
             parties[p] = {"peak_rss": st["VmHWM"], "must_hold": must, "peak_load_delta": t["peak_delta"],
+                          "rss_before_load": baseline,
+                          "peak_rss_minus_baseline_vs_must_hold": (st["VmHWM"] - baseline) / max(must, 1),
                           "peak_load_delta_vs_must_hold": t["peak_delta"] / max(must, 1),
                           "rss_over_prefills": rss_series[p],
                           "rss_drift": (rss_series[p][-1] - rss_series[p][0]) if rss_series[p] else 0}
@@ -145,12 +169,15 @@ def run(args: Any) -> dict[str, Any]:
         reset_peak_rss()
         before_local = current_rss()
         t_load = time.perf_counter()
-        local = load_model(directory).eval()
+        local = load_model(directory, **run_overrides(cfg.model)).eval()
         local_load_s = time.perf_counter() - t_load
         with torch.no_grad():
             local(ids)  # warm-up
             local_times, local_logits = _time(lambda: local(ids).logits, args.reps)
+            local_decode = decode_rows(Engine(LocalBackend(local)), m.vocab_size, decode_batches, decode_new,
+                                       args.reps)
         local_peak = peak_rss() - before_local
+        local_must = sum(p.nbytes for p in local.parameters())
     diff = float((cluster_logits.double() - local_logits.double()).abs().max() / local_logits.double().abs().max())
     c_med, l_med = statistics.median(cluster_times), statistics.median(local_times)
     result = {
@@ -171,8 +198,12 @@ def run(args: Any) -> dict[str, Any]:
         "largest_tensor_bytes": load.largest_tensor_bytes,
         "driver_peak_vs_largest_tensor": (load.driver.peak_delta / load.largest_tensor_bytes) if load.driver else None,
         "driver_rss_baseline": base_driver,
-        "in_process_peak_delta": local_peak,
+        "load_average_1m": {"start": load_start, "end": os.getloadavg()[0]},
+        "in_process_peak_delta": local_peak, "in_process_must_hold": local_must,
+        "in_process_peak_vs_must_hold": local_peak / max(local_must, 1),
+        "expert_weight_dtype": m.expert_weight_dtype,
         "parties": parties,
+        "decode": compare(cluster_decode, local_decode),
     }
     _table(con, result)
     return result
@@ -202,6 +233,11 @@ def _table(con: Any, r: dict[str, Any]) -> None:
                   f"{v['must_hold'] / 2**20:,.0f} MiB must hold", f"{v['peak_load_delta_vs_must_hold']:.2f}")
         t.add_row(f"{p} peak RSS / drift", f"{v['peak_rss'] / 2**20:,.0f} MiB",
                   f"drift {v['rss_drift'] / 2**20:+.1f} MiB", "")
+    t.add_row("in-process peak (+)", f"{r['in_process_peak_delta'] / 2**20:,.0f} MiB",
+              f"{r['in_process_must_hold'] / 2**20:,.0f} MiB must hold", f"{r['in_process_peak_vs_must_hold']:.2f}")
+    for d in r["decode"]:
+        t.add_row(f"decode tok/s batch {d['batch']} (cluster)", f"{d['cluster_decode_tokens_per_s']:.2f}",
+                  f"{d['in_process_decode_tokens_per_s']:.2f} in process", f"{d['cluster_vs_in_process']:.2f}")
     t.add_row("logits cluster vs in-process", f"{r['logits_max_rel_diff']:.2e}", "max rel", "")
     con.print(t)
 
@@ -213,7 +249,9 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=None, help="model.num_layers (default: the config's)")
     p.add_argument("--experts", type=int, default=None, help="model.num_experts (default: the config's)")
     p.add_argument("--tokens", type=int, default=512, help="prefill length")
-    p.add_argument("--reps", type=int, default=3, help="timed prefills per variant")
+    p.add_argument("--reps", type=int, default=3, help="timed prefills (and generations) per variant")
+    p.add_argument("--decode-batches", type=int_list, default=[1, 4], help="decode batch sizes, e.g. 1,4,16")
+    p.add_argument("--decode-tokens", type=int, default=8, help="new tokens per decode run")
     args = p.parse_args()
     emit(run(args), args.out)
 

@@ -11,7 +11,8 @@ Runs the three experiments, each also a script of its own (their docstrings say 
 
 Last stdout line (and runs/bench/rebalance.json): balancedness_ours / balancedness_eplb (means over the
 synthetic cases), bytes_moved_ours_vs_eplb (sum of our bytes / sum of aligned-EPLB bytes over the synthetic
-cases; goal <= 1), skewed_step_time_static_vs_rebalanced, and each part's detail under "synthetic",
+cases; goal <= 1), skewed_step_time_static_vs_rebalanced (with the cluster part's gains, their spread and the
+second destination's cost: rebalance_cluster.py), and each part's detail under "synthetic",
 "recorded" and "cluster".
 """
 

@@ -18,10 +18,16 @@ Measured (medians, interleaved rounds so drift hits every variant alike):
 Also: fan-out with gRPC futures vs grpc.aio (the choice in dispatch/fanout.py), and the hand-written SwiGLU
 backward the expert shards run vs autograd on leaf weights (the choice in model/experts.py).
 
+5. raw TCP: the same 4 x ~1 MB traffic echoed by a plain TCP loopback server (benchmarks/_tcp_echo.py): the
+   physical limit under raw gRPC (`raw_tcp_gbps`, `raw_grpc_vs_raw_tcp` = raw gRPC GB/s / raw TCP GB/s).
+
 Ratios: dispatch_vs_raw_grpc = dispatch GB/s / raw GB/s (must >= 0.75, goal 0.8); call_overhead_vs_bare_rpc =
 our tiny call time / bare call time (must <= 1.5, goal 1.2), each with `_range` = [min, max] of the ratio over the
-interleaved rounds; chunked = 4 / 16 MiB frames as one message vs a 1 MiB-chunk stream; codec_vs_memcpy = codec time / memcpy time (1.0 = the codec costs one
-copy). Writes runs/bench/transport.json and prints it as the last stdout line.
+interleaved rounds and `_spread` (benchmarks/_common.py ratio_spread over the per-round medians: median, min, max,
+sign test, within_noise); chunked = 4 / 16 MiB frames as one message vs a 1 MiB-chunk stream; codec_vs_memcpy =
+codec time / memcpy time (1.0 = the codec costs one copy). `tiny_call_cpu_us`: CPU per tiny call of the client's
+thread and of the server process, ours vs bare (what a loaded machine distorts least). `load_avg`: the 1-minute
+load average at the start and the end. Writes runs/bench/transport.json and prints it as the last stdout line.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import threading
@@ -41,9 +48,9 @@ sys.path.insert(0, str(ROOT))
 import grpc
 import torch
 
-from moe_runtime.dispatch.client import ExpertClient
-from moe_runtime.dispatch.codec import decode_frame, encode_frame
-from moe_runtime.dispatch.envelope import unwrap_frame, wrap_frame
+from moe_runtime.dispatch.client import ExpertClient, ExpertFuture
+from moe_runtime.dispatch.codec import decode_expected, decode_frame, encode_frame, expected_frame
+from moe_runtime.dispatch.envelope import envelope_prefix, unwrap_frame, wrap_frame
 from moe_runtime.dispatch.remote import RemoteDispatcher
 from moe_runtime.dispatch.server import ExpertServer
 from moe_runtime.dispatch.service import TOKEN_METADATA_KEY
@@ -52,6 +59,8 @@ from moe_runtime.model.moe_layer import StepContext
 from moe_runtime.model.plan import DispatchPlan
 from moe_runtime.placement import Placement
 from moe_runtime.runtime.expert_shards import ExpertShards
+from benchmarks._common import ratio_spread
+from benchmarks._tcp_echo import TcpEcho
 from tests.dispatch.servers import ServerProcess, stop_servers
 
 TOKEN = "bench-token"
@@ -116,6 +125,20 @@ def spread(num: str, den: str) -> list[float]:
     return [round(min(r), 3), round(max(r), 3)]
 
 
+def spread_stats(num: str, den: str) -> dict:
+    """ratio_spread of median(num) / median(den) over the rounds of the last `interleaved` call, rounded."""
+    s = ratio_spread(LAST_ROUNDS[num], LAST_ROUNDS[den])
+    return {"median": round(s["median"], 3), "min": round(s["min"], 3), "max": round(s["max"], 3),
+            "rounds": s["rounds"], "sign_test_p": round(s["sign_test_p"], 4), "within_noise": s["within_noise"]}
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) of process `pid` so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class WithToken:
     """A raw Echo stub that sends the data plane's token: the server's token gate (dispatch/server.py) checks every
     method before it runs, Echo included, so the bare baseline carries the same metadata as our calls."""
@@ -143,9 +166,10 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="(the JSON line is always printed last; kept for make bench)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench" / "transport.json"))
     args = ap.parse_args()
-    rounds, reps = (4, 6) if args.quick else (5, 20)
+    rounds, reps = (7, 4) if args.quick else (9, 12)  # >= 7 rounds: the sign test can call a difference real
     torch.set_num_threads(1)  # 2 cores shared with 4 server processes: one client thread keeps timings stable
     t_start = time.perf_counter()
+    load_start = round(os.getloadavg()[0], 2)
 
     placement = Placement.contiguous(1, E, ACTORS)
     procs = [ServerProcess("expert", server_class="benchmarks.transport:BenchExpertServer",
@@ -161,6 +185,7 @@ def main() -> None:
     finally:
         stop_servers(procs)
     res["quick"] = args.quick
+    res["load_avg"] = {"start": load_start, "end": round(os.getloadavg()[0], 2)}
     res["wall_s"] = round(time.perf_counter() - t_start, 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -226,9 +251,21 @@ def run(experts, placement, rounds, reps, quick) -> dict:
         calls = sum(s["requests"]["dispatch"] for s in stats)
         return {k: sum(s[k] for s in stats) / calls for k in ("decode_s", "compute_s", "encode_s")}, calls
 
+    tcp = TcpEcho(len(per_server))
+
+    def tcp_fanout():  # the same payloads over plain TCP: the physical limit under gRPC
+        tcp.fan_out(per_server)
+
     set_identity(True)
-    t = interleaved({"raw": raw_fanout, "dispatch": dispatch_combine, "stack_on_echo": stack_on_echo},
-                    rounds, reps)  # fmt: skip
+    t = interleaved({"raw": raw_fanout, "dispatch": dispatch_combine, "stack_on_echo": stack_on_echo,
+                     "tcp": tcp_fanout}, rounds, reps)  # fmt: skip
+    res["raw_tcp_ms"] = round(t["tcp"] * 1e3, 3)
+    res["raw_tcp_gbps"] = round(batch_bytes / t["tcp"] / 1e9, 3)
+    res["raw_grpc_vs_raw_tcp"] = round(t["tcp"] / t["raw"], 3)
+    res["raw_grpc_vs_raw_tcp_spread"] = spread_stats("tcp", "raw")
+    res["dispatch_vs_raw_grpc_spread"] = spread_stats("raw", "dispatch")
+    res["dispatch_vs_raw_grpc_range"] = spread("raw", "dispatch")  # before the next `interleaved` replaces the rounds
+    tcp.close()
     prof_id, calls_id = server_profile()
     set_identity(False)
     t_tiny = interleaved({"raw": raw_fanout, "dispatch": dispatch_combine}, rounds, reps)
@@ -239,7 +276,6 @@ def run(experts, placement, rounds, reps, quick) -> dict:
     res["raw_grpc_gbps"] = round(batch_bytes / t["raw"] / 1e9, 3)
     res["dispatch_gbps"] = round(batch_bytes / t["dispatch"] / 1e9, 3)
     res["dispatch_vs_raw_grpc"] = round(t["raw"] / t["dispatch"], 3)
-    res["dispatch_vs_raw_grpc_range"] = spread("raw", "dispatch")
     res["client_stack_on_echo_ms"] = round(t["stack_on_echo"] * 1e3, 3)
     res["dispatch_tiny_experts_ms"] = round(t_tiny["dispatch"] * 1e3, 3)
     res["dispatch_tiny_experts_vs_raw_grpc"] = round(t_tiny["raw"] / t_tiny["dispatch"], 3)
@@ -312,6 +348,9 @@ def run(experts, placement, rounds, reps, quick) -> dict:
     set_identity(True)  # the stack's overhead: zero-FLOP expert, everything else real
     t = interleaved({"bare": lambda: echo_rpc[0](tiny, timeout=60), "ours": ours}, rounds, reps * 10)
     res["call_overhead_vs_bare_rpc_range"] = spread("ours", "bare")
+    res["call_overhead_vs_bare_rpc_spread"] = spread_stats("ours", "bare")
+    res["tiny_call_cpu_us"] = tiny_cpu(experts[0].pid, {"bare": lambda: echo_rpc[0](tiny, timeout=60), "ours": ours},
+                                       calls=100 * reps)  # fmt: skip
     set_identity(False)
     t_exp = interleaved({"bare": lambda: echo_rpc[0](tiny, timeout=60), "ours": ours}, rounds, reps * 3)
     res["bare_rpc_ms"] = round(t["bare"] * 1e3, 3)
@@ -351,6 +390,21 @@ def run(experts, placement, rounds, reps, quick) -> dict:
     return res
 
 
+def tiny_cpu(server_pid: int, fns: dict, calls: int) -> dict:
+    """CPU microseconds per call of each fn: this thread's and the server process's (all its threads), over
+    `calls` calls in blocks of 20 alternating between the fns (as `interleaved`)."""
+    cpu = {k: [0.0, 0.0] for k in fns}
+    for _ in range(max(1, calls // 20)):
+        for k, fn in fns.items():
+            c0, s0 = time.thread_time(), _cpu_s(server_pid)
+            for _ in range(20):
+                fn()
+            cpu[k][0] += time.thread_time() - c0
+            cpu[k][1] += _cpu_s(server_pid) - s0
+    n = max(1, calls // 20) * 20
+    return {k: {"client": round(c / n * 1e6, 1), "server": round(sv / n * 1e6, 1)} for k, (c, sv) in cpu.items()}
+
+
 class _Ctx:
     """Stands in for grpc.ServicerContext to time the server's handler in-process (no RPC around it)."""
 
@@ -367,9 +421,25 @@ class _Ctx:
         pass
 
 
+class _NoNetClient(ExpertClient):
+    """An ExpertClient whose calls return a prepared reply at once: the RemoteDispatcher's own CPU, no network."""
+
+    def __init__(self, reply: bytes):
+        self.address, self.chunk_bytes, self.deadline_s, self._unary_limit, self._reply = "no-net", None, 1.0, 1 << 30, reply
+
+    def call(self, method, frame, *, layer=None, step=None, wait=False, wrapped=False):
+        return ExpertFuture(None, self, method, layer, step, self._reply)
+
+    def close(self) -> None:
+        pass
+
+
 def tiny_pieces(x) -> dict:
     """CPU per step of a tiny call (1 row, d 512), timed in this process: where the overhead over a bare RPC goes.
-    The server handler runs the real code (zero-FLOP expert) with a stand-in context."""
+    The server handler runs the real code (zero-FLOP expert) with a stand-in context; `client_dispatcher_total` is
+    the RemoteDispatcher's whole client side (plan checks, encode, expected reply, fan-out call, reply check, copy)
+    against a client that answers at once. The client's reply check is `decode_expected` (one comparison);
+    `client_decode_reply_full` is the full decode it falls back to for an unexpected reply."""
     import timeit
 
     f = encode_frame("dispatch", layer=0, step=0, mb=0, pv=0, experts=[0], counts=[1], tensors={"x": x},
@@ -380,20 +450,37 @@ def tiny_pieces(x) -> dict:
     srv = BenchExpertServer(shards, auth_token=TOKEN)
     ctx = _Ctx(TOKEN)
     reply = srv._rpc_dispatch(env, ctx)
+    placement = Placement.contiguous(1, E, ACTORS)
+    no_net = RemoteDispatcher(0, placement, [_NoNetClient(reply) for _ in range(ACTORS)])
+    plan = DispatchPlan.build(torch.tensor([[0]]), placement, 0)
+    step = StepContext(0)
+    exp = expected_frame("result", layer=0, step=0, mb=0, pv=0, experts=[0], counts=[1], name="y",
+                         dtype=torch.float32, shape=(1, D))  # fmt: skip
+
+    def client_total():
+        with torch.no_grad():
+            no_net(x, plan, step)
+
     pieces = {
         "client_encode": lambda: encode_frame("dispatch", layer=0, step=0, mb=0, pv=0, experts=[0], counts=[1],
-                                              tensors={"x": x}, meta={"src": 0, "save": False}),
+                                              tensors={"x": x}, meta={"src": 0, "save": False}, validate=False,
+                                              lead=envelope_prefix),
+        "client_expected_reply": lambda: expected_frame("result", layer=0, step=0, mb=0, pv=0, experts=[0],
+                                                        counts=[1], name="y", dtype=torch.float32, shape=(1, D)),
         "envelope_wrap": lambda: wrap_frame(f),
         "server_handler_total": lambda: srv._rpc_dispatch(env, ctx),
         "server_decode_frame": lambda: decode_frame(unwrap_frame(env), expected_kind="dispatch", hosted={(0, 0)}),
         "server_encode_reply": lambda: encode_frame("result", layer=0, step=0, mb=0, pv=0, experts=(0,), counts=(1,),
-                                                    tensors={"y": x}, wire_dtype=torch.float32),
-        "client_decode_reply": lambda: decode_frame(unwrap_frame(reply), expected_kind="result", out_dtype=None),
+                                                    tensors={"y": x}, wire_dtype=torch.float32, validate=False,
+                                                    lead=envelope_prefix),
+        "client_decode_reply": lambda: decode_expected(unwrap_frame(reply), exp),
+        "client_decode_reply_full": lambda: decode_frame(unwrap_frame(reply), expected_kind="result", out_dtype=None),
+        "client_dispatcher_total": client_total,
     }  # fmt: skip
-    out = {k: round(min(timeit.repeat(fn, number=300, repeat=3)) / 300 * 1e6, 1) for k, fn in pieces.items()}
+    out = {k: round(min(timeit.repeat(fn, number=300, repeat=5)) / 300 * 1e6, 1) for k, fn in pieces.items()}
     out["codec_share_of_overhead"] = round(
-        (out["client_encode"] + out["server_decode_frame"] + out["server_encode_reply"] + out["client_decode_reply"])
-        / (out["client_encode"] + out["envelope_wrap"] + out["server_handler_total"] + out["client_decode_reply"]), 3
+        (out["client_encode"] + out["client_expected_reply"] + out["server_decode_frame"] + out["server_encode_reply"]
+         + out["client_decode_reply"]) / (out["client_dispatcher_total"] + out["server_handler_total"]), 3
     )  # fmt: skip
     return out
 

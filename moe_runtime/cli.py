@@ -236,8 +236,8 @@ def _check_corpus_fits(cfg: RuntimeConfig) -> None:
             raise typer.Exit(2) from None
         d = corpus.describe()
         err.print(f"data: {d['num_files']} files ({d['train_files']} train / {d['val_files']} val), "
-                  f"{d['train_documents'] + d['val_documents']} documents, {d['train_tokens']:,} train tokens "
-                  f"({d['tokenizer']} tokenizer)")
+                  f"{d['train_documents'] + d['val_documents']} documents (split by {d['split_by']}), "
+                  f"{d['train_tokens']:,} train tokens ({d['tokenizer']} tokenizer)")
 
 
 # ----------------------------------------------------------------------------------------------- cluster life
@@ -347,7 +347,7 @@ def forward(
     in_process: bool = typer.Option(False, "--in-process", help="use an in-process model (the checkpoint's "
                                                                   "weights, else untrained)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object as the last stdout line "
-                                                       "(token_ids, predictions, last_logits, continuation)"),
+                                                       "(token_ids, predictions, last_logits, continuation, degraded)"),
 ) -> None:
     """Run a forward pass and print next-token predictions."""
     import torch
@@ -372,19 +372,23 @@ def forward(
         err.print(f"[red]error:[/red] --generate = {generate}: expected a number of new tokens >= 0")
         raise typer.Exit(2)
     tokens = torch.tensor([ids], dtype=torch.long)
-    from moe_runtime.generate_command import per_prompt_params, run_generate
+    from moe_runtime.generate_command import degraded_of, merge_degraded, per_prompt_params, run_generate
 
     greedy = per_prompt_params(1, max(generate, 1), 0.0, 0, 1.0, None)
 
-    def run(model_forward, greedy_new_ids=None) -> dict:
+    def run(model_forward, greedy=None, cluster=None) -> dict:
         last_v = model_forward(tokens)[0, -1].float()
+        degraded = degraded_of(cluster)  # [layer, expert] the forward ran without (on_expert_failure = mask)
         probs = torch.softmax(last_v, dim=-1)
         best = torch.topk(probs, top)
         preds = [{"token": int(t), "text": run_tok.piece(int(t)), "prob": float(p), "logit": float(last_v[t])}
                  for p, t in zip(best.values, best.indices)]
-        new = greedy_new_ids(ids) if generate else []  # the cached engine of `moe-runtime generate`
+        cont = greedy(ids) if generate else None  # the cached engine of `moe-runtime generate`
+        new = cont.completions[0].new_token_ids if cont is not None else []
+        degraded = merge_degraded(degraded, cont.extra["degraded"] if cont is not None else [])
         return {"token_ids": ids, "predictions": preds, "continuation": run_tok.tokenizer.decode(new) if new else "",
-                "continuation_ids": new, "last_logits": last_v.tolist(), "tokenizer": run_tok.kind}
+                "continuation_ids": new, "last_logits": last_v.tolist(), "tokenizer": run_tok.kind,
+                "degraded": degraded}
 
     if in_process:
         if cfg.model.checkpoint is not None:
@@ -399,15 +403,14 @@ def forward(
             model = build_model(cfg.model, cfg.train.seed).eval()
         with torch.no_grad():
             result = run(lambda t: model(t).logits.detach(),
-                         lambda p: run_generate(cfg, [p], greedy, in_process=True, stream=None, model=model)
-                         .completions[0].new_token_ids)
+                         lambda p: run_generate(cfg, [p], greedy, in_process=True, stream=None, model=model))
     else:
         from moe_runtime.ops_cli import on_cluster, warn_fresh_cluster
 
         _same_model_as_daemon(cfg)
         warn_fresh_cluster(cfg)
         result = on_cluster(cfg, lambda c: run(c.forward, lambda p: run_generate(
-            cfg, [p], greedy, in_process=False, stream=None, cluster=c).completions[0].new_token_ids))
+            cfg, [p], greedy, in_process=False, stream=None, cluster=c), cluster=c))
     shown = text[-40:] if text is not None else ids[-8:]
     table = Table(title=f"next token after {shown!r}")
     table.add_column("token")
@@ -417,6 +420,9 @@ def forward(
     err.print(table)
     if generate:
         err.print(f"greedy continuation: {result['continuation']!r}")
+    if result["degraded"]:
+        err.print(f"[yellow]degraded:[/yellow] computed without experts (layer, expert) {result['degraded']}: no live "
+                  "replica (transport.on_expert_failure = mask)")
     if as_json:
         _emit_json(result)
 
@@ -436,7 +442,8 @@ def generate_cmd(
     config: Path = typer.Option(DEFAULT_CONFIG, help="runtime config (YAML)"),
     in_process: bool = typer.Option(False, "--in-process", help="run the model in this process"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object as the last stdout line "
-                                                       "(new_token_ids and text per prompt, finish_reason, rates)"),
+                                                       "(new_token_ids and text per prompt, finish_reason, rates, "
+                                                       "degraded)"),
 ) -> None:
     """Cached generation (KV / LFA caches, continuous batching) on the cluster or in process; tokens stream as
     they come (to stdout, or to stderr with --json)."""
@@ -470,6 +477,9 @@ def generate_cmd(
               + (f", time to first token {ttft * 1e3:.0f} ms" if ttft is not None else "")
               + (f", decode {rate:,.1f} tokens/s" if rate else "")
               + f"; finish: {', '.join(out['finish_reason'])}")
+    if out["degraded"]:
+        err.print(f"[yellow]degraded:[/yellow] computed without experts (layer, expert) {out['degraded']}: no live "
+                  "replica (transport.on_expert_failure = mask)")
     if as_json:
         _emit_json(out)
 
@@ -550,6 +560,10 @@ def serve_cmd(
     with err.status("starting the cluster (Ray, expert actors, router workers)..."):
         cluster = Cluster.start(cfg)
     with cluster:
+        # the state served, saved: a restarted actor whose shards have no live replica reloads them from it when
+        # the cluster heals (runtime/failover.py), so serving returns to unmasked answers without a restart
+        start = cluster.checkpoint(Path(cfg.train.checkpoint_dir) / "serve")
+        err.print(f"serving state saved to {start} (what a lost expert actor reloads)")
         serve_forever(cluster.generation_engine(), name, host, port, ready)
 
 
@@ -558,7 +572,8 @@ def simulate(
     config: Path = typer.Option(Path("cluster/sim-64gpu.yaml"), help="config with a sim section"),
     trace: Optional[str] = typer.Option(None, help="routing trace file to replay, or uniform | zipf | drift"),
     steps: Optional[int] = typer.Option(None, help="steps of the trace to simulate"),
-    what_if: Optional[str] = typer.Option(None, "--what-if", help="rebalance: static vs the scheduler's placement"),
+    what_if: Optional[str] = typer.Option(None, "--what-if", help="rebalance: static vs the scheduler's placement; "
+                                          "overlap: transport.overlap none vs two_batch (overlap_vs_none_step_time)"),
     plot: Optional[Path] = typer.Option(None, help="PNG: per-GPU timeline and step time vs cluster size"),
     calibrate: bool = typer.Option(False, "--calibrate", help="profile this machine and write its cost table"),
     against_cluster: bool = typer.Option(False, "--against-cluster", help="with --calibrate: also run the config's "

@@ -68,6 +68,9 @@ class ModelConfig(_Strict):
     max_seq_len: int = Field(gt=0)
     lfa: bool = True  # Localized Filtering-based Attention; False = plain causal attention
     init_std: float = Field(default=0.02, gt=0)
+    # storage dtype of the expert weights (model/weight_storage.py); compute stays fp32: each expert is converted
+    # right before its matmuls. bfloat16 halves the experts' memory, for forward and generation (training refuses it)
+    expert_weight_dtype: Literal["float32", "bfloat16"] = "float32"
     checkpoint: str | None = None  # an HF-layout Yuan checkpoint directory (moe_runtime/checkpoint)
     # Routing rule (model/routing.py), for either router: topk (default) | grouped (MoGE: top-(k/G) in each of
     # routing_groups equal expert groups) | top_p (smallest set reaching top_p, 1..k_max experts, optional
@@ -210,7 +213,8 @@ class TransportConfig(_Strict):
     # exchange is in flight while the other runs attention and the router, forward and backward (model/two_batch.py)
     overlap: Literal["none", "two_batch"] = "none"
     # frames larger than this many MiB go as chunked streams of messages of this size (dispatch/chunks.py): any frame
-    # size crosses gRPC, copying overlaps sending; None = every frame is one message (up to the max message size)
+    # size crosses gRPC, copying overlaps sending; None = one message per frame, except that a frame larger than
+    # max_message_mb always streams (automatic chunks, never a failure: the limit bounds each message, not a frame)
     chunk_mb: float | None = Field(default=None, gt=0)
 
 
@@ -231,7 +235,9 @@ class ClusterConfig(_Strict):
     torch_threads: int = Field(default=1, gt=0)  # intra-op threads per actor
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "SPREAD"
     max_restarts: int = Field(default=3, ge=0)
-    # a party that answers no control call (or recovery's ping) within this long is hung: killed and recovered
+    # a party that answers no control call (or recovery's ping) within this long, or a router worker that has not
+    # finished a step's forward/backward this long after its peer, is hung: killed and recovered. Keep it above
+    # transport.deadline_s (a worker waiting on a hung expert actor must fail its exchange first)
     hang_timeout_s: float = Field(default=120.0, gt=0)
     grad_sync: Literal["gloo", "ray"] = "gloo"
 
@@ -262,6 +268,9 @@ class SchedulerConfig(_Strict):
     # without a price per copy the policy spends 2-3x the bytes for ~0.1% balance.
     min_gain_per_copy: float = Field(default=0.01, ge=0)
     slots_per_actor: int | None = Field(default=None, gt=0)  # expert slots per actor per layer; None = auto
+    # node: every replicated (hot) expert keeps a replica off the node of its other replicas, so losing one node
+    # leaves it a live copy (scheduler/anti_affinity.py); none: replicas go wherever the policy puts them
+    replica_anti_affinity: Literal["none", "node"] = "none"
 
 
 class SimConfig(_Strict):

@@ -14,8 +14,11 @@ the end-of-document token (``<eod>``; the byte tokenizer's EOS), and the documen
 file order into one int32 stream; batches are windows of it at seeded random offsets (data.BatchLoader), so a
 window may start inside a document.
 
-Split: by FILE, the stdlib corpus's rule (``data.assign_split``, sha256 of ``split_seed`` and the file's path
-relative to the matched files' common folder): needs at least two files.
+Split (``split_documents``, deterministic): by FILE when at least two files hold a document, the stdlib corpus's
+rule (``data.assign_split``, sha256 of ``split_seed`` and the file's path relative to the matched files' common
+folder); otherwise (one file, or every document in one file) by DOCUMENT, the same rule over the keys
+``"<relpath>#<n>"`` (n = the document's index in its file, from 0). Both splits always get at least one document;
+fewer than two documents in all is an error naming data.paths, the file and the count.
 
 Documents inside a window (``FileCorpus.documents``): a token's document index counts the <eod> tokens BEFORE it,
 so the <eod> belongs to the document it ends (the HF code's ``attention_mask[b, 0, i+1:, :i+1] = 0`` after each
@@ -43,6 +46,8 @@ import torch
 
 from moe_runtime.config import DataConfig, ModelConfig
 from moe_runtime.data import Corpus, assign_split, load_corpus, select_split
+
+DocumentKey = tuple[str, int]  # (file relative to the corpus root, index of the document in the file)
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,7 +88,7 @@ class FileCorpus:
 
     train: torch.Tensor
     val: torch.Tensor
-    train_files: list[str]
+    train_files: list[str]  # files with a document in the split (by document: a file may be in both)
     val_files: list[str]
     train_documents: int
     val_documents: int
@@ -92,6 +97,7 @@ class FileCorpus:
     reset_positions: bool
     root: str
     fingerprint: str
+    split_by: str = "file"  # "file" | "document" (split_documents)
 
     def split(self, name: str) -> torch.Tensor:
         return select_split(self.train, self.val, name)
@@ -103,8 +109,8 @@ class FileCorpus:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "source": "files", "root": self.root, "num_files": len(self.train_files) + len(self.val_files),
-            "train_files": len(self.train_files), "val_files": len(self.val_files),
+            "source": "files", "root": self.root, "num_files": len(set(self.train_files) | set(self.val_files)),
+            "train_files": len(self.train_files), "val_files": len(self.val_files), "split_by": self.split_by,
             "train_documents": self.train_documents, "val_documents": self.val_documents,
             "train_tokens": int(self.train.numel()), "val_tokens": int(self.val.numel()),
             "eod_id": self.eod_id, "tokenizer": self.tokenizer, "reset_positions": self.reset_positions,
@@ -174,21 +180,49 @@ def read_documents(path: Path, cfg: DataConfig) -> list[str]:
     return docs
 
 
-def _tokenize(paths: list[Path], tokenizer: Any, eod_id: int, vocab_size: int,
-              docs_by_path: dict[Path, list[str]]) -> tuple[np.ndarray, int]:  # fmt: skip
-    """Each document's tokens + <eod>, concatenated in file order (int32); returns (stream, documents)."""
+@dataclass(frozen=True)
+class DocumentSplit:
+    by: str  # "file" | "document"
+    train: list[DocumentKey]  # in file order, then document order
+    val: list[DocumentKey]
+
+
+def split_documents(files: list[tuple[str, list[str]]], val_fraction: float, seed: int,
+                    field: str = "data.paths") -> DocumentSplit:  # fmt: skip
+    """The train/val split of (relpath, documents) in order (the rule: module docstring). Pure."""
+    holding = [rel for rel, docs in files if docs]
+    if len(holding) >= 2:  # by file
+        train_rel, val_rel = assign_split(holding, val_fraction, seed)
+        count = dict((rel, len(docs)) for rel, docs in files)
+        return DocumentSplit("file", [(r, i) for r in train_rel for i in range(count[r])],
+                             [(r, i) for r in val_rel for i in range(count[r])])
+    keys = [f"{rel}#{i}" for rel, docs in files for i in range(len(docs))]
+    if len(keys) < 2:
+        where = holding[0] if holding else ", ".join(rel for rel, _ in files)
+        raise ValueError(f"{field}: {where!r} holds {len(keys)} document(s) in all; the train/val split needs at "
+                         "least 2 documents (a text file is one document: give several files, or a jsonl file with "
+                         "one document per line)")
+    train_keys, val_keys = assign_split(keys, val_fraction, seed)
+
+    def parse(key: str) -> DocumentKey:
+        rel, _, n = key.rpartition("#")
+        return rel, int(n)
+
+    return DocumentSplit("document", [parse(k) for k in train_keys], [parse(k) for k in val_keys])
+
+
+def _tokenize(keys: list[DocumentKey], tokenizer: Any, eod_id: int, vocab_size: int,
+              docs_by_rel: dict[str, list[str]], root: Path) -> tuple[np.ndarray, int]:  # fmt: skip
+    """Each document's tokens + <eod>, concatenated in order (int32); returns (stream, documents)."""
     parts: list[np.ndarray] = []
-    n_docs = 0
-    for p in paths:
-        for doc in docs_by_path[p]:
-            ids = np.asarray([*tokenizer.encode(doc), eod_id], dtype=np.int64)
-            if ids.max() >= vocab_size or ids.min() < 0:
-                bad = int(ids[(ids >= vocab_size) | (ids < 0)][0])
-                raise ValueError(f"{p}: encodes to token {bad}, outside the model's vocabulary (model.vocab_size "
-                                 f"{vocab_size}): the tokenizer does not fit this model")
-            parts.append(ids.astype(np.int32))
-            n_docs += 1
-    return (np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)), n_docs
+    for rel, n in keys:
+        ids = np.asarray([*tokenizer.encode(docs_by_rel[rel][n]), eod_id], dtype=np.int64)
+        if ids.max() >= vocab_size or ids.min() < 0:
+            bad = int(ids[(ids >= vocab_size) | (ids < 0)][0])
+            raise ValueError(f"{root / rel}: encodes to token {bad}, outside the model's vocabulary "
+                             f"(model.vocab_size {vocab_size}): the tokenizer does not fit this model")
+        parts.append(ids.astype(np.int32))
+    return (np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)), len(keys)
 
 
 _MEMORY_CACHE: dict[str, FileCorpus] = {}
@@ -212,14 +246,14 @@ def clear_memory_cache() -> None:
 
 
 def load_file_corpus(cfg: DataConfig, model: ModelConfig) -> FileCorpus:
-    """Read, split (by file), tokenise and pack the files of data.paths (kept in memory per process, keyed by a
-    fingerprint of the files and the tokenizer: the CLI's up-front check and the trainer tokenise once)."""
+    """Read, split (by file, or by document for a single file), tokenise and pack the files of data.paths (kept
+    in memory per process, keyed by a fingerprint of the files and the tokenizer: the CLI's up-front check and the
+    trainer tokenise once)."""
     if cfg.source != "files":
         raise ValueError(f"data.source = {cfg.source!r}: load_file_corpus reads data.source = 'files'")
     paths = match_files(cfg)
-    if len(paths) < 2:
-        raise ValueError(f"data.paths = {cfg.paths!r}: matched {len(paths)} file(s); the train/val split is by "
-                         "file, so at least 2 files are needed (split one file into several)")
+    if not paths:
+        raise ValueError(f"data.paths = {cfg.paths!r}: matched no file")
     root = Path(os.path.commonpath([str(p.parent) for p in paths]))
     fp = _fingerprint(cfg, model, paths, root)
     cached = _MEMORY_CACHE.get(fp)
@@ -238,19 +272,20 @@ def _build(cfg: DataConfig, model: ModelConfig, paths: list[Path], root: Path, f
     run_tok = tokenizer_for(model)
     if run_tok.eod_id is None:
         raise ValueError(f"{model.checkpoint}: the tokenizer has no <eod> token to put between documents")
-    train_rel, val_rel = assign_split([rel[p] for p in paths], cfg.val_fraction, cfg.split_seed)
-    by_rel = {r: p for p, r in rel.items()}
-    train_paths, val_paths = [by_rel[r] for r in train_rel], [by_rel[r] for r in val_rel]
-    train, n_train = _tokenize(train_paths, run_tok.tokenizer, run_tok.eod_id, model.vocab_size, docs)
-    val, n_val = _tokenize(val_paths, run_tok.tokenizer, run_tok.eod_id, model.vocab_size, docs)
-    for name, n in (("train", n_train), ("val", n_val)):
-        if n == 0:
-            files = train_rel if name == "train" else val_rel
-            raise ValueError(f"data: the {name} split ({files}) holds no document (empty corpus); add documents")
+    docs_by_rel = {rel[p]: docs[p] for p in paths}
+    split = split_documents([(rel[p], docs[p]) for p in paths], cfg.val_fraction, cfg.split_seed,
+                            f"data.paths = {cfg.paths!r}")  # fmt: skip
+    train, n_train = _tokenize(split.train, run_tok.tokenizer, run_tok.eod_id, model.vocab_size, docs_by_rel, root)
+    val, n_val = _tokenize(split.val, run_tok.tokenizer, run_tok.eod_id, model.vocab_size, docs_by_rel, root)
+
+    def files_of(keys: list[DocumentKey]) -> list[str]:
+        return list(dict.fromkeys(r for r, _ in keys))
+
     return FileCorpus(
-        train=torch.from_numpy(train), val=torch.from_numpy(val), train_files=train_rel, val_files=val_rel,
-        train_documents=n_train, val_documents=n_val, eod_id=run_tok.eod_id, tokenizer=run_tok.kind,
-        reset_positions=cfg.reset_positions, root=str(root), fingerprint=fp,
+        train=torch.from_numpy(train), val=torch.from_numpy(val), train_files=files_of(split.train),
+        val_files=files_of(split.val), train_documents=n_train, val_documents=n_val, eod_id=run_tok.eod_id,
+        tokenizer=run_tok.kind, reset_positions=cfg.reset_positions, root=str(root), fingerprint=fp,
+        split_by=split.by,
     )
 
 

@@ -4,6 +4,10 @@ streamed as they come, one summary (and with --json one object) at the end.
 Prompts are text (the checkpoint's tokenizer.model, else the presets' byte tokenizer) or token ids. Several
 prompts run as one continuous batch; a seed S gives prompt i the seed S + i (each request draws from its own
 generator, so a prompt's tokens do not depend on the others in the batch).
+
+`degraded` (JSON): the [layer, expert] pairs the answer was computed without (transport.on_expert_failure = mask:
+experts whose every replica was down, runtime/cluster_mask.py), over every step of the call; [] when none and in
+process.
 """
 
 from __future__ import annotations
@@ -122,9 +126,13 @@ def run_generate(
         if stream is not None:
             stream(e)
 
+    degraded: list[list[int]] = []
+
     def on(c: Any) -> list[Completion]:
         clock["start"] = time.perf_counter()
-        return c.generate(list(prompts), list(params), on_event)
+        done = c.generate(list(prompts), list(params), on_event)
+        degraded[:] = degraded_of(c)
+        return done
 
     if in_process:
         engine = local_engine(in_process_model(cfg) if model is None else model, cfg.model)
@@ -141,4 +149,17 @@ def run_generate(
     decode_tokens = sum(len(c.new_token_ids) - 1 for c in completions)
     rate = decode_tokens / (last - first) if first is not None and last > first else None
     return GenerateResult(completions, (last or clock["start"]) - clock["start"],
-                          None if first is None else first - clock["start"], {"decode_tokens_per_s": rate})
+                          None if first is None else first - clock["start"],
+                          {"decode_tokens_per_s": rate, "degraded": degraded})
+
+
+def degraded_of(cluster: Any) -> list[list[int]]:
+    """The [layer, expert] pairs the cluster's last forward or generate ran without (a Cluster, or the daemon's
+    handle); [] for anything that does not mask (in process)."""
+    pairs = getattr(cluster, "last_degraded", None)
+    return [] if pairs is None else [[int(la), int(e)] for la, e in pairs]
+
+
+def merge_degraded(*groups: Any) -> list[list[int]]:
+    """Union of [layer, expert] pair lists, sorted."""
+    return [list(p) for p in sorted({(int(la), int(e)) for g in groups for la, e in g})]

@@ -8,6 +8,13 @@ feeds. `"stream": true` answers with server-sent events (`data: {chunk}` per tok
 that goes away cancels its handler (aiohttp handler_cancellation), which aborts its requests in the loop: their
 cache rows are freed before the next step.
 
+Degraded answers (transport.on_expert_failure = mask, runtime/cluster_mask.py): the cluster's backend says after
+each prefill / decode step which (layer, expert) pairs that step was computed without (`last_masked`); the loop
+keeps, per request, the union over the steps that computed it (its prompt's cache included). Every chunk carries
+`degraded` = that union up to its token, a whole response the union over its choices (each choice its own), as
+[[layer, expert], ...], [] when none. The same backend starts the cluster's heal when a step found actors down,
+so answers return to unmasked ones without a restart (a request that ran during the outage stays degraded).
+
 Why aiohttp and not Ray Serve: the engine must be one loop over one cache (a Serve replica would have to own the
 Ray driver of the cluster, plus a controller and proxy actors on this 2-core machine); aiohttp is the server Ray's
 own dashboard runs on and comes with ray[default], so serving adds no dependency.
@@ -145,6 +152,14 @@ class _Sink:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
+@dataclass(frozen=True)
+class Delivered:
+    """A token event and the (layer, expert) pairs its request has been computed without so far."""
+
+    event: TokenEvent
+    degraded: tuple[tuple[int, int], ...]
+
+
 @dataclass
 class LoopStats:
     admitted: int = 0
@@ -171,6 +186,7 @@ class EngineLoop:
         self._aborts: queue.Queue = queue.Queue()
         self._sinks: dict[str, _Sink] = {}
         self._cancelled: set[str] = set()  # aborted before admission
+        self._degraded: dict[str, set[tuple[int, int]]] = {}  # request -> pairs masked in the steps that computed it
         self._state = BatchState()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
@@ -244,6 +260,7 @@ class EngineLoop:
         self.engine.abort(self._state, running)
         for rid in running:
             self._sinks.pop(rid, None)
+            self._degraded.pop(rid, None)
         self.stats.aborted += len(running)
         self._cancelled |= gone - set(running)  # not admitted yet (or already finished): never admit them
 
@@ -260,14 +277,20 @@ class EngineLoop:
         self._deliver(self.engine.add(self._state, [r for r, _ in new]))
 
     def _deliver(self, events: list[TokenEvent]) -> None:
+        """Events of the step just run (one per request it computed), with the pairs that step was masked on."""
+        masked = {(int(la), int(e)) for la, e in getattr(self.engine.backend, "last_masked", ())}
         for e in events:
             self.stats.tokens += 1
+            seen = self._degraded.setdefault(e.request_id, set())
+            seen |= masked
             sink = self._sinks.get(e.request_id)
             if sink is None:
+                self._degraded.pop(e.request_id, None)
                 continue
-            sink.put(e)
+            sink.put(Delivered(e, tuple(sorted(seen))))
             if e.completion is not None:
                 del self._sinks[e.request_id]
+                self._degraded.pop(e.request_id, None)
                 sink.put(None)
                 self.stats.finished += 1
 
@@ -277,6 +300,7 @@ class EngineLoop:
             sink.put(err)
         self.stats.failed += len(self._sinks)
         self._sinks.clear()
+        self._degraded.clear()
 
 
 # ----------------------------------------------------------------------------------------------- HTTP
@@ -288,6 +312,11 @@ def _error(status: int, message: str, param: str | None = None, kind: str = "inv
 
 def _sse(obj: Any) -> bytes:
     return f"data: {json.dumps(obj)}\n\n".encode()
+
+
+def _pairs(pairs: Any) -> list[list[int]]:
+    """(layer, expert) pairs as the JSON field `degraded`: [[layer, expert], ...] sorted, [] when none."""
+    return [[int(la), int(e)] for la, e in sorted(pairs)]
 
 
 class CompletionServer:
@@ -302,7 +331,8 @@ class CompletionServer:
 
     async def health(self, request: web.Request) -> web.Response:
         s = self.engine_loop.stats
-        return web.json_response({"status": "ok", **s.__dict__})
+        masked = getattr(self.engine_loop.engine.backend, "last_masked", ())  # the last step's (mask mode)
+        return web.json_response({"status": "ok", **s.__dict__, "degraded": _pairs(masked)})
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": self.model_name, "object": "model",
@@ -337,7 +367,7 @@ class CompletionServer:
             if pending:  # the client went away (handler cancelled) or the step failed: free the rows
                 self.engine_loop.abort(sorted(pending))
 
-    async def _next(self, sink: _Sink, pending: set[str]) -> TokenEvent | None:
+    async def _next(self, sink: _Sink, pending: set[str]) -> Delivered | None:
         """The next event; None once every request of this call has finished; raises on a failed step."""
         while pending:
             item = await sink.queue.get()
@@ -347,26 +377,29 @@ class CompletionServer:
                     "param": None}}), content_type="application/json")
             if item is None:
                 continue
-            if item.completion is not None:
-                pending.discard(item.request_id)
+            if item.event.completion is not None:
+                pending.discard(item.event.request_id)
             return item
         return None
 
     async def _collect(self, sink: _Sink, requests: list[Request], index: dict[str, int], pending: set[str],
                        cid: str, created: int) -> web.Response:  # fmt: skip
-        done = {}
-        while (e := await self._next(sink, pending)) is not None:
-            if e.completion is not None:
-                done[e.request_id] = e.completion
+        done, degraded = {}, {}
+        while (d := await self._next(sink, pending)) is not None:
+            if d.event.completion is not None:
+                done[d.event.request_id] = d.event.completion
+                degraded[d.event.request_id] = d.degraded  # the union over the request's steps
         choices = [{"index": index[r.request_id], "text": done[r.request_id].text, "logprobs": None,
                     "finish_reason": done[r.request_id].finish_reason,
-                    "token_ids": done[r.request_id].new_token_ids} for r in requests]
+                    "token_ids": done[r.request_id].new_token_ids,
+                    "degraded": _pairs(degraded[r.request_id])} for r in requests]
         prompt_tokens = sum(len(r.prompt_ids) for r in requests)
         completion_tokens = sum(len(c["token_ids"]) for c in choices)
         return web.json_response({
             "id": cid, "object": "text_completion", "created": created, "model": self.model_name,
             "choices": choices, "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                          "total_tokens": prompt_tokens + completion_tokens}})
+                                          "total_tokens": prompt_tokens + completion_tokens},
+            "degraded": _pairs({p for c in choices for p in map(tuple, c["degraded"])})})
 
     async def _stream(self, request: web.Request, sink: _Sink, index: dict[str, int], pending: set[str],
                       cid: str, created: int) -> web.StreamResponse:  # fmt: skip
@@ -374,15 +407,17 @@ class CompletionServer:
         await resp.prepare(request)
         while True:
             try:
-                e = await self._next(sink, pending)
+                d = await self._next(sink, pending)
             except web.HTTPException as failed:  # headers are out: the error goes as the last event
                 await resp.write(f"data: {failed.text}\n\n".encode())
                 break
-            if e is None:
+            if d is None:
                 break
+            e, degraded = d.event, _pairs(d.degraded)
             chunk = {"id": cid, "object": "text_completion", "created": created, "model": self.model_name,
                      "choices": [{"index": index[e.request_id], "text": e.text_delta, "logprobs": None,
-                                  "finish_reason": e.finish_reason, "token_ids": [e.token_id]}]}
+                                  "finish_reason": e.finish_reason, "token_ids": [e.token_id], "degraded": degraded}],
+                     "degraded": degraded}
             await resp.write(_sse(chunk))  # a gone client raises here (or cancels the handler)
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()

@@ -22,6 +22,7 @@ from moe_runtime.data import BatchLoader, val_batches
 from moe_runtime.data_files import DocumentBatch, load_training_corpus
 from moe_runtime.model.routing import static_actor_nodes
 from moe_runtime.model.transformer import MoETransformer, build_model
+from moe_runtime.model.weight_storage import check_trainable
 from moe_runtime.placement import Placement
 
 
@@ -98,6 +99,7 @@ class InProcessTrainer:
     """Single-process training with in-process experts: the numerical oracle for the cluster."""
 
     def __init__(self, cfg: RuntimeConfig):
+        check_trainable(cfg.model)  # fp32 master weights (model.expert_weight_dtype)
         self.cfg = cfg
         self.corpus = load_training_corpus(cfg.data, cfg.model)
         t = cfg.train

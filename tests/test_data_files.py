@@ -173,8 +173,9 @@ def test_empty_corpus_and_too_few_files(tmp_path):
     with pytest.raises(ValueError, match=r"empty\.txt: empty text file"):
         load_file_corpus(DataConfig(source="files", paths=[str(tmp_path / "*.txt"), str(tmp_path / "a.jsonl")]),
                          TINY)
-    (tmp_path / "one.txt").write_text("just one")
-    with pytest.raises(ValueError, match=r"matched 1 file\(s\).*at least 2 files"):
+    (tmp_path / "one.txt").write_text("just one")  # one file of one document: nothing to split
+    with pytest.raises(ValueError, match=r"data.paths = \[.*one\.txt'\]: 'one.txt' holds 1 document\(s\) in all; "
+                                         r"the train/val split needs at least 2 documents"):  # fmt: skip
         load_file_corpus(DataConfig(source="files", paths=[str(tmp_path / "one.txt")]), TINY)
     (tmp_path / "latin.txt").write_bytes(b"caf\xe9")
     with pytest.raises(ValueError, match=r"latin\.txt: not UTF-8"):
@@ -205,3 +206,51 @@ def test_train_command_fails_on_a_bad_file_before_anything_starts(tmp_path):
     cfg.write_text("model: {preset: tiny}\ndata: {source: files}\n")
     result = CliRunner().invoke(app, ["train", "--config", str(cfg), "--in-process"])
     assert result.exit_code == 2 and "data.paths = []" in result.stderr
+
+
+def _jsonl(path: Path, texts: list[str]) -> None:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+
+def test_a_single_file_is_split_by_document(tmp_path):
+    """One jsonl file: its documents are split by the file rule over "<relpath>#<n>" keys (sha256 of the seed and
+    the key), in file order; every document lands in exactly one split; the same inputs give the same split."""
+    from moe_runtime.data import split_fraction
+
+    texts = [f"document number {i} " * (1 + i % 3) for i in range(40)]
+    _jsonl(tmp_path / "all.jsonl", texts)
+    cfg = DataConfig(source="files", paths=[str(tmp_path / "all.jsonl")], val_fraction=0.2)
+    corpus = load_file_corpus(cfg, TINY)
+    assert corpus.split_by == "document" and corpus.train_files == corpus.val_files == ["all.jsonl"]
+    val = [i for i in range(40) if split_fraction(f"all.jsonl#{i}", 0) < 0.2]  # the documented rule
+    assert 0 < len(val) < 40
+    for split, idx in (("train", [i for i in range(40) if i not in val]), ("val", val)):
+        expected = [t for i in idx for t in (BOS, *texts[i].encode(), EOS)]
+        assert corpus.split(split).tolist() == expected
+    assert (corpus.train_documents, corpus.val_documents) == (40 - len(val), len(val))
+    assert corpus.describe()["split_by"] == "document" and corpus.describe()["num_files"] == 1
+    clear_memory_cache()
+    again = load_file_corpus(cfg, TINY)
+    assert torch.equal(again.train, corpus.train) and torch.equal(again.val, corpus.val)  # deterministic
+    other = load_file_corpus(cfg.model_copy(update={"split_seed": 5}), TINY)
+    assert not torch.equal(other.val, corpus.val)  # the seed moves documents: the rule is really applied
+    loader = BatchLoader(corpus, 2, 16, seed=0)  # batches come from it like from any corpus
+    assert loader.batch(0)[0].shape == (2, 16)
+
+
+def test_two_documents_in_one_file_each_go_to_one_split_and_too_few_files_fall_back(tmp_path):
+    """The smallest case: both splits get a document whatever val_fraction; a second file that holds no
+    document (only empty strings) leaves one file with documents: split by document too."""
+    _jsonl(tmp_path / "pair.jsonl", ["first", "second"])
+    tiny_val = load_file_corpus(DataConfig(source="files", paths=[str(tmp_path / "pair.jsonl")],
+                                           val_fraction=0.001), TINY)  # fmt: skip
+    assert (tiny_val.train_documents, tiny_val.val_documents) == (1, 1)
+    _jsonl(tmp_path / "empty.jsonl", ["", ""])
+    both = load_file_corpus(DataConfig(source="files", paths=[str(tmp_path / "*.jsonl")], val_fraction=0.001),
+                            TINY)  # fmt: skip
+    assert both.split_by == "document" and both.train_files == both.val_files == ["pair.jsonl"]
+    assert torch.equal(both.train, tiny_val.train) and torch.equal(both.val, tiny_val.val)
+    _jsonl(tmp_path / "more.jsonl", ["third"])  # now two files hold documents: split by file again
+    by_file = load_file_corpus(DataConfig(source="files", paths=[str(tmp_path / "*.jsonl")]), TINY)
+    assert by_file.split_by == "file" and sorted(by_file.train_files + by_file.val_files) == ["more.jsonl",
+                                                                                              "pair.jsonl"]

@@ -78,3 +78,42 @@ def test_bad_inputs_are_named():
         assert r.exit_code == 2 and needle in r.output, (args, r.output)
     r = runner.invoke(app, ["generate", "--prompt", "a", "--max-new-tokens", "0", "--in-process"])
     assert r.exit_code == 2 and "max_new_tokens" in r.output
+
+
+def test_json_says_degraded_empty_in_process():
+    """`degraded` ([layer, expert] pairs computed without; mask mode on a cluster: tests/runtime/
+    test_expert_mask_serving.py) is [] in process, for generate and forward (with and without a continuation)."""
+    gen = _json(runner.invoke(app, ["generate", "--token-ids", "256,97", "--max-new-tokens", "2", "--temperature",
+                                    "0", "--in-process", "--json"]))
+    assert gen["degraded"] == [] and len(gen["new_token_ids"][0]) == 2
+    for extra in ([], ["--generate", "2"]):
+        fwd = _json(runner.invoke(app, ["forward", "--token-ids", "5,17,42", "--in-process", "--json", *extra]))
+        assert fwd["degraded"] == [] and len(fwd["last_logits"]) == CFG.model.vocab_size
+
+
+def test_degraded_through_the_daemon_handle():
+    """With a cluster daemon up the CLI holds a session.RemoteCluster: its last_degraded asks the daemon, whose
+    handler calls Cluster.degraded_pairs (here on a stand-in holding only last_degraded), over the real socket."""
+    import secrets
+    import threading
+    from multiprocessing.connection import Listener
+    from types import SimpleNamespace
+
+    from moe_runtime.generate_command import degraded_of
+    from moe_runtime.runtime import session
+    from moe_runtime.runtime.cluster import Cluster
+
+    key = secrets.token_bytes(16)
+    daemon = SimpleNamespace(last_degraded=[[1, 4], [0, 6]])
+    daemon.degraded_pairs = lambda: Cluster.degraded_pairs(daemon)
+    with Listener(("127.0.0.1", 0), authkey=key) as listener:
+        def serve_one() -> None:
+            with listener.accept() as conn:
+                session._handle(conn, daemon)
+
+        t = threading.Thread(target=serve_one, daemon=True)
+        t.start()
+        handle = session.RemoteCluster({"port": listener.address[1], "key": key.hex(), "pid": 0})
+        assert degraded_of(handle) == [[1, 4], [0, 6]]
+        t.join(10)
+    assert degraded_of(None) == [] and degraded_of(object()) == []

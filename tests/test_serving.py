@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+import torch
 
 from moe_runtime.config import ModelConfig
 from moe_runtime.generation.backend import LocalBackend
@@ -139,3 +140,79 @@ def test_a_dropped_client_is_aborted_and_the_server_keeps_serving(server):
     assert server.engine_loop._state.sequences == [] and server.engine_loop._sinks == {}
     r = _post(server, {"prompt": "still there", "max_tokens": 3, "temperature": 0})
     assert r.status_code == 200 and len(r.json()["choices"][0]["token_ids"]) >= 1
+
+
+class ScheduledMaskBackend(LocalBackend):
+    """In process, what the cluster's backend (runtime/cluster_mask.ReportingBackend) tells the loop: the forwards
+    numbered in `masked_forwards` run with experts 4, 5 of layer 0 masked, and `last_masked` says so."""
+
+    MASKED = [[0, 4], [0, 5]]
+
+    def __init__(self, model, masked_forwards: set[int]):
+        super().__init__(model)
+        self.masked_forwards, self.last_masked = masked_forwards, []
+
+    def _mask_this_forward(self) -> None:
+        masked = self.forwards in self.masked_forwards
+        router = self.model.moe_layers[0].router
+        router.set_expert_alive([e not in (4, 5) for e in range(router.num_experts)] if masked else None)
+        self.last_masked = self.MASKED if masked else []
+
+    def prefill(self, prompts, capacity):
+        self._mask_this_forward()
+        return super().prefill(prompts, capacity)
+
+    def decode(self, cache, tokens):
+        self._mask_this_forward()
+        return super().decode(cache, tokens)
+
+
+def _strong_model():
+    """The tiny model with its experts' weights x10, so that masking two experts changes the greedy tokens."""
+    model = build_model(CFG, seed=0).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "experts" in name:
+                p.mul_(10.0)
+    return model
+
+
+def test_degraded_per_chunk_and_per_response():
+    """Forwards 3 and 4 run masked: the chunks of tokens 3.. of a stream say so (a token depends on the cache of
+    the steps before it), the tokens are those of the same masked steps in process; a request after it: []."""
+    def engine(masked_forwards=frozenset({3, 4})):
+        return Engine(ScheduledMaskBackend(_strong_model(), set(masked_forwards)), ByteTokenizer(),
+                      ByteTokenizer.eod_id)  # fmt: skip
+
+    body = {"prompt": "import os", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    with BackgroundServer(engine(), model_name="tiny") as s:
+        with _post(s, {**body, "stream": True}, stream=True) as r:
+            lines = [ln for ln in r.iter_lines(decode_unicode=True) if ln]
+        chunks = [json.loads(ln[len("data: "):]) for ln in lines[:-1]]
+        after = _post(s, {**body, "prompt": ["abc", [256, 98]]}).json()  # forwards 8..: unmasked
+    masked = ScheduledMaskBackend.MASKED
+    assert [c["degraded"] for c in chunks] == [[]] * 3 + [masked] * 5
+    assert [c["choices"][0]["degraded"] for c in chunks] == [c["degraded"] for c in chunks]
+    params = SamplingParams(8, temperature=0, ignore_eod=True)
+    want = engine().generate([ByteTokenizer().encode("import os")], params)[0]
+    unmasked = engine(frozenset()).generate([ByteTokenizer().encode("import os")], params)[0]
+    assert [c["choices"][0]["token_ids"][0] for c in chunks] == want.new_token_ids
+    assert want.new_token_ids[:3] == unmasked.new_token_ids[:3]
+    assert want.new_token_ids != unmasked.new_token_ids  # the masked steps changed the tokens: the check can fail
+    assert after["degraded"] == [] and [c["degraded"] for c in after["choices"]] == [[], []]
+
+
+def test_a_response_is_degraded_when_any_of_its_choices_is():
+    """Two prompts admitted in one prefill, forwards 0-2 masked: both choices and the response say so, and /health
+    the last step's mask; the next request (forwards 3-5, unmasked): [] everywhere."""
+    engine = Engine(ScheduledMaskBackend(_strong_model(), {0, 1, 2}), ByteTokenizer(), ByteTokenizer.eod_id)
+    body = {"prompt": ["ab", "cd"], "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    with BackgroundServer(engine, model_name="tiny") as s:
+        r = _post(s, body).json()
+        health = requests.get(s.url + "/health", timeout=10).json()
+        again = _post(s, body).json()
+        health_again = requests.get(s.url + "/health", timeout=10).json()
+    assert r["degraded"] == ScheduledMaskBackend.MASKED and health["degraded"] == ScheduledMaskBackend.MASKED
+    assert [c["degraded"] for c in r["choices"]] == [ScheduledMaskBackend.MASKED] * 2
+    assert again["degraded"] == [] and [c["degraded"] for c in again["choices"]] == [[], []]
+    assert health_again["degraded"] == [] and health_again["status"] == "ok"

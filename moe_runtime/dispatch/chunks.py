@@ -1,15 +1,17 @@
 """Chunked frames: one codec frame as a stream of `Frame` messages of at most `chunk_bytes` each, so that a frame of
-any size crosses gRPC (no message near the max message length), and the sender's copy into each message overlaps
-the transfer of the previous one (gRPC consumes the request iterator on its own thread).
+any size crosses gRPC (the max message length bounds each message, never the frame), and the sender's copy into
+each message overlaps the transfer of the previous one (gRPC consumes the request iterator on its own thread).
 
 Wire (protos/expert.proto, DispatchStream / BackwardStream, both directions): the `data` fields of the messages,
 concatenated, are exactly one codec frame; the first message holds at least the frame's prefix and whole header,
-so the receiver learns the total size (`codec.frame_nbytes`) and checks it against its limit before allocating.
-The receiver copies each chunk into one buffer with the 16-byte `Frame` envelope in front (`FrameAssembler`):
-the same bytes a unary call delivers, so the server runs its unary handler on it unchanged.
+so the receiver learns the total size (`codec.frame_nbytes`) and checks it against its bound on one frame
+(`max_frame_bytes`, service.DEFAULT_MAX_FRAME_BYTES: a guard against a buggy peer, not the message limit) before
+allocating. The receiver copies each chunk into one buffer with the 16-byte `Frame` envelope in front
+(`FrameAssembler`): the same bytes a unary call delivers, so the server runs its unary handler on it unchanged.
 
-API for callers: `ExpertClient(..., chunk_bytes=N)` streams every frame larger than N bytes (Dispatch/Backward,
-blocking, futures and fan_out alike); the server always offers both the unary and the streamed methods.
+API for callers: `ExpertClient` streams every frame that does not fit one message (automatically, in chunks of
+`service.auto_chunk_bytes(max_message_bytes)`), and with `chunk_bytes=N` every frame larger than N; the server
+answers a streamed request with a streamed reply and always offers both the unary and the streamed methods.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ def chunk_messages(frame: bytes | memoryview, chunk_bytes: int) -> Iterator[byte
 
 
 class FrameAssembler:
-    """Receives the messages of one chunked frame (`add`), then gives it as one `Frame` message (`message`)."""
+    """Receives the messages of one chunked frame (`add`), then gives it as one `Frame` message (`message`).
+    `max_bytes` bounds the whole frame (the receiver's max_frame_bytes), not a message."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = int(max_bytes)
@@ -70,7 +73,10 @@ class FrameAssembler:
             if total > self.max_bytes:
                 raise ChunkError(f"chunked frame declares {total} bytes: exceeds the limit of {self.max_bytes}")
             self._total = total
-            self._buf = torch.empty(_ENVELOPE + total, dtype=torch.uint8)
+            try:
+                self._buf = torch.empty(_ENVELOPE + total, dtype=torch.uint8)
+            except RuntimeError as e:  # out of memory: the stream is refused, the receiver goes on
+                raise ChunkError(f"chunked frame declares {total} bytes: cannot allocate them ({e})") from None
             self._view = memoryview(self._buf.numpy())
             self._view[:_ENVELOPE] = envelope_prefix(total)
         n = data.nbytes

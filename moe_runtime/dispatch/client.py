@@ -20,6 +20,7 @@ from moe_runtime.dispatch.codec import FrameError, decode_frame
 from moe_runtime.dispatch.envelope import EnvelopeError, unwrap_frame, wrap_frame
 from moe_runtime.dispatch.proto import expert_pb2 as pb
 from moe_runtime.dispatch.service import (
+    DEFAULT_MAX_FRAME_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES,
     METHOD_BACKWARD,
     METHOD_BACKWARD_STREAM,
@@ -28,6 +29,7 @@ from moe_runtime.dispatch.service import (
     METHOD_END_STEP,
     METHOD_HEALTH,
     TOKEN_METADATA_KEY,
+    auto_chunk_bytes,
     channel_options,
 )
 from moe_runtime.malloc import tune_malloc
@@ -105,9 +107,11 @@ class ExpertFuture:
 class ExpertClient:
     """One channel to one expert server. Every call carries the token and a deadline of `deadline_s`.
 
-    `chunk_bytes`: frames larger than this go as chunked streams of messages of this size (DispatchStream /
-    BackwardStream, dispatch/chunks.py): any frame size crosses, and copying overlaps sending. None: every frame
-    is one unary message (up to max_message_bytes)."""
+    A frame that does not fit one message of `max_message_bytes` goes as a chunked stream (DispatchStream /
+    BackwardStream, dispatch/chunks.py) of `auto_chunk_bytes(max_message_bytes)` messages, and its reply comes
+    back the same way: a frame of any size crosses, bounded only by `max_frame_bytes` in total. Frames that fit
+    stay one unary message (the fastest). `chunk_bytes`: also stream every frame larger than this, in messages of
+    this size (copying overlaps sending)."""
 
     def __init__(
         self,
@@ -116,6 +120,7 @@ class ExpertClient:
         deadline_s: float = 30.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         chunk_bytes: int | None = None,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     ):
         if chunk_bytes is not None and chunk_bytes < 1 << 12:
             raise ValueError(f"chunk_bytes = {chunk_bytes}: expected None or >= 4096")
@@ -123,7 +128,11 @@ class ExpertClient:
         self.address = address
         self.deadline_s = float(deadline_s)
         self.max_message_bytes = int(max_message_bytes)
+        self.max_frame_bytes = int(max_frame_bytes)
         self.chunk_bytes = chunk_bytes
+        # a unary message holds the frame and its 16-byte envelope; larger frames stream in chunks of this size
+        self._unary_limit = self.max_message_bytes - 16
+        self._chunk = chunk_bytes if chunk_bytes is not None else auto_chunk_bytes(self.max_message_bytes)
         self._metadata = ((TOKEN_METADATA_KEY, auth_token),)
         self._channel = grpc.insecure_channel(address, options=channel_options(self.max_message_bytes))
         raw: dict[str, Any] = {"request_serializer": None, "response_deserializer": None}
@@ -173,12 +182,13 @@ class ExpertClient:
         (encode_frame(..., lead=envelope_prefix): no second copy for the envelope)."""
         stub = self._stubs[method]
         message = frame if wrapped else None
-        if wrapped:
+        streams = self.streams(frame, wrapped)
+        if wrapped and (streams or layer is None or step is None):  # the frame itself is needed
             frame = unwrap_frame(frame)
         if layer is None or step is None:
             layer, step = self._context(frame, layer, step)
-        if self.streams(frame):
-            replies = self._stream_stubs[method](chunk_messages(frame, self.chunk_bytes), timeout=self.deadline_s,
+        if streams:
+            replies = self._stream_stubs[method](chunk_messages(frame, self._chunk), timeout=self.deadline_s,
                                                  metadata=self._metadata)  # fmt: skip
             future = ExpertFuture(replies, self, method, layer, step, streamed=True)
             if wait:
@@ -200,20 +210,22 @@ class ExpertClient:
             outcome = e
         return ExpertFuture(None, self, method, layer, step, outcome)
 
-    def streams(self, frame: bytes | memoryview) -> bool:
-        """Whether `frame` goes chunked (larger than chunk_bytes)."""
-        return self.chunk_bytes is not None and len(frame) > self.chunk_bytes
+    def streams(self, frame: bytes | memoryview, wrapped: bool = False) -> bool:
+        """Whether `frame` goes chunked: it does not fit one message, or is larger than chunk_bytes. `wrapped`:
+        `frame` is a `Frame` message (16 bytes of envelope in front)."""
+        n = len(frame) - (16 if wrapped else 0)
+        return n > self._unary_limit or (self.chunk_bytes is not None and n > self.chunk_bytes)
 
     def wire_message(self, frame: bytes, wrapped: bool = False) -> bytes | list[bytes]:
         """What call_async sends for `frame`: one wrapped message, or its chunk messages (a list) when it streams.
         Built on the caller's thread, so the event loop's thread only does I/O. `wrapped`: as in `call`."""
-        if self.streams(frame):
-            return list(chunk_messages(unwrap_frame(frame) if wrapped else frame, self.chunk_bytes))
+        if self.streams(frame, wrapped):
+            return list(chunk_messages(unwrap_frame(frame) if wrapped else frame, self._chunk))
         return frame if wrapped else wrap_frame(frame)
 
     def _assemble(self, replies: Any) -> memoryview:
         """The reply stream of a chunked call as one `Frame` message; raises grpc.RpcError or ChunkError."""
-        assembler = FrameAssembler(self.max_message_bytes)
+        assembler = FrameAssembler(self.max_frame_bytes)
         for message in replies:
             assembler.add(message)
         return assembler.message()
@@ -230,7 +242,7 @@ class ExpertClient:
             self._aio_stream_stubs = {name: self._aio_channel.stream_stream(m) for name, m in _STREAM_METHODS.items()}
         if isinstance(message, list):
             call = self._aio_stream_stubs[method](iter(message), timeout=self.deadline_s, metadata=self._metadata)
-            assembler = FrameAssembler(self.max_message_bytes)
+            assembler = FrameAssembler(self.max_frame_bytes)
             async for reply in call:
                 assembler.add(reply)
             return assembler.message()

@@ -38,7 +38,7 @@ import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
@@ -53,12 +53,15 @@ __all__ = [
     "MAX_NAME_LEN",
     "MAX_RANK",
     "SUPPORTED_DTYPES",
+    "ExpectedFrame",
     "Frame",
     "FrameError",
     "FrameHeader",
     "TensorSpec",
+    "decode_expected",
     "decode_frame",
     "encode_frame",
+    "expected_frame",
     "frame_header_nbytes",
     "frame_nbytes",
     "frame_nbytes_upper_bound",
@@ -227,7 +230,91 @@ def _parse_spec(i: int, spec: object) -> TensorSpec:
     return TensorSpec(name=name, dtype=dtype, shape=dims, nbytes=nbytes)
 
 
+_KIND_SET = frozenset(KINDS)
+_META_SCALARS = (type(None), bool, str, float)
+
+
+def _uint_tuple_fast(xs: object) -> tuple[int, ...] | None:
+    """A list of exact ints in [0, 2**63) as a tuple; None for anything else (the full check names it)."""
+    if type(xs) is not list:
+        return None
+    for x in xs:
+        if type(x) is not int or not 0 <= x < _INT_LIMIT:
+            return None
+    return tuple(xs)
+
+
+def _parse_header_fast(obj: object) -> FrameHeader | None:
+    """The header of a well-formed frame, checked with as few Python operations as possible; None as soon as
+    anything is unusual (wrong type, missing or extra key, out of range, meta lists), and `_parse_header` then
+    runs the full checks, which name the problem. Accepts nothing the full checks reject and returns the same
+    FrameHeader: a tiny frame's decode is dominated by this parse, paid on every data-plane call."""
+    if type(obj) is not dict:
+        return None
+    n = len(obj)
+    if n != 9 and not (n == 10 and "meta" in obj):
+        return None
+    try:  # the 9 required keys present and n <= 10 with "meta": no unknown key
+        v, kind, raw_specs = obj["v"], obj["kind"], obj["tensors"]
+        layer, step, mb, pv = obj["layer"], obj["step"], obj["mb"], obj["pv"]
+        experts, counts = _uint_tuple_fast(obj["experts"]), _uint_tuple_fast(obj["counts"])
+    except KeyError:
+        return None
+    if type(v) is not int or v != FORMAT_VERSION or type(kind) is not str or kind not in _KIND_SET:
+        return None
+    for x in (layer, step, mb, pv):
+        if type(x) is not int or not 0 <= x < _INT_LIMIT:
+            return None
+    if experts is None or counts is None or len(experts) != len(counts) or len(set(experts)) != len(experts):
+        return None
+    if type(raw_specs) is not list:
+        return None
+    specs = []
+    for spec in raw_specs:
+        if type(spec) is not dict or len(spec) != 4:
+            return None
+        try:
+            name, dtype, shape, nbytes = spec["name"], spec["dtype"], spec["shape"], spec["nbytes"]
+        except KeyError:
+            return None
+        if type(name) is not str or not 0 < len(name) <= MAX_NAME_LEN or type(dtype) is not str:
+            return None
+        torch_dtype = SUPPORTED_DTYPES.get(dtype)
+        dims = _uint_tuple_fast(shape)
+        if torch_dtype is None or dims is None or len(dims) > MAX_RANK:
+            return None
+        if type(nbytes) is not int or not 0 <= nbytes < _INT_LIMIT or math.prod(dims) * torch_dtype.itemsize != nbytes:
+            return None
+        specs.append(TensorSpec(name, dtype, dims, nbytes))
+    if len({s.name for s in specs}) != len(specs):
+        return None
+    rows = sum(counts)
+    if specs:
+        if not specs[0].shape or rows != specs[0].shape[0]:
+            return None
+    elif rows:
+        return None
+    meta: dict[str, Any] = {}
+    if n == 10:
+        raw_meta = obj["meta"]
+        if type(raw_meta) is not dict or len(raw_meta) > MAX_META_ITEMS:
+            return None
+        for k, val in raw_meta.items():
+            if type(k) is not str:
+                return None
+            if type(val) is int:
+                if not -_INT_LIMIT <= val < _INT_LIMIT:
+                    return None
+            elif type(val) not in _META_SCALARS:  # lists (and anything else): the full check
+                return None
+        meta = dict(raw_meta)
+    return FrameHeader(v, kind, layer, step, mb, pv, experts, counts, tuple(specs), meta)
+
+
 def _parse_header(obj: object) -> FrameHeader:
+    fast = _parse_header_fast(obj)
+    if fast is not None:
+        return fast
     if not isinstance(obj, dict):
         raise FrameError(f"header = {_short(obj)}: expected a msgpack map, got {type(obj).__name__}")
     for k in obj:
@@ -299,11 +386,16 @@ def _layout(header_len: int, specs: Sequence[TensorSpec]) -> tuple[list[int], in
 # encode
 
 
+_ONLY_INT = frozenset((int,))
+
+
 def _as_uint_list(path: str, xs: object) -> list[int]:
+    if type(xs) in (list, tuple) and _ONLY_INT.issuperset(map(type, xs)):
+        return list(xs)  # fast path (C-level type check, no generator); range checks happen in _parse_header
     if isinstance(xs, (torch.Tensor, np.ndarray)):
         xs = xs.tolist()
     if isinstance(xs, (list, tuple)) and all(type(x) is int for x in xs):
-        return list(xs)  # fast path; range checks happen in _parse_header
+        return list(xs)
     if isinstance(xs, (str, bytes)) or not isinstance(xs, Sequence):
         raise FrameError(f"{path} = {_short(xs)}: expected a sequence of ints")
     out = []
@@ -315,6 +407,29 @@ def _as_uint_list(path: str, xs: object) -> list[int]:
         except TypeError:
             raise FrameError(f"{path}[{i}] = {_short(x)}: expected an int, got {type(x).__name__}") from None
     return out
+
+
+_tls = threading.local()
+_ZERO_PAD = bytes(ALIGNMENT)
+
+
+def _header_obj(kind: str, layer: int, step: int, mb: int, pv: int, experts: list[int], counts: list[int],
+                specs: list[dict[str, Any]], meta: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The header map as it is packed (key order included: expected_frame relies on the same bytes)."""
+    obj: dict[str, Any] = {"v": FORMAT_VERSION, "kind": kind, "layer": layer, "step": step, "mb": mb, "pv": pv,
+                           "experts": experts, "counts": counts, "tensors": specs}  # fmt: skip
+    if meta:
+        obj["meta"] = dict(meta)
+    return obj
+
+
+def _packer() -> msgpack.Packer:
+    """This thread's msgpack Packer (packb builds a new one per call; a Packer is not thread-safe)."""
+    try:
+        return _tls.packer
+    except AttributeError:
+        p = _tls.packer = msgpack.Packer(use_bin_type=True)
+        return p
 
 
 def encode_frame(
@@ -356,10 +471,11 @@ def encode_frame(
     for i, (name, t) in enumerate(tensors.items()):
         if not isinstance(t, torch.Tensor):
             raise FrameError(f"tensors[{name!r}] is a {type(t).__name__}: expected a torch.Tensor")
-        t = t.detach()
-        if t.device.type != "cpu":
+        if t.requires_grad:
+            t = t.detach()
+        if not t.is_cpu:
             t = t.cpu()
-        if wire_dtype is not None and t.dtype in _FLOAT_DTYPES and t.dtype != wire_dtype:
+        if wire_dtype is not None and t.dtype != wire_dtype and t.dtype in _FLOAT_DTYPES:
             t = t.to(wire_dtype)
         dtype_name = _DTYPE_NAMES.get(t.dtype)
         if dtype_name is None:
@@ -369,37 +485,26 @@ def encode_frame(
         t = t.contiguous()
         prepared.append(t)
         specs.append({"name": name, "dtype": dtype_name, "shape": list(t.shape), "nbytes": t.nbytes})
-    obj: dict[str, Any] = {
-        "v": FORMAT_VERSION,
-        "kind": kind,
-        "layer": layer,
-        "step": step,
-        "mb": mb,
-        "pv": pv,
-        "experts": _as_uint_list("experts", experts),
-        "counts": _as_uint_list("counts", counts),
-        "tensors": specs,
-    }
-    if meta:
-        obj["meta"] = dict(meta)
+    obj = _header_obj(kind, layer, step, mb, pv, _as_uint_list("experts", experts), _as_uint_list("counts", counts),
+                      specs, meta)
     if validate:
-        tensor_specs = _parse_header(obj).tensors  # the same checks the receiver runs
-    else:
-        tensor_specs = tuple(TensorSpec(d["name"], d["dtype"], tuple(d["shape"]), d["nbytes"]) for d in specs)
-    packed = msgpack.packb(obj, use_bin_type=True)
-    if len(packed) > MAX_HEADER_BYTES:
-        raise FrameError(f"header is {len(packed)} bytes: exceeds MAX_HEADER_BYTES {MAX_HEADER_BYTES}")
-    offsets, total = _layout(len(packed), tensor_specs)
-    parts: list[Any] = [MAGIC, len(packed).to_bytes(4, "little"), packed]
-    if lead is not None:
-        parts.insert(0, lead(total))
-    cursor = PREFIX_BYTES + len(packed)
-    for off, t, spec in zip(offsets, prepared, tensor_specs):
+        _parse_header(obj)  # the same checks the receiver runs
+    packed = _packer().pack(obj)
+    header_len = len(packed)
+    if header_len > MAX_HEADER_BYTES:
+        raise FrameError(f"header is {header_len} bytes: exceeds MAX_HEADER_BYTES {MAX_HEADER_BYTES}")
+    parts: list[Any] = [MAGIC, header_len.to_bytes(4, "little"), packed]
+    cursor = PREFIX_BYTES + header_len
+    for t, spec in zip(prepared, specs):  # the layout of _layout, inline: this is every data-plane call's path
+        off = _align(cursor)
         if off > cursor:
-            parts.append(bytes(off - cursor))
-        if spec.nbytes:
-            parts.append(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-        cursor = off + spec.nbytes
+            parts.append(_ZERO_PAD[: off - cursor])
+        nbytes = spec["nbytes"]
+        if nbytes:  # the tensor's own buffer (numpy has no bfloat16: its bits as int16)
+            parts.append((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy())
+        cursor = off + nbytes
+    if lead is not None:
+        parts.insert(0, lead(cursor))
     return b"".join(parts)
 
 
@@ -514,12 +619,13 @@ def decode_frame(
     cursor = PREFIX_BYTES + header_len
     out: dict[str, torch.Tensor] = {}
     for i, (off, spec) in enumerate(zip(offsets, header.tensors)):
-        if off > cursor and any(mv[cursor:off]):
+        if off > cursor and int.from_bytes(mv[cursor:off], "little"):
             raise FrameError(f"padding before tensors[{i}] (bytes {cursor}..{off}) is not zero")
         dtype = SUPPORTED_DTYPES[spec.dtype]
         numel = spec.nbytes // dtype.itemsize
         if numel:
-            t = _frombuffer(mv, dtype, numel, off).view(spec.shape)
+            t = _frombuffer(mv, dtype, numel, off)
+            t = t.view(*spec.shape) if spec.shape else t.view(())  # view(*dims): view(tuple) parses ~4x slower
         else:
             t = torch.empty(spec.shape, dtype=dtype)
         if out_dtype is not None and dtype in _FLOAT_DTYPES and dtype != out_dtype:
@@ -591,3 +697,46 @@ def frame_nbytes_upper_bound(rows: int, hidden: int, num_segments: int, dtype: t
     # Each list grows from a 1-byte fixarray header to at most a 5-byte array32 header plus 9 bytes per int.
     header = len(msgpack.packb(worst, use_bin_type=True)) + 2 * (4 + 9 * num_segments)
     return PREFIX_BYTES + header + (ALIGNMENT - 1) + rows * hidden * dtype.itemsize
+
+
+# --------------------------------------------------------------------------------------------------
+# expected frames: a reply whose every header field the receiver already knows
+
+
+class ExpectedFrame(NamedTuple):
+    """The frame a well-behaved peer answers with, known before it arrives: `head` is every byte in front of its
+    one tensor (prefix, header, zero padding) exactly as encode_frame writes them; `nbytes` the whole frame."""
+
+    head: bytes
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def expected_frame(kind: str, *, layer: int, step: int, mb: int, pv: int, experts: Sequence[int],
+                   counts: Sequence[int], name: str, dtype: torch.dtype, shape: Sequence[int]) -> ExpectedFrame:  # fmt: skip
+    """What encode_frame writes for a frame of these fields carrying one tensor `name` of `dtype` and `shape` (no
+    meta), for `decode_expected`. The fields must be valid (they come from a frame this side built)."""
+    shape = tuple(map(int, shape))
+    nbytes = math.prod(shape) * dtype.itemsize
+    specs = [{"name": name, "dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "nbytes": nbytes}]
+    packed = _packer().pack(_header_obj(kind, layer, step, mb, pv, list(experts), list(counts), specs, None))
+    offset = _align(PREFIX_BYTES + len(packed))
+    head = b"".join((MAGIC, len(packed).to_bytes(4, "little"), packed, bytes(offset - PREFIX_BYTES - len(packed))))
+    return ExpectedFrame(head, offset + nbytes, dtype, shape)
+
+
+def decode_expected(buf: bytes | bytearray | memoryview, expected: ExpectedFrame) -> torch.Tensor | None:
+    """The tensor of `buf` (a zero-copy view, as decode_frame gives it with out_dtype=None) when `buf` is exactly
+    the expected frame's bytes up to its tensor and has its length; None otherwise (then decode_frame it: it is
+    another valid encoding of the same answer, or a wrong one, and decode_frame names what is wrong). One
+    comparison of ~100 bytes instead of a header parse: the caller's whole check of a reply."""
+    mv = _as_byte_view(buf)
+    n = len(expected.head)
+    if mv.nbytes != expected.nbytes or mv[:n] != expected.head:
+        return None
+    numel = (expected.nbytes - n) // expected.dtype.itemsize
+    if not numel:
+        return torch.empty(expected.shape, dtype=expected.dtype)
+    t = _frombuffer(mv, expected.dtype, numel, n)
+    return t.view(*expected.shape) if expected.shape else t.view(())

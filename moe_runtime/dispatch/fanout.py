@@ -88,7 +88,7 @@ def fan_out_async(requests: Sequence[ExpertCall]) -> PendingFanOut:
     requests = [r if isinstance(r, ExpertCall) else ExpertCall(*r) for r in requests]  # plain 5-tuples too
     if not requests:
         return PendingFanOut(requests, None, None, 0.0)
-    if len(requests) == 1 and not requests[0].client.streams(requests[0].frame):
+    if len(requests) == 1 and not requests[0].client.streams(requests[0].frame, requests[0].wrapped):
         client, method, frame, layer, step, wrapped = requests[0]
         return PendingFanOut(requests, None, client.call(method, frame, layer=layer, step=step, wrapped=wrapped),
                              0.0)  # fmt: skip

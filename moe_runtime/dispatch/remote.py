@@ -2,10 +2,12 @@
 
 Drops into MoELayer in place of LocalDispatcher: forward(x_nd, plan, ctx) -> y_nd, token copies in plan order. Per
 call it sends one frame per destination actor (plan.destinations), all in flight at once (`fan_out`: grpc.aio
-calls gathered on one shared event loop, a lone destination called blocking), then copies each reply into its
-row range of a preallocated y. It is a torch.autograd.Function, so loss.backward() sends the grad of the outputs
-back through Backward to the same actors (the ones of the forward, even if the placement is refreshed in between)
-and gets the grad of the inputs; the model code does not change.
+calls gathered on one shared event loop, a lone destination called blocking), then assembles y from the replies
+(checked against the header each must carry, codec.expected_frame: one comparison, a full decode otherwise): one
+torch.cat of the reply views on the CPU, a copy into each row range of the staging buffer on a GPU. It is a
+torch.autograd.Function, so loss.backward() sends the grad of the outputs back through Backward to the same actors
+(the ones of the forward, even if the placement is refreshed in between) and gets the grad of the inputs; the model
+code does not change (a forward that records no graph skips the Function).
 
 Step context: every forward needs a `StepContext` (step, micro-batch), passed down by the model; it is captured
 in the autograd context at forward time, so backward uses the key (step, micro-batch, layer, worker) the server
@@ -25,7 +27,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from moe_runtime.dispatch.codec import FrameError, decode_frame, encode_frame
+from moe_runtime.dispatch.codec import ExpectedFrame, FrameError, decode_expected, decode_frame, encode_frame, expected_frame
 from moe_runtime.dispatch.envelope import envelope_prefix
 from moe_runtime.dispatch.client import ExpertCallError, ExpertClient
 from moe_runtime.dispatch.failover import Failover
@@ -76,6 +78,8 @@ class RemoteDispatcher(nn.Module):
         exchange = self._exchange(x_nd, plan, ctx)
         if self.failover is not None and not exchange.save:  # inference: nothing kept, safe to re-send elsewhere
             return self.failover.forward(self, exchange, x_nd, plan)
+        if not (x_nd.requires_grad and torch.is_grad_enabled()):  # no graph to record: skip autograd's Function
+            return exchange.run("dispatch", x_nd)
         return _RemoteExperts.apply(x_nd, exchange)
 
     def start(self, x_nd: torch.Tensor, plan: DispatchPlan, ctx: StepContext | None = None) -> PendingRemoteExperts:
@@ -124,33 +128,56 @@ class _Exchange:
     def launch(self, kind: str, x_nd: torch.Tensor, blocking: bool = False) -> _Launched:
         """Encode and send one frame per destination; `blocking` waits for the replies here (a lone destination
         is then called on this thread), else they arrive while the caller computes (two-batch overlap)."""
-        send_kind, name = ("dispatch", "x") if kind == "dispatch" else ("backward", "dy")
+        send_kind, name, reply_kind, reply_name = (("dispatch", "x", "result", "y") if kind == "dispatch"
+                                                   else ("backward", "dy", "grad", "dx"))  # fmt: skip
         plan = self.plan
         staging = HostStaging.shared(x_nd.device)
         x_host = staging.to_host(x_nd, self.wire_dtype)  # CPU: x_nd itself (the codec casts)
         meta = self.meta if kind == "dispatch" else {"src": self.meta["src"]}
         method = "Dispatch" if kind == "dispatch" else "Backward"
-        requests = []
+        requests, expected = [], []
+        n, d = x_host.shape
         for dest in plan.destinations:
+            experts, counts, start, stop = dest.experts, dest.counts, dest.start, dest.stop
+            rows = x_host if start == 0 and stop == n else x_host[start:stop]  # one destination: no slice
             frame = encode_frame(
                 send_kind, layer=self.layer, step=self.step, mb=self.mb, pv=plan.placement_version,
-                experts=dest.experts, counts=dest.counts, tensors={name: x_host[dest.start : dest.stop]},
+                experts=experts, counts=counts, tensors={name: rows},
                 wire_dtype=self.wire_dtype, meta=meta, validate=False,  # plan-built header; the server validates
                 lead=envelope_prefix,  # the envelope in the same join: one copy of the rows
             )  # fmt: skip
             requests.append(ExpertCall(self.clients[dest.actor], method, frame, self.layer, self.step, True))
+            # the reply's exact header: collect checks a reply by one comparison instead of a parse
+            expected.append(expected_frame(reply_kind, layer=self.layer, step=self.step, mb=self.mb,
+                                           pv=plan.placement_version, experts=experts, counts=counts,
+                                           name=reply_name, dtype=self.wire_dtype, shape=(stop - start, d)))
         replies = (fan_out(requests) if requests else []) if blocking else fan_out_async(requests)
-        return _Launched(kind, method, requests, replies, x_nd.shape, x_nd.dtype, staging)
+        return _Launched(kind, method, requests, replies, x_nd.shape, x_nd.dtype, staging, expected)
 
     def collect(self, launched: _Launched) -> torch.Tensor:
         """Wait for the replies of `launch` and copy them into their row ranges of the output."""
         reply_kind, reply_name = ("result", "y") if launched.kind == "dispatch" else ("grad", "dx")
         method = launched.method
         replies = launched.replies if isinstance(launched.replies, list) else launched.replies.result()
+        if launched.staging.on_host and replies and launched.dtype == self.wire_dtype:
+            # CPU, replies as expected: one torch.cat of the reply views (they are the output's row ranges, in
+            # order) instead of an empty output plus a slice and a copy per destination
+            views = []
+            for data, exp in zip(replies, launched.expected):
+                v = decode_expected(data, exp)
+                if v is None:
+                    break
+                views.append(v)
+            else:
+                return torch.cat(views)
         # taken here, not at launch: on CUDA the pinned buffer is reused, and two launches can be in flight
         out = launched.staging.host_buffer(launched.shape, launched.dtype)  # CPU: torch.empty
-        for dest, (client, *_), data in zip(self.plan.destinations, launched.requests, replies):
-            try:
+        for dest, (client, *_), data, exp in zip(self.plan.destinations, launched.requests, replies, launched.expected):
+            t = decode_expected(data, exp)
+            if t is not None:
+                out[dest.start : dest.stop].copy_(t)
+                continue
+            try:  # not the expected bytes: a full decode names what is wrong (or accepts another valid encoding)
                 reply = decode_frame(data, expected_kind=reply_kind, out_dtype=None)
                 h = reply.header
                 rows = dest.stop - dest.start
@@ -179,6 +206,7 @@ class _Launched(NamedTuple):
     shape: torch.Size
     dtype: torch.dtype
     staging: HostStaging
+    expected: list[ExpectedFrame]  # per request, the reply it should get (codec.expected_frame)
 
 
 class _RemoteExperts(torch.autograd.Function):

@@ -28,7 +28,14 @@ from moe_runtime.dispatch.chunks import ChunkError, FrameAssembler, chunk_messag
 from moe_runtime.dispatch.codec import Frame, FrameError, FrameHeader, decode_frame, encode_frame
 from moe_runtime.dispatch.envelope import EnvelopeError, envelope_prefix, unwrap_frame
 from moe_runtime.dispatch.proto import expert_pb2 as pb
-from moe_runtime.dispatch.service import DEFAULT_MAX_MESSAGE_BYTES, SERVICE, TOKEN_METADATA_KEY, channel_options
+from moe_runtime.dispatch.service import (
+    DEFAULT_MAX_FRAME_BYTES,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    SERVICE,
+    TOKEN_METADATA_KEY,
+    auto_chunk_bytes,
+    channel_options,
+)
 from moe_runtime.malloc import tune_malloc
 from moe_runtime.placement import ShardKey
 
@@ -173,13 +180,15 @@ class ExpertServer:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         check_finite: bool = False,
         threads: int = 4,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     ):
         if not auth_token:
             raise ValueError("auth_token is empty: the data plane needs a shared token")
         self.backend = backend
         self.host, self.port = host, port
         self._token = auth_token.encode()
-        self.max_message_bytes = int(max_message_bytes)
+        self.max_message_bytes = int(max_message_bytes)  # one gRPC message (a unary frame, or one chunk)
+        self.max_frame_bytes = int(max_frame_bytes)  # one chunked frame in total (dispatch/chunks.py)
         self.check_finite = check_finite
         self.threads = threads
         self._lock = threading.Lock()
@@ -286,7 +295,8 @@ class ExpertServer:
         context.set_details(str(err))
         return b""
 
-    def _decode(self, request: bytes, kind: str, tensor: str) -> tuple[Frame, torch.Tensor, torch.dtype]:
+    def _decode(self, request: bytes, kind: str, tensor: str, max_bytes: int
+                ) -> tuple[Frame, torch.Tensor, torch.dtype]:  # fmt: skip
         backend = self.backend
         try:
             data = unwrap_frame(request)
@@ -297,7 +307,7 @@ class ExpertServer:
                 data,
                 expected_kind=kind,
                 hosted=backend.hosted,
-                max_bytes=self.max_message_bytes,
+                max_bytes=max_bytes,
                 check_finite=self.check_finite,
                 out_dtype=torch.float32,
             )
@@ -336,15 +346,25 @@ class ExpertServer:
             )
         return frame, frame.tensors[tensor], getattr(torch, spec.dtype)
 
+    # Dispatch and Backward: the token was checked by _TokenGate before the request was read (every method, every
+    # call), so the handlers do not check it again.
+
     def _rpc_dispatch(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        return self._serve_dispatch(request, context, self.max_message_bytes)
+
+    def _rpc_backward(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        return self._serve_backward(request, context, self.max_message_bytes)
+
+    def _serve_dispatch(self, request: bytes | memoryview, context: grpc.ServicerContext, max_bytes: int) -> bytes:
         try:
-            self._check_token(context)
             t0, h0 = time.perf_counter(), time.thread_time()
-            frame, x, wire_dtype = self._decode(request, "dispatch", "x")
-            if x.dtype == wire_dtype:
+            frame, x, wire_dtype = self._decode(request, "dispatch", "x", max_bytes)
+            if x.dtype == wire_dtype and x.data_ptr() % 64:
                 # an fp32 frame decodes to a view of the request, only 16-byte aligned (gRPC allocates the bytes):
-                # MKL's sgemm is much slower on it (docs/measurements.md), and the backend keeps x for backward,
-                # which must not pin the whole request. One copy into a fresh 64-byte-aligned tensor fixes both.
+                # MKL's sgemm is much slower on it (docs/measurements.md), and MKL's results may depend on the
+                # alignment (its reproducibility notes): one copy into a fresh 64-byte-aligned tensor, as the
+                # in-process oracle computes on. An aligned view is kept as it is (the saved activation then holds
+                # the request, the same bytes a copy would).
                 x = x.clone()
             t1 = time.perf_counter()
             h = frame.header
@@ -364,11 +384,10 @@ class ExpertServer:
         except _Reject as err:
             return self._reject(context, err)
 
-    def _rpc_backward(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+    def _serve_backward(self, request: bytes | memoryview, context: grpc.ServicerContext, max_bytes: int) -> bytes:
         try:
-            self._check_token(context)
             t0, h0 = time.perf_counter(), time.thread_time()
-            frame, dy, wire_dtype = self._decode(request, "backward", "dy")
+            frame, dy, wire_dtype = self._decode(request, "backward", "dy", max_bytes)
             t1 = time.perf_counter()
             h = frame.header
             key = ActivationKey(h.step, h.mb, h.layer, int(h.meta.get("src", 0)))
@@ -392,18 +411,19 @@ class ExpertServer:
             return self._reject(context, err)
 
     def _rpc_dispatch_stream(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        return self._serve_chunked(self._rpc_dispatch, requests, context)
+        return self._serve_chunked(self._serve_dispatch, requests, context)
 
     def _rpc_backward_stream(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        return self._serve_chunked(self._rpc_backward, requests, context)
+        return self._serve_chunked(self._serve_backward, requests, context)
 
-    def _serve_chunked(self, unary: Any, requests: Iterator[bytes], context: grpc.ServicerContext
+    def _serve_chunked(self, serve: Any, requests: Iterator[bytes], context: grpc.ServicerContext
                        ) -> Iterator[bytes]:  # fmt: skip
-        """A chunked frame in, reassembled into the message a unary call gets, served by `unary`; the reply goes
-        back chunked like the request (dispatch/chunks.py)."""
+        """A chunked frame in, reassembled into the message a unary call gets, served as a unary one; the reply
+        goes back chunked like the request (dispatch/chunks.py). The message limit bounds each chunk (gRPC
+        enforces it); the frame as a whole is bounded by max_frame_bytes only."""
         try:
             self._check_token(context)
-            assembler = FrameAssembler(self.max_message_bytes)
+            assembler = FrameAssembler(self.max_frame_bytes)
             try:
                 for message in requests:
                     assembler.add(message)
@@ -413,9 +433,10 @@ class ExpertServer:
         except _Reject as err:
             self._reject(context, err)
             return
-        reply = unary(request, context)
+        reply = serve(request, context, self.max_frame_bytes)
         if reply:  # empty: rejected, the status is set
-            yield from chunk_messages(unwrap_frame(reply), max(assembler.largest_chunk, 1 << 16))
+            chunk = max(assembler.largest_chunk, min(1 << 16, auto_chunk_bytes(self.max_message_bytes)))
+            yield from chunk_messages(unwrap_frame(reply), chunk)
 
     def _rpc_health(self, request: bytes, context: grpc.ServicerContext) -> pb.HealthReply:
         try:

@@ -55,6 +55,13 @@ def pad_right(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Ten
     return tokens, torch.tensor(lengths, dtype=torch.long)
 
 
+def _host_fp32(logits: torch.Tensor) -> torch.Tensor:
+    """logits as float32 on the CPU (no-op dispatches skipped: a decode step is per-op overhead)."""
+    if logits.dtype != torch.float32:
+        logits = logits.float()
+    return logits if logits.device.type == "cpu" else logits.cpu()
+
+
 class LocalBackend:
     """A MoETransformer in this process with its caches (KVCache) here too: prefill and decode are cached
     forwards through the model's own MoE layers and dispatchers. Every forward passes an inference StepContext
@@ -80,12 +87,12 @@ class LocalBackend:
         cache = self.model.new_cache(len(prompts), capacity)
         out = self.model(tokens_bs.to(self._device), self._ctx(), cache=cache, num_new=lengths_b,
                          last_logits_only=True)
-        return cache, out.logits[:, 0].float().cpu()
+        return cache, _host_fp32(out.logits[:, 0])
 
     @torch.inference_mode()  # no autograd bookkeeping at all: a decode step is many small ops
     def decode(self, cache: KVCache, tokens: Sequence[int]) -> torch.Tensor:
-        tokens_b1 = torch.tensor(list(tokens), dtype=torch.long, device=self._device)[:, None]
-        return self.model(tokens_b1, self._ctx(), cache=cache, last_logits_only=True).logits[:, 0].float().cpu()
+        tokens_b1 = torch.tensor([[int(t)] for t in tokens], dtype=torch.long, device=self._device)
+        return _host_fp32(self.model(tokens_b1, self._ctx(), cache=cache, last_logits_only=True).logits[:, 0])
 
     @torch.inference_mode()
     def keep(self, cache: KVCache, rows: Sequence[int]) -> KVCache | None:

@@ -192,10 +192,10 @@ class LocalizedFilter(nn.Module):
         window = torch.cat((inputs_b2d, x_bsd), dim=1)  # [B, 2+S, d]: positions start-2 .. start+S-1
         # Each kernel-2 conv as one linear over [previous | current] features: CPU conv1d on a few columns is
         # 3-6x slower than the matmul (equal up to fp32 rounding)
-        y = F.linear(_pairs(window), _conv_as_linear(self.conv1), self.conv1.bias)  # [B, S+1, d/2]: start-1..
+        y = _pairs_linear(window, _conv_as_linear(self.conv1), self.conv1.bias)  # [B, S+1, d/2]: start-1..
         if step.has_past_b11 is not None:
             y[:, :1] *= step.has_past_b11  # y_{-1} is the second conv's zero padding, not conv1's bias
-        z = F.linear(_pairs(y), _conv_as_linear(self.conv2), self.conv2.bias)  # [B, S, d]
+        z = _pairs_linear(y, _conv_as_linear(self.conv2), self.conv2.bias)  # [B, S, d]
         u = self.norm(z + x_bsd)
         if step.lfa_tail_b2 is None:
             return u, window[:, -2:]
@@ -206,6 +206,16 @@ class LocalizedFilter(nn.Module):
 def _pairs(x_bsc: torch.Tensor) -> torch.Tensor:
     """[B, S, C] -> [B, S-1, 2C]: each position's features after its predecessor's."""
     return torch.cat((x_bsc[:, :-1], x_bsc[:, 1:]), dim=-1)
+
+
+def _pairs_linear(x_bsc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """F.linear(_pairs(x), weight, bias). One contiguous row: the pairs as an overlapping 2-D view (pair j =
+    elements C*j .. C*j+2C-1), which addmm copies to the same contiguous matrix the cat gives, so the same addmm
+    on the same numbers (bit for bit) with two dispatches fewer; other batches: the cat."""
+    b, s, c = x_bsc.shape
+    if b == 1 and x_bsc.is_contiguous():
+        return F.linear(x_bsc.as_strided((s - 1, 2 * c), (c, 1)), weight, bias).unsqueeze(0)
+    return F.linear(_pairs(x_bsc), weight, bias)
 
 
 def _conv_as_linear(conv: nn.Conv1d) -> torch.Tensor:
@@ -306,7 +316,10 @@ def _cached_causal_attention(
     arithmetic), heads q0..q(H-1) then k0..k(H-1), or `interleaved` q0, k0, q1, k1, ... (LFA's per-head layout,
     a view of its projection: no copy); v [B, H, S, Dh]."""
     b, h, s, dh = v.shape
-    if rotary_dim:
+    if rotary_dim and s == 1 and qk.dtype == torch.float32:
+        cos_b11d, rot_b1dd = _step_rope_matrices(rotary, step, dh, qk.device)
+        qk = qk * cos_b11d + qk @ rot_b1dd
+    elif rotary_dim:
         cos_b1sr, sin_b1sr = _step_rope_rows(rotary, step, qk.device)
         qk = _rotate(qk, cos_b1sr, sin_b1sr, rotary_dim)
     q, k = (qk[:, 0::2], qk[:, 1::2]) if interleaved else (qk[:, :h], qk[:, h:])
@@ -314,7 +327,7 @@ def _cached_causal_attention(
     out = F.scaled_dot_product_attention(
         q, keys, values, attn_mask=step.key_mask_b1sl, is_causal=step.causal, scale=dh**-0.5
     )
-    return out.transpose(1, 2).reshape(b, s, h * dh)
+    return out.reshape(b, 1, h * dh) if s == 1 else out.transpose(1, 2).reshape(b, s, h * dh)
 
 
 def _step_rope_rows(rotary: RotaryCache, step: CacheStep, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,6 +339,58 @@ def _step_rope_rows(rotary: RotaryCache, step: CacheStep, device: torch.device) 
         cos, sin = rotary(step.table_len, device)
         rows = step.rope_rows[key] = (cos[step.positions_bs].unsqueeze(1), sin[step.positions_bs].unsqueeze(1))
     return rows
+
+
+def _step_rope_matrices(
+    rotary: RotaryCache, step: CacheStep, head_dim: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotation of a one-token step as x * C + x @ M, 3 ops instead of rotate-half's ~10 (a decode step is
+    per-op overhead). C [B, 1, 1, Dh]: cos on the rotary channels, 1 on the others; M [B, 1, Dh, Dh] (or [Dh, Dh]
+    when the rows share a position): column j holds only the signed sin of channel j, at row perm(j) (rotate-half's
+    partner); zero columns past rotary_dim. Bit for bit `_rotate`: each output of x @ M is ONE product (the x*0
+    terms add exact zeros), -x*sin == x*(-sin), and x*1 + 0 == x. Built once per step, shared by the layers."""
+    key = ("matrices", rotary.rotary_dim, rotary.base, rotary.mode, head_dim, device)
+    rows = step.rope_rows.get(key)
+    if rows is None:
+        cos_ld, signed_ld, partner_dd = _full_width_tables(rotary, step.table_len, head_dim, device)
+        if step.positions_bs.shape[0] == 1:  # every row at one position: rows by narrow, M is 2-D
+            lo = int(step.start[0])
+            rows = (cos_ld.narrow(0, lo, 1).view(1, 1, 1, head_dim), partner_dd * signed_ld.narrow(0, lo, 1))
+        else:
+            pos_b = step.positions_bs[:, 0]
+            n = pos_b.shape[0]
+            rows = (cos_ld[pos_b].view(n, 1, 1, head_dim), (partner_dd * signed_ld[pos_b][:, None, :])[:, None])
+        step.rope_rows[key] = rows
+    return rows
+
+
+def _full_width_tables(
+    rotary: RotaryCache, table_len: int, head_dim: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(C [L, Dh]: cos, then ones past rotary_dim; S [L, Dh]: rotate-half's signed sin (-sin on the first half,
+    +sin on the second), zeros past rotary_dim; P [Dh, Dh] 0/1: P[k, j] = 1 iff k is channel j's partner), built
+    from the rotary tables and kept on the RotaryCache until those tables change."""
+    cached = rotary.__dict__.get("_full_width")
+    full_cos = rotary.cos_cached
+    if cached is not None and cached[0] == (full_cos.data_ptr(), head_dim, device) and cached[1].shape[0] >= table_len:
+        return cached[1], cached[2], cached[3]
+    rotary(table_len, device)  # (re)builds the float32 tables when too short, moved or cast
+    full_cos, full_sin = rotary.cos_cached, rotary.sin_cached
+    key = (full_cos.data_ptr(), head_dim, device)
+    if cached is None or cached[0] != key:
+        r, half = rotary.rotary_dim, rotary.rotary_dim // 2
+        n = full_cos.shape[0]
+        with torch.inference_mode(False):  # normal tensors: usable by later no_grad forwards too
+            cos_ld = torch.ones(n, head_dim, dtype=full_cos.dtype, device=device)
+            cos_ld[:, :r] = full_cos
+            signed_ld = torch.zeros(n, head_dim, dtype=full_sin.dtype, device=device)
+            signed_ld[:, :half] = -full_sin[:, :half]
+            signed_ld[:, half:r] = full_sin[:, half:]
+            partner_dd = torch.zeros(head_dim, head_dim, dtype=full_sin.dtype, device=device)
+            j = torch.arange(r, device=device)
+            partner_dd[(j + half) % r, j] = 1.0
+        cached = rotary.__dict__["_full_width"] = (key, cos_ld, signed_ld, partner_dd)
+    return cached[1], cached[2], cached[3]
 
 
 def _check_cache_args(cache: LayerKVCache | None, step: CacheStep | None, who: str,
@@ -365,16 +430,17 @@ class LFAAttention(nn.Module):
         _check_cache_args(cache, step, "LFAAttention", docs)
         b, s, _ = x.shape
         h, dh = self.num_heads, self.head_dim
-        v = self.v_proj(x).view(b, s, h, dh).transpose(1, 2)
-        if cache is None:
-            u = self.lfa(x)
-        else:
+        if cache is not None:  # [B, 2H, S, Dh] views: heads q0, k0, q1, k1, ...; at S = 1 one view each
+            # the projections as F.linear on their weights (nn.Linear's own forward, minus a module call each)
+            v = F.linear(x, self.v_proj.weight, self.v_proj.bias)
+            v = v.view(b, h, 1, dh) if s == 1 else v.view(b, s, h, dh).transpose(1, 2)
             u, cache.lfa_inputs_b2d = self.lfa.forward_cached(x, cache.lfa_inputs_b2d, step)
-        qk = self.qk_proj(u).view(b, s, h, 2 * dh)
-        if cache is not None:  # a [B, 2H, S, Dh] view: heads q0, k0, q1, k1, ...
-            qk_b2hsd = qk.view(b, s, 2 * h, dh).transpose(1, 2)
-            return self.o_proj(_cached_causal_attention(qk_b2hsd, v, self.rotary, self.rotary_dim, cache, step,
-                                                        interleaved=True))
+            qk = F.linear(u, self.qk_proj.weight, self.qk_proj.bias)
+            qk_b2hsd = qk.view(b, 2 * h, 1, dh) if s == 1 else qk.view(b, s, 2 * h, dh).transpose(1, 2)
+            out = _cached_causal_attention(qk_b2hsd, v, self.rotary, self.rotary_dim, cache, step, interleaved=True)
+            return F.linear(out, self.o_proj.weight, self.o_proj.bias)
+        v = self.v_proj(x).view(b, s, h, dh).transpose(1, 2)
+        qk = self.qk_proj(self.lfa(x)).view(b, s, h, 2 * dh)
         q, k = (t.transpose(1, 2) for t in qk.split(dh, dim=-1))  # per head: first Dh = q, last Dh = k
         return self.o_proj(_causal_attention(q, k, v, self.rotary, self.rotary_dim, docs))
 
@@ -456,6 +522,12 @@ class CacheStep:
     ) -> CacheStep:
         start, num_new = tuple(int(s) for s in start), tuple(int(n) for n in num_new)
         b = len(start)
+        if seq_len == 1 and start[0] > 0 and start.count(start[0]) == b and num_new.count(1) == b:
+            # one token per row, all rows at one position (batch-1 decode): what the general path below gives,
+            # without its tensor work
+            p = start[0]
+            return cls(start, num_new, 1, torch.arange(p, p + 1, device=device).view(1, 1), None, False, None, None,
+                       None, None, None, p + 1, p + 1)
         padded = any(n != seq_len for n in num_new)
         key_len = max(s + n for s, n in zip(start, num_new))
         cols_s = torch.arange(seq_len)

@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 WeightPair = tuple[torch.Tensor, torch.Tensor]  # (w1 [d, 2f], w2 [f, d]) of one expert
 
@@ -87,9 +88,10 @@ def grouped_swiglu_backward(dy_nd: torch.Tensor, counts: Sequence[int], x_nd: to
 
 # The two paths of grouped_swiglu, where each wins (benchmarks/expert_compute.py, docs/measurements.md):
 # - little padding (G * max(C_e) <= PADDED_MAX_WASTE * sum(C_e)): padded, 2 batched GEMMs doing the loop's FLOPs;
-# - otherwise the loop: on a quiet box it won even at a few rows per expert (64 tokens, 32 experts: loop 17.6 ms,
-#   padded 24.5 ms; weight reads bound both). With the cores oversubscribed padded won 3-5x there, but the choice
-#   stays a pure function of the counts: a timed choice would make the oracle's results depend on the machine's load.
+# - otherwise the loop (run fused: grouped_swiglu_fused): on a quiet box it won even at a few rows per expert (64
+#   tokens, 32 experts: loop 17.6 ms, padded 24.5 ms; weight reads bound both). With the cores oversubscribed padded
+#   won 3-5x there, but the choice stays a pure function of the counts: a timed choice would make the oracle's
+#   results depend on the machine's load.
 PADDED_MAX_WASTE = 1.25
 
 Path = Literal["padded", "loop"]
@@ -218,6 +220,145 @@ def grouped_swiglu_padded(
     return y.view(b * rows, -1).index_select(0, pos)
 
 
+# The fused loop's chunks: consecutive segments are gated together up to this many rows (one silu and one mul per
+# chunk instead of per segment; 128 rows of h [., 2f] stay in L2 between its two matmuls at ffn 1408).
+FUSED_CHUNK_ROWS = 128
+
+_Seg = tuple[int, int, int]  # (first row, rows, expert) of one non-empty segment
+
+
+def fused_chunks(counts: Sequence[int], weight_index: Sequence[int] | None = None,
+                 max_rows: int = FUSED_CHUNK_ROWS) -> list[list[_Seg]]:  # fmt: skip
+    """The non-empty segments as (start, rows, expert), in order, grouped into chunks of consecutive segments of
+    <= max_rows rows together (a longer segment is a chunk alone). Pure: a function of the counts only."""
+    index = range(len(counts)) if weight_index is None else weight_index
+    chunks: list[list[_Seg]] = []
+    rows = start = 0
+    for e, n in zip(index, counts):
+        n = int(n)
+        if n:
+            if not chunks or rows + n > max_rows:
+                chunks.append([])
+                rows = 0
+            chunks[-1].append((start, n, int(e)))
+            rows += n
+        start += n
+    return chunks
+
+
+def _chunk_rows(chunk: list[_Seg]) -> tuple[int, int]:
+    return chunk[0][0], chunk[-1][0] + chunk[-1][1]
+
+
+def _fused_forward(x_nd: torch.Tensor, w1_ed2f: torch.Tensor, w2_efd: torch.Tensor, chunks: list[list[_Seg]],
+                   keep_h: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+    """y [rows, d] and (keep_h) h = x @ w1 per chunk. Outputs written in place (mm out=); without keep_h one h buffer
+    is reused by every chunk. Buffers are per chunk, not [rows, 2f]: a big fresh buffer costs page faults."""
+    f = w2_efd.shape[1]
+    y_nd = x_nd.new_empty(x_nd.shape[0], w2_efd.shape[2])
+    hs: list[torch.Tensor] = []
+    scratch: torch.Tensor | None = None
+    for chunk in chunks:
+        lo, hi = _chunk_rows(chunk)
+        if keep_h or scratch is None or scratch.shape[0] < hi - lo:
+            h_c2f = x_nd.new_empty(hi - lo, w1_ed2f.shape[2])
+            scratch = None if keep_h else h_c2f
+        else:
+            h_c2f = scratch[: hi - lo]
+        for s, n, e in chunk:
+            torch.mm(x_nd[s : s + n], w1_ed2f[e], out=h_c2f[s - lo : s - lo + n])
+        u_cf = F.silu(h_c2f[:, :f]).mul_(h_c2f[:, f:])
+        for s, n, e in chunk:
+            torch.mm(u_cf[s - lo : s - lo + n], w2_efd[e], out=y_nd[s : s + n])
+        if keep_h:
+            hs.append(h_c2f)
+    return y_nd, hs
+
+
+def _fused_backward(dy_nd: torch.Tensor, x_nd: torch.Tensor, hs: Sequence[torch.Tensor], w1_ed2f: torch.Tensor,
+                    w2_efd: torch.Tensor, chunks: list[list[_Seg]], need_dx: bool, need_dw: bool
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+    """(dx, dw1 [E, d, 2f], dw2 [E, f, d]) of _fused_forward: swiglu_backward's ops, the elementwise part once
+    per chunk, each weight grad written into its expert's slice of one stacked buffer (replica segments add)."""
+    f = w2_efd.shape[1]
+    dx_nd = dy_nd.new_empty(x_nd.shape) if need_dx else None
+    dw1 = torch.empty_like(w1_ed2f) if need_dw else None
+    dw2 = torch.empty_like(w2_efd) if need_dw else None
+    written: set[int] = set()
+    for chunk, h_c2f in zip(chunks, hs):
+        lo, hi = _chunk_rows(chunk)
+        du_cf = dy_nd.new_empty(hi - lo, f)
+        for s, n, e in chunk:
+            torch.mm(dy_nd[s : s + n], w2_efd[e].t(), out=du_cf[s - lo : s - lo + n])
+        a, g = h_c2f[:, :f], h_c2f[:, f:]
+        sa = F.silu(a)
+        dh_c2f = dy_nd.new_empty(hi - lo, 2 * f)
+        torch.mul(du_cf, sa, out=dh_c2f[:, f:])
+        torch.ops.aten.silu_backward.grad_input(du_cf.mul_(g), a, grad_input=dh_c2f[:, :f])
+        u_cf = sa.mul_(g)
+        for s, n, e in chunk:
+            rows, crow = slice(s, s + n), slice(s - lo, s - lo + n)
+            if dx_nd is not None:
+                torch.mm(dh_c2f[crow], w1_ed2f[e].t(), out=dx_nd[rows])
+            if dw1 is not None and dw2 is not None:
+                if e in written:
+                    dw1[e].addmm_(x_nd[rows].t(), dh_c2f[crow])
+                    dw2[e].addmm_(u_cf[crow].t(), dy_nd[rows])
+                else:
+                    torch.mm(x_nd[rows].t(), dh_c2f[crow], out=dw1[e])
+                    torch.mm(u_cf[crow].t(), dy_nd[rows], out=dw2[e])
+                    written.add(e)
+    if dw1 is not None and dw2 is not None:
+        for e in range(w1_ed2f.shape[0]):
+            if e not in written:
+                dw1[e].zero_()
+                dw2[e].zero_()
+    return dx_nd, dw1, dw2
+
+
+class _FusedLoop(torch.autograd.Function):
+    """The fused loop as ONE autograd op: saves x and h, runs _fused_backward (no per-segment graph nodes, no
+    unbind/stack of the weight stacks)."""
+
+    @staticmethod
+    def forward(ctx, x_nd, w1_ed2f, w2_efd, chunks):  # type: ignore[override]
+        y_nd, hs = _fused_forward(x_nd, w1_ed2f, w2_efd, chunks, keep_h=True)
+        ctx.save_for_backward(x_nd, w1_ed2f, w2_efd, *hs)
+        ctx.chunks = chunks
+        return y_nd
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy_nd):  # type: ignore[override]
+        x_nd, w1_ed2f, w2_efd, *hs = ctx.saved_tensors
+        need_dx, need_w1, need_w2 = ctx.needs_input_grad[:3]
+        dx, dw1, dw2 = _fused_backward(dy_nd.contiguous(), x_nd, hs, w1_ed2f, w2_efd, ctx.chunks, need_dx,
+                                       need_w1 or need_w2)  # fmt: skip
+        return dx, dw1 if need_w1 else None, dw2 if need_w2 else None, None
+
+
+def grouped_swiglu_fused(
+    x_nd: torch.Tensor,
+    counts: Sequence[int],
+    w1_ed2f: torch.Tensor,
+    w2_efd: torch.Tensor,
+    weight_index: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """grouped_swiglu_loop's matmuls (one pair per non-empty segment, no padding), fused around them: outputs
+    written in place, SiLU * gate once per chunk of segments (fused_chunks), and under autograd one op with a
+    hand-written backward writing the weight grads into stacked buffers. Same result as the loop up to fp32
+    rounding; deterministic (a pure function of the counts decides every shape)."""
+    _check(x_nd, counts, weight_index)
+    chunks = fused_chunks(counts, weight_index)
+    if not chunks:
+        return _empty(x_nd, w1_ed2f, w2_efd)
+    x_nd = x_nd.contiguous()
+    if torch.is_grad_enabled() and (x_nd.requires_grad or w1_ed2f.requires_grad or w2_efd.requires_grad):
+        return _FusedLoop.apply(x_nd, w1_ed2f, w2_efd, chunks)
+    with torch.no_grad():
+        return _fused_forward(x_nd, w1_ed2f, w2_efd, chunks, keep_h=False)[0]
+
+
 def grouped_swiglu(
     x_nd: torch.Tensor,
     counts: Sequence[int],
@@ -229,24 +370,31 @@ def grouped_swiglu(
 
     Rows are sorted by group; groups with zero rows are skipped; weight_index may repeat an expert (replicas: the
     gradients of its weights accumulate). Differentiable w.r.t. x and both weight stacks. Picks the padded batched
-    path (grouped_swiglu_padded) for few rows per expert and the loop (grouped_swiglu_loop) for many, by
-    padded_is_faster; both give the same result up to fp32 rounding.
+    path (grouped_swiglu_padded) when padding costs almost nothing, else the loop, fused (grouped_swiglu_fused:
+    grouped_swiglu_loop's matmuls with less around them), by path_rule; all give the loop's result up to fp32
+    rounding, and the choice is a pure function of the counts (same inputs, same bits).
     """
     if padded_is_faster(counts, weight_index):
         return grouped_swiglu_padded(x_nd, counts, w1_ed2f, w2_efd, weight_index)
-    return grouped_swiglu_loop(x_nd, counts, w1_ed2f, w2_efd, weight_index)
+    return grouped_swiglu_fused(x_nd, counts, w1_ed2f, w2_efd, weight_index)
 
 
 class SwiGLUExperts(nn.Module):
     """E SwiGLU experts of one MoE layer, weights stacked."""
 
-    def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int, init_std: float = 0.02):
+    def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int, init_std: float = 0.02,
+                 dtype: torch.dtype = torch.float32):  # fmt: skip
         super().__init__()
         self.num_experts = num_experts
-        self.w1 = nn.Parameter(torch.empty(num_experts, hidden_size, 2 * ffn_hidden_size))
-        self.w2 = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size))
+        # dtype: the storage dtype (model.expert_weight_dtype); bf16 is converted per expert (model/weight_storage)
+        self.w1 = nn.Parameter(torch.empty(num_experts, hidden_size, 2 * ffn_hidden_size, dtype=dtype))
+        self.w2 = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size, dtype=dtype))
         nn.init.normal_(self.w1, std=init_std)
         nn.init.normal_(self.w2, std=init_std)
 
     def forward(self, x_nd: torch.Tensor, counts: Sequence[int], expert_ids: Sequence[int]) -> torch.Tensor:
+        if self.w1.dtype != x_nd.dtype:  # stored in another dtype: one expert converted at a time
+            from moe_runtime.model.weight_storage import stored_swiglu_loop
+
+            return stored_swiglu_loop(x_nd, counts, self.w1, self.w2, expert_ids)
         return grouped_swiglu(x_nd, counts, self.w1, self.w2, expert_ids)

@@ -74,10 +74,29 @@ class LocalDispatcher(nn.Module):
         """Inference on a couple of copies (a batch-1 decode step): one SwiGLU per segment on views of the
         stacked weights, without grouped_swiglu's path choice and index work. The same ops as its loop path."""
         w1, w2 = self.experts.w1, self.experts.w2
-        outs = [swiglu(x_nd[s.start : s.start + s.count], w1[s.expert], w2[s.expert]) for s in plan.segments]
+        dt = x_nd.dtype  # weights stored in bf16 (model.expert_weight_dtype) are converted per expert; else no-op
+        outs = [swiglu(x_nd[s.start : s.start + s.count], w1[s.expert].to(dt), w2[s.expert].to(dt))
+                for s in plan.segments]
         if not outs:
             return x_nd.new_zeros(0, w2.shape[-1])
         return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def one_token(self, x_1d: torch.Tensor, expert_ids: list[int], weights_1k: torch.Tensor) -> torch.Tensor:
+        """Dispatch and combine of ONE token without a plan (inference, a batch-1 decode step): each chosen
+        expert's SwiGLU on x times its gate, summed in plan order (expert id, stable), the order combine's
+        index_add adds them in, so the same numbers bit for bit; [1, d] -> [1, d]."""
+        w1, w2 = self.experts.w1, self.experts.w2
+        dt = x_1d.dtype  # weights stored in another dtype (bf16) are converted per expert, as in _few_segments
+        gates_k = (weights_1k if weights_1k.dtype == dt else weights_1k.to(dt)).view(-1).unbind(0)  # 0-dim each
+        out = None
+        for j in sorted(range(len(expert_ids)), key=expert_ids.__getitem__):
+            e = expert_ids[j]
+            w1e, w2e = w1[e], w2[e]
+            if w1e.dtype != dt:
+                w1e, w2e = w1e.to(dt), w2e.to(dt)
+            y = swiglu(x_1d, w1e, w2e).mul_(gates_k[j])
+            out = y if out is None else out.add_(y)
+        return x_1d.new_zeros(x_1d.shape) if out is None else out
 
 
 class MoELayer(nn.Module):
@@ -89,12 +108,35 @@ class MoELayer(nn.Module):
         self.last_plan: DispatchPlan | None = None  # read by load statistics after forward
         self.last_router_output: RouterOutput | None = None
 
+    @property
+    def last_plan(self) -> DispatchPlan | None:
+        """The last forward's plan; a one-token local forward builds it only here, when someone reads it."""
+        plan = self.__dict__.get("_last_plan")
+        pending = self.__dict__.get("_pending_plan")
+        if plan is None and pending is not None:
+            ids_tk, placement = pending
+            plan = DispatchPlan.build(ids_tk, placement, self.layer_index)
+            self.__dict__["_last_plan"], self.__dict__["_pending_plan"] = plan, None
+        return plan
+
+    @last_plan.setter
+    def last_plan(self, plan: DispatchPlan | None) -> None:
+        self.__dict__["_last_plan"], self.__dict__["_pending_plan"] = plan, None
+
     def forward(self, x_bsd: torch.Tensor, ctx: StepContext | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x_td = x_bsd.reshape(-1, x_bsd.shape[-1])
         routed = self.router(x_td)
+        if (x_td.shape[0] == 1 and routed.mask is None and isinstance(self.dispatcher, LocalDispatcher)
+                and not torch.is_grad_enabled()):
+            # one token in process (batch-1 decode): no plan, gather or index_add (per-op overhead rules there)
+            out_td = self.dispatcher.one_token(x_td, routed.expert_ids.tolist()[0], routed.weights)
+            self.__dict__["_last_plan"], self.__dict__["last_router_output"] = None, routed
+            self.__dict__["_pending_plan"] = (routed.expert_ids, self.dispatcher.placement)
+            return out_td.view_as(x_bsd), routed.aux_loss
         plan = DispatchPlan.build(routed.expert_ids, self.dispatcher.placement, self.layer_index, routed.mask)
         y_nd = self.dispatcher(plan.gather(x_td), plan, ctx)
         out_td = plan.combine(y_nd, routed.weights)
         # plain attributes (neither tensors nor modules): skip nn.Module.__setattr__'s registry checks, per step
-        self.__dict__["last_plan"], self.__dict__["last_router_output"] = plan, routed
+        self.__dict__["_last_plan"], self.__dict__["last_router_output"] = plan, routed
+        self.__dict__["_pending_plan"] = None
         return out_td.view_as(x_bsd), routed.aux_loss

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -18,9 +17,15 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and not torch.is_grad_enabled():
-            # inference: one fused op instead of nine (a decode step is per-op overhead); the same numbers
-            # bit for bit (tests/model/test_norm.py); autograd keeps the explicit ops below
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+            # inference (a decode step is per-op overhead): F.rms_norm's own ops without its wrapping, and eps as
+            # a tensor (a Python scalar costs a wrapped-number tensor per call): the same numbers bit for bit
+            # (tests/model/test_norm.py); autograd keeps the explicit ops below
+            eps_t = self.__dict__.get("_eps_t")
+            if eps_t is None or eps_t.device != x.device:
+                with torch.inference_mode(False):  # a normal tensor: usable by later no_grad forwards too
+                    eps_t = torch.tensor(self.eps, dtype=torch.float32, device=x.device)
+                self.__dict__["_eps_t"] = eps_t
+            return x.mul(torch.rsqrt_(torch.mean(x * x, -1, keepdim=True).add_(eps_t))).mul_(self.weight)
         compute = torch.promote_types(x.dtype, torch.float32)
         xc = x.to(compute)
         y = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -61,6 +61,11 @@ def switch_load_balancing_loss(probs_te: torch.Tensor, expert_ids_tk: torch.Tens
     return coeff * num_experts * torch.sum(probs_te.mean(0) * share_e)
 
 
+def _as_fp32(t: torch.Tensor) -> torch.Tensor:
+    """t.float() without the no-op dispatch when t is float32 already (twice per layer per decode step)."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
 class _Router(nn.Module):
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, aux_loss_coeff: float = 0.0,
                  routing: RoutingSpec | None = None):  # fmt: skip
@@ -121,7 +126,7 @@ class _Router(nn.Module):
             expert_ids, gates = top_k_gates(logits_te, self.top_k)
             probs = torch.softmax(logits_te, dim=-1)
             aux = switch_load_balancing_loss(probs, expert_ids, self.aux_loss_coeff)
-            return RouterOutput(expert_ids, gates.to(x_td.dtype), probs, aux)
+            return RouterOutput(expert_ids, gates if gates.dtype == x_td.dtype else gates.to(x_td.dtype), probs, aux)
         probs = torch.softmax(logits_te, dim=-1)
         sel = self.select(logits_te, probs)
         aux = switch_load_balancing_loss(probs, sel.expert_ids, self.aux_loss_coeff, sel.mask)
@@ -139,7 +144,7 @@ class AttentionRouter(_Router):
         nn.init.normal_(self.wqkv, std=init_std)
 
     def logits(self, x_td: torch.Tensor) -> torch.Tensor:
-        q, k, v = (x_td.float() @ self.wqkv.float().t()).chunk(3, dim=-1)  # [T, E] each
+        q, k, v = F.linear(_as_fp32(x_td), _as_fp32(self.wqkv)).chunk(3, dim=-1)  # [T, E] each: x @ wqkv^T
         scores_tee = q.unsqueeze(-1) * k.unsqueeze(-2)  # A[t, i, j] = q_i k_j
         if not torch.is_grad_enabled():  # the bmm einsum runs, without its Python planning (decode steps)
             return torch.bmm(torch.softmax(scores_tee, dim=-1), v.unsqueeze(-1)).squeeze(-1)
@@ -154,7 +159,7 @@ class LinearRouter(_Router):
         nn.init.normal_(self.weight, std=init_std)
 
     def logits(self, x_td: torch.Tensor) -> torch.Tensor:
-        return F.linear(x_td.float(), self.weight.float())
+        return F.linear(_as_fp32(x_td), _as_fp32(self.weight))
 
 
 def build_router(kind: str, hidden_size: int, num_experts: int, top_k: int, aux_loss_coeff: float,

@@ -25,6 +25,7 @@ from moe_runtime.model.moe_layer import Dispatcher, LocalDispatcher, MoELayer, S
 from moe_runtime.model.norm import RMSNorm
 from moe_runtime.model.router import build_router
 from moe_runtime.model.routing import RoutingSpec, expert_nodes
+from moe_runtime.model.weight_storage import expert_storage_dtype
 from moe_runtime.placement import Placement
 
 DispatcherFactory = Callable[[int], Dispatcher]
@@ -32,7 +33,8 @@ DispatcherFactory = Callable[[int], Dispatcher]
 
 def local_dispatcher_factory(cfg: ModelConfig) -> DispatcherFactory:
     def make(layer_index: int) -> Dispatcher:
-        experts = SwiGLUExperts(cfg.num_experts, cfg.hidden_size, cfg.ffn_hidden_size, cfg.init_std)
+        experts = SwiGLUExperts(cfg.num_experts, cfg.hidden_size, cfg.ffn_hidden_size, cfg.init_std,
+                                expert_storage_dtype(cfg))
         return LocalDispatcher(experts, num_layers=cfg.num_layers)
 
     return make
@@ -143,15 +145,18 @@ class MoETransformer(nn.Module):
             if docs.table_len > self.cfg.max_seq_len:
                 raise ValueError(f"positions reach {docs.table_len - 1}: exceeds max_seq_len {self.cfg.max_seq_len}")
         x = self.embed(tokens_bs)
-        aux = x.new_zeros((), dtype=torch.float32)
+        aux = None  # the layers' sum (0 + a0 would be a0: one op fewer per forward)
         for i, layer in enumerate(self.layers):
             x, layer_aux = layer(x, ctx, None if cache is None else cache.layers[i], step, docs)
-            aux = aux + layer_aux
+            aux = layer_aux if aux is None else aux + layer_aux
         if cache is not None:
             cache.advance(step)
         if last_logits_only:
             padded = step is not None and step.padded
-            x = x.reshape(b * s, -1).index_select(0, step.last_index_b)[:, None] if padded else x[:, -1:]
+            if padded:
+                x = x.reshape(b * s, -1).index_select(0, step.last_index_b)[:, None]
+            elif s > 1:  # one column (a decode step) is already the last
+                x = x[:, -1:]
         logits = F.linear(self.final_norm(x), self.embed.weight)  # LM head tied with the input embedding
         return ModelOutput(logits, aux)
 

@@ -25,6 +25,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from moe_runtime.model.attention import DocumentMask
 from moe_runtime.model.moe_layer import StepContext
 from moe_runtime.model.plan import DispatchPlan
 from moe_runtime.model.router import RouterOutput, switch_load_balancing_loss
@@ -87,10 +88,11 @@ def half_context(ctx: StepContext | None, half: int) -> StepContext | None:
     return StepContext(ctx.step, 2 * ctx.micro_batch + half, inference=ctx.inference)
 
 
-def _start_layer(layer: DecoderLayer, x_bsd: torch.Tensor, ctx: StepContext | None) -> _InFlight:
+def _start_layer(layer: DecoderLayer, x_bsd: torch.Tensor, ctx: StepContext | None,
+                 docs: DocumentMask | None = None) -> _InFlight:  # fmt: skip
     """Attention, router and plan of one half (DecoderLayer.forward + MoELayer.forward up to the dispatch), then
-    the exchange started."""
-    h_bsd = x_bsd + layer.attn(layer.attn_norm(x_bsd), None, None)
+    the exchange started. `docs`: the half's document mask (packed rows), else plain causal attention."""
+    h_bsd = x_bsd + layer.attn(layer.attn_norm(x_bsd), None, None, docs)
     moe = layer.moe
     m_td = layer.moe_norm(h_bsd).reshape(-1, h_bsd.shape[-1])
     routed = moe.router(m_td)
@@ -117,9 +119,30 @@ def _aux_over(router: torch.nn.Module, outs: list[RouterOutput]) -> torch.Tensor
     return aux
 
 
+def _half_documents(model: MoETransformer, tokens_bs: torch.Tensor, documents_bs: torch.Tensor | None,
+                    positions_bs: torch.Tensor | None, halves: tuple[slice, slice]) -> list[DocumentMask | None]:  # fmt: skip
+    """Each half's document mask (the rows' documents and positions), checked as MoETransformer.forward checks
+    the whole batch's; [None, None] without documents. A mask is per row, so a half's equals the whole's rows."""
+    if documents_bs is None and positions_bs is None:
+        return [None, None]
+    if documents_bs is None:
+        raise ValueError("positions without documents: pass documents_bs (one document per row: zeros)")
+    if documents_bs.shape != tokens_bs.shape:
+        raise ValueError(f"documents has shape {list(documents_bs.shape)}: expected the tokens' "
+                         f"{list(tokens_bs.shape)}")
+    masks = [DocumentMask.build(documents_bs[rows], None if positions_bs is None else positions_bs[rows])
+             for rows in halves]  # fmt: skip
+    for m in masks:
+        if m.table_len > model.cfg.max_seq_len:
+            raise ValueError(f"positions reach {m.table_len - 1}: exceeds max_seq_len {model.cfg.max_seq_len}")
+    return masks
+
+
 def two_batch_loss(model: MoETransformer, tokens_bs: torch.Tensor, targets_bs: torch.Tensor,
-                   ctx: StepContext | None = None) -> TwoBatchLoss:  # fmt: skip
-    """`model.loss(tokens, targets, ctx)` computed as two pipelined halves (see the module docstring). A
+                   ctx: StepContext | None = None, *, documents_bs: torch.Tensor | None = None,
+                   positions_bs: torch.Tensor | None = None) -> TwoBatchLoss:  # fmt: skip
+    """`model.loss(tokens, targets, ctx, documents_bs=, positions_bs=)` computed as two pipelined halves (see the
+    module docstring); documents / positions (packed rows, data.source files) as in MoETransformer.forward. A
     micro-batch of one row cannot be split: it runs as one (no overlap)."""
     if tokens_bs.dim() != 2 or tokens_bs.shape != targets_bs.shape:
         raise ValueError(f"tokens {list(tokens_bs.shape)} and targets {list(targets_bs.shape)}: expected the same "
@@ -128,8 +151,9 @@ def two_batch_loss(model: MoETransformer, tokens_bs: torch.Tensor, targets_bs: t
         raise ValueError(f"sequence length {tokens_bs.shape[1]}: exceeds max_seq_len {model.cfg.max_seq_len}")
     halves = split_rows(tokens_bs.shape[0])
     if halves is None:
-        loss, ce = model.loss(tokens_bs, targets_bs, ctx)
+        loss, ce = model.loss(tokens_bs, targets_bs, ctx, documents_bs=documents_bs, positions_bs=positions_bs)
         return TwoBatchLoss(loss, ce, model.expert_load())
+    docs = _half_documents(model, tokens_bs, documents_bs, positions_bs, halves)
     ctxs = [half_context(ctx, h) for h in (0, 1)]
     x = [model.embed(tokens_bs[rows]) for rows in halves]
     in_flight: list[_InFlight | None] = [None, None]
@@ -139,7 +163,7 @@ def two_batch_loss(model: MoETransformer, tokens_bs: torch.Tensor, targets_bs: t
         for h in (0, 1):
             if in_flight[h] is not None:
                 x[h] = in_flight[h].finish()
-            in_flight[h] = _start_layer(layer, x[h], ctxs[h])
+            in_flight[h] = _start_layer(layer, x[h], ctxs[h], docs[h])
         routed.append([in_flight[0].routed, in_flight[1].routed])
         loads.append(in_flight[0].plan.expert_counts + in_flight[1].plan.expert_counts)
     ce_sum = None

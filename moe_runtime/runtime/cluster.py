@@ -16,7 +16,10 @@ step (replica_recovery.py); otherwise it rolls every party back to the last auto
 (train.checkpoint_every; a step-0 checkpoint is written when training starts) and re-runs the steps since; because
 a step is a pure function of (state, step), the final losses equal a run without the fault either way. Serving:
 `forward` routes around dead actors to live replicas and restarted actors rejoin by themselves (failover.py).
-A party that hangs is killed after cluster.hang_timeout_s and recovered like a dead one. A save interrupted
+A party that hangs is killed after cluster.hang_timeout_s and recovered like a dead one (in a training step: a
+router worker not done within hang_timeout_s of its peer, runtime/hangs.py). A dead or hung router worker's rows
+of a forward go to a live worker, and a restarted worker gets a survivor's dense state; a node lost with parties
+the nodes left cannot host is a NodeLossError naming them (runtime/nodes.py). A save interrupted
 half-way leaves the previous checkpoint as the one LATEST points to (checkpoint/training_state.py).
 What is not survived: death of the driver (restart it and `restore` the last checkpoint), loss of the checkpoint
 storage, more failures than max_restarts per actor, a failure with checkpoint_every = 0 (nothing to roll back to:
@@ -43,7 +46,7 @@ from moe_runtime.placement import Placement, ShardKey, split_over_replicas
 from moe_runtime.records import TimingMeans
 from moe_runtime.checkpoint import training_state as ckpt
 from moe_runtime.runtime.calls import COLLECTIVE_TIMEOUT_S, CONTROL_TIMEOUT_S, START_TIMEOUT_S, get_within
-from moe_runtime.runtime import failover
+from moe_runtime.runtime import cluster_mask, failover, nodes
 from moe_runtime.runtime import scale as scaling
 from moe_runtime.runtime.failover import HealReport
 from moe_runtime.runtime.fleet import RayExpertFleet
@@ -60,6 +63,7 @@ from moe_runtime.scheduler.hook import SchedulerHook
 from moe_runtime.scheduler.migrate import MigrationError, MigrationReport
 from moe_runtime.scheduler.types import PlacementDecision
 from moe_runtime.training import ProgressFn, TrainResult
+from moe_runtime.model.weight_storage import check_trainable
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +80,8 @@ class Cluster:
         self.actor_infos = launched.infos
         self.worker_pids: list[int] = get_within([w.ping.remote() for w in self.workers], START_TIMEOUT_S,
                                                  "router worker pids")  # to kill one that hangs
+        self.worker_nodes: list[str] = nodes.worker_node_ids(self.workers, START_TIMEOUT_S)  # to name node losses
+        self.lost_workers: dict[int, str] = {}  # dead or hung router workers forwards avoid until a heal (nodes.py)
         self._token = launched.token
         self.step = 0  # optimizer steps taken = the next step to run
         self.recoveries = 0
@@ -143,22 +149,24 @@ class Cluster:
         if tokens.dim() != 2:
             raise ValueError(f"tokens has shape {list(tokens.shape)}: expected [batch, seq]")
         parts = torch.tensor_split(tokens, min(len(self.workers), tokens.shape[0]))
-        workers = self.workers[: len(parts)]
         bounds = torch.tensor([0, *(len(p) for p in parts)]).cumsum(0).tolist()
         part_docs = [None if docs is None else docs.rows(slice(lo, hi)) for lo, hi in zip(bounds, bounds[1:])]
-        refs = [w.forward.remote(p, self.step, d) for w, p, d in zip(workers, parts, part_docs)]
-        down_refs = [w.down_actors.remote() for w in workers]  # runs right after the forward, same round trip
-        degraded_refs = [w.degraded.remote() for w in workers]  # experts masked in it (on_expert_failure = mask)
-        try:
-            logits = torch.cat(get_within(refs, self.fleet.timeout_s, "forward", names([], workers)))
+
+        def run(indices: list[int], down: dict[int, str]) -> list[dict]:  # the parts `indices`, under mask `down`
+            return nodes.on_live_workers(self.workers, indices, lambda w, i: w.forward_agreed.remote(
+                parts[i], self.step, part_docs[i], down), self.fleet.timeout_s, self.lost_workers)
+
+        try:  # every part under one mask: a part that met an expert outside it re-runs (runtime/cluster_mask.py)
+            out = cluster_mask.forward_under_one_mask(run, len(parts), self.placement,
+                                                      self.cfg.transport.on_expert_failure == "mask")
         except BaseException as err:
             if is_fault(err):  # e.g. an expert with no live replica (on_expert_failure = fail): rejoin, then raise
                 self.heal()
             raise
-        self.last_degraded = failover.degraded_pairs(get_within(degraded_refs, self.fleet.timeout_s, "degraded"))
-        if any(get_within(down_refs, self.fleet.timeout_s, "down actors")):
+        self.last_degraded = out.degraded
+        if out.down or self.lost_workers:
             self._heal_in_background()  # the workers already route around them; bring them back meanwhile
-        return logits
+        return out.logits
 
     def heal(self) -> HealReport:
         """Bring restarted or inconsistent expert actors back into the placement (from live replicas, or the
@@ -166,10 +174,10 @@ class Cluster:
         with self._heal_lock:
             infos = wait_alive(self.experts, self.workers, hang_timeout_s=self.cfg.cluster.hang_timeout_s,
                                local=self.cfg.cluster.ray_address is None,
-                               expert_pids=[i.pid for i in self.actor_infos], worker_pids=self.worker_pids)
+                               expert_pids=[i.pid for i in self.actor_infos], worker_pids=self.worker_pids,
+                               check=lambda: nodes.check_capacity(self))  # a lost node's parties that cannot return
             report = failover.heal(self, infos)
-            self.worker_pids = get_within([w.ping.remote() for w in self.workers], self.fleet.timeout_s,
-                                          "router worker pids")
+            nodes.repair_workers(self)  # a restarted router worker gets a survivor's dense state; new pids
             self.last_heal = report
             return report
 
@@ -208,12 +216,13 @@ class Cluster:
         (runtime/generation_backend.py); the run's tokenizer (the checkpoint's, else bytes) unless one is given."""
         from moe_runtime.checkpoint.text import tokenizer_for
         from moe_runtime.generation.engine import Engine
-        from moe_runtime.runtime.generation_backend import RemoteBackend
 
         if tokenizer is None:
             run_tok = tokenizer_for(self.cfg.model)
             tokenizer, eod_id = run_tok.tokenizer, run_tok.eod_id
-        return Engine(RemoteBackend(self.workers[0], self.cfg.model), tokenizer, eod_id)
+        # each step says the mask it ran under (serving reports degraded answers); actors found down: heal
+        backend = cluster_mask.ReportingBackend(self.workers[0], self.cfg.model, on_down=self._heal_in_background)
+        return Engine(backend, tokenizer, eod_id)
 
     def generate(self, prompts: list, params: Any = None, on_event: Any = None) -> list:
         """Completions (generation/engine.py Completion) of prompts (text or token ids), all in one continuous
@@ -221,14 +230,14 @@ class Cluster:
         from moe_runtime.generation.engine import encode_prompts
         from moe_runtime.generation.sampling import SamplingParams
 
-        engine = self.generation_engine()
-        get_within(self.workers[0].degraded.remote(), self.fleet.timeout_s, "degraded")  # count from here
+        engine = self.generation_engine()  # its steps start a heal when they find actors down
         done = engine.generate(encode_prompts(prompts, engine.tokenizer), params or SamplingParams(), on_event)
-        self.last_degraded = failover.degraded_pairs([get_within(self.workers[0].degraded.remote(),
-                                                                 self.fleet.timeout_s, "degraded")])  # fmt: skip
-        if self.last_degraded:
-            self._heal_in_background()  # served around the lost experts; bring their actors back meanwhile
+        self.last_degraded = engine.backend.take_seen()  # masked in any step of this call
         return done
+
+    def degraded_pairs(self) -> list[list[int]]:
+        """`last_degraded` as a call (the daemon's clients, session.RemoteCluster.last_degraded)."""
+        return [list(p) for p in self.last_degraded]
 
     def evaluate(self) -> float:
         """Mean validation loss over train.val_batches fixed batches (the oracle's evaluate)."""
@@ -248,6 +257,7 @@ class Cluster:
         """One optimizer step of the global batch of `step` (default: the next one). Raises on failure (no
         recovery here; `train` recovers). Timings: records.StepTimings."""
         step = self.step if step is None else step
+        check_trainable(self.cfg.model)  # bf16-stored experts serve forward and generation only
         report = run_train_step(self.fleet, self.cfg, step)
         self.step = step + 1
         return report
@@ -375,7 +385,8 @@ class Cluster:
         t0 = time.perf_counter()
         self.actor_infos = wait_alive(self.experts, self.workers, hang_timeout_s=self.cfg.cluster.hang_timeout_s,
                                       local=self.cfg.cluster.ray_address is None,
-                                      expert_pids=[i.pid for i in self.actor_infos], worker_pids=self.worker_pids)
+                                      expert_pids=[i.pid for i in self.actor_infos], worker_pids=self.worker_pids,
+                                      check=lambda: nodes.check_capacity(self))  # fmt: skip
         self.worker_pids = get_within([w.ping.remote() for w in self.workers], CONTROL_TIMEOUT_S, "router worker pids")
         addresses = [i.address for i in self.actor_infos]
         get_within([w.set_placement.remote(self.placement.to_dict(), addresses) for w in self.workers], CONTROL_TIMEOUT_S,

@@ -40,6 +40,7 @@ from moe_runtime.dispatch.server import ExpertServer
 from moe_runtime.dispatch.service import DEFAULT_MAX_MESSAGE_BYTES
 from moe_runtime.checkpoint import training_state as ckpt
 from moe_runtime.model.device import ComputeDevice, host_copy
+from moe_runtime.model.weight_storage import check_trainable, expert_storage_dtype
 from moe_runtime.runtime.expert_shards import ExpertShards
 from moe_runtime.runtime.ray_env import pick_device
 from moe_runtime.training import make_adamw, set_lr
@@ -72,7 +73,7 @@ class ExpertActor:
             import ray
 
             host = ray.util.get_node_ip_address()  # a real cluster: router workers may be on other machines
-        self.shards = ExpertShards(device=self.compute)
+        self.shards = ExpertShards(device=self.compute, storage_dtype=expert_storage_dtype(self.cfg.model))
         self.server = ExpertServer(
             self.shards, host, 0, auth_token=auth_token, max_message_bytes=max_message_bytes(self.cfg),
             check_finite=self.cfg.transport.check_finite, threads=self.cfg.transport.server_threads,
@@ -101,12 +102,11 @@ class ExpertActor:
 
     def _rebuild(self, carried: Mapping[str, torch.Tensor]) -> None:
         """Re-bind parameters to the shards' (possibly new) tensors and rebuild AdamW with `carried` state."""
-        weights, grads = self.shards.weights(), self.shards.grads()
+        weights = self.shards.weights()  # grads are bound in `apply`: buffers exist only once a backward ran
         params: dict[Key, tuple[nn.Parameter, nn.Parameter]] = {}
         for k in sorted(weights):
             p1, p2 = nn.Parameter(weights[k][0]), nn.Parameter(weights[k][1])  # views of the live tensors
             assert p1.data_ptr() == weights[k][0].data_ptr() and p2.data_ptr() == weights[k][1].data_ptr()
-            p1.grad, p2.grad = grads[k]
             params[k] = (p1, p2)
         self._params = params
         named = [(_param_name(k, w), p) for k, ps in params.items() for w, p in zip(("w1", "w2"), ps)]
@@ -183,6 +183,10 @@ class ExpertActor:
         """Scale grads by the global clip coefficient, AdamW step at `lr`, zero grads, free the step."""
         t0, c0 = time.perf_counter(), time.thread_time()
         assert self._opt is not None
+        check_trainable(self.cfg.model)
+        grads = self.shards.grads()  # the live buffers (zeros for shards no token reached)
+        for k, (p1, p2) in self._params.items():
+            p1.grad, p2.grad = grads[k]
         if coef < 1.0:
             for p1, p2 in self._params.values():
                 p1.grad.mul_(coef)

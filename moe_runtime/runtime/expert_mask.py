@@ -7,11 +7,16 @@ forward again from the start: every layer routes over the same live experts, so 
 model whose routers exclude the same experts. A cached decode step is re-run from the cache as it was before the
 step (keys and values are written to the same slots again; the LFA inputs are put back). The mask stays until the
 driver re-wires the worker (the cluster healed: `clear`). Training never masks: its forwards are not run here.
+
+A forward whose rows are split over several workers must run under ONE mask (under grouped / top_p routing a row's
+answer depends on the mask even when it chose no lost expert): there the mask is the driver's decision
+(runtime/cluster_mask.py). `adopt` takes it (the actors some worker found down), `run_once` runs a forward under
+it and answers None, instead of widening on its own, when the forward met experts outside it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 import torch
@@ -53,11 +58,16 @@ class ExpertMask:
         seen, self.degraded_seen = sorted(self.degraded_seen), set()
         return seen
 
-    def _widen(self, err: ExpertsUnavailable) -> bool:
-        """Mask every expert the down actors leave without a replica; False when nothing new would be masked."""
+    def _needs_wider(self) -> bool:
+        """Do the down actors leave experts without a replica that the mask does not exclude yet?"""
         lost = lost_experts(self._placement(), self.failover.down)
-        if all(set(es) <= set(self.masked.get(layer, [])) for layer, es in lost.items()):
+        return not all(set(es) <= set(self.masked.get(layer, [])) for layer, es in lost.items())
+
+    def _widen(self, why: str) -> bool:
+        """Mask every expert the down actors leave without a replica; False when nothing new would be masked."""
+        if not self._needs_wider():
             return False
+        lost = lost_experts(self._placement(), self.failover.down)
         routers = [moe.router for moe in self.model.moe_layers]
         flags = {layer: [e not in es for e in range(routers[layer].num_experts)] for layer, es in lost.items()}
         for layer, alive in flags.items():  # every layer checked before any is set: a refused mask changes nothing
@@ -65,9 +75,9 @@ class ExpertMask:
             nodes = None if r.expert_nodes_e is None else r.expert_nodes_e.tolist()
             try:
                 check_expert_alive(alive, r.routing, r.num_experts, nodes)
-            except ValueError as why:
-                raise MaskError(f"{err.details}; masking them would leave too few experts: layer {layer}: "
-                                f"{why}") from None  # fmt: skip
+            except ValueError as reason:
+                raise MaskError(f"{why}; masking them would leave too few experts: layer {layer}: "
+                                f"{reason}") from None  # fmt: skip
         for layer, alive in flags.items():
             routers[layer].set_expert_alive(alive)
         self.masked = {layer: list(es) for layer, es in lost.items()}
@@ -79,7 +89,7 @@ class ExpertMask:
             try:
                 out = forward()
             except ExpertsUnavailable as err:
-                if not self.enabled or not self._widen(err):
+                if not self.enabled or not self._widen(err.details):
                     raise
                 if before_retry is not None:
                     before_retry()
@@ -87,6 +97,30 @@ class ExpertMask:
             self.degraded_seen.update(self.pairs())
             return out
         raise AssertionError("unreachable: every expert was masked once")
+
+    def adopt(self, down: Mapping[int, str]) -> bool:
+        """The cluster's decision: the actors some router worker found down (actor -> why) are down here too, and
+        (mask mode) what they leave without a replica is masked. True when the mask widened; a refused mask
+        (too few live experts) leaves the routers as they were and raises MaskError."""
+        known = self.failover.down
+        for actor, why in down.items():
+            if int(actor) not in known:
+                self.failover.mark_down(int(actor), why)
+        if not self.enabled:
+            return False
+        return self._widen(f"the cluster's mask (actors {sorted(int(a) for a in down)} down)")
+
+    def run_once(self, forward: Callable[[], T]) -> T | None:
+        """forward() under the mask as it is; None (mask mode) when it met experts without a live replica that the
+        mask does not exclude: the driver widens the mask on every worker and runs the forward again."""
+        try:
+            out = forward()
+        except ExpertsUnavailable:
+            if not self.enabled or not self._needs_wider():
+                raise
+            return None
+        self.degraded_seen.update(self.pairs())
+        return out
 
 
 class MaskingBackend(LocalBackend):

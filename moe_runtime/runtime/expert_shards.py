@@ -2,8 +2,10 @@
 
 State (all under one lock; the server's gRPC threads call forward/backward concurrently with each other and with
 the actor's control calls):
-- weights: (layer, expert) -> (w1 [d, 2f], w2 [f, d]) fp32, the actor's own copies; weight grads (g1, g2)
-  accumulate per shard in preallocated buffers;
+- weights: (layer, expert) -> (w1 [d, 2f], w2 [f, d]) in the storage dtype (fp32, or bf16 with
+  model.expert_weight_dtype: each expert is converted to the compute dtype right before its matmuls, one at a
+  time, model/weight_storage.py), the actor's own copies; weight grads (g1, g2) accumulate per shard in fp32
+  buffers allocated at the first backward (a forward- or generation-only actor holds none);
 - saved activations for backward, keyed by (step, micro-batch, layer, src): the fp32 inputs and the first matmul's
   output per segment. Backward pops its entry (so a replayed Backward fails instead of adding the weight grads
   twice); `end_step(step)` / `abort_step(step)` free every entry of steps <= step;
@@ -34,6 +36,7 @@ import torch
 from moe_runtime.dispatch.server import ActivationKey, ActivationsMissing, BackendSummary, SegmentsMismatch
 from moe_runtime.model.device import CPU, ComputeDevice, HostStaging
 from moe_runtime.model.experts import WeightPair, grouped_swiglu_backward, grouped_swiglu_forward_saving
+from moe_runtime.model.weight_storage import ComputePairs
 from moe_runtime.placement import Placement, ShardKey
 
 __all__ = ["ExpertShards", "sum_replica_grads"]
@@ -48,12 +51,12 @@ class _Saved:
     nbytes: int
 
 
-def _as_shard(key: object, w: object, device: torch.device) -> tuple[ShardKey, WeightPair]:
+def _as_shard(key: object, w: object, device: torch.device, dtype: torch.dtype) -> tuple[ShardKey, WeightPair]:
     if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, int) and k >= 0 for k in key)):
         raise ValueError(f"shard key {key!r}: expected (layer, expert) of non-negative ints")
     if not (isinstance(w, (tuple, list)) and len(w) == 2):
         raise ValueError(f"shard {key}: expected (w1 [d, 2f], w2 [f, d])")
-    w1, w2 = (torch.as_tensor(t).detach().to(device, torch.float32, copy=True).contiguous() for t in w)
+    w1, w2 = (torch.as_tensor(t).detach().to(device, dtype, copy=True).contiguous() for t in w)
     if w1.dim() != 2 or w2.dim() != 2 or w1.shape[1] != 2 * w2.shape[0] or w2.shape[1] != w1.shape[0]:
         raise ValueError(
             f"shard {key}: w1 {list(w1.shape)}, w2 {list(w2.shape)}: expected w1 [d, 2f] and w2 [f, d]"
@@ -66,8 +69,9 @@ class ExpertShards:
     backward are the data plane (dispatch.server.ExpertBackend)."""
 
     def __init__(self, shards: Mapping[ShardKey, WeightPair] | None = None, placement_version: int = 0,
-                 device: ComputeDevice = CPU):  # fmt: skip
+                 device: ComputeDevice = CPU, storage_dtype: torch.dtype = torch.float32):  # fmt: skip
         self.device = device
+        self.storage_dtype = storage_dtype  # of the weights; grads are fp32 (model.expert_weight_dtype)
         self._staging = HostStaging(device.device)
         self._lock = threading.Lock()
         self._pv = int(placement_version)
@@ -85,15 +89,16 @@ class ExpertShards:
     # -------------------------------------------------------------------------------- control (between steps)
 
     def load(self, shards: Mapping[ShardKey, WeightPair], *, replace: bool = False) -> None:
-        """Host these shards (as own fp32 copies on the device); `replace=True` drops every shard not in `shards`.
-        Grads of (re)loaded shards start at zero."""
-        parsed = dict(_as_shard(k, w, self.device.device) for k, w in shards.items())
+        """Host these shards (as own copies on the device, in the storage dtype); `replace=True` drops every shard
+        not in `shards`. Grads of (re)loaded shards start at zero (allocated when first needed)."""
+        parsed = {}
+        for k, w in shards.items():  # one shard at a time, so a load's peak is its own copies plus one input pair
+            key, pair = _as_shard(k, w, self.device.device, self.storage_dtype)
+            parsed[key] = pair
         with self._lock:
             weights = {} if replace else dict(self._weights)
-            grads = {k: g for k, g in self._grads.items() if k in weights}
-            for k, (w1, w2) in parsed.items():
-                weights[k] = (w1, w2)
-                grads[k] = (torch.zeros_like(w1), torch.zeros_like(w2))
+            grads = {k: g for k, g in self._grads.items() if k in weights and k not in parsed}
+            weights.update(parsed)
             self._weights, self._grads = weights, grads
             self._hosted = frozenset(weights)
 
@@ -113,13 +118,33 @@ class ExpertShards:
             return dict(self._weights)
 
     def grads(self) -> dict[ShardKey, WeightPair]:
-        """The live weight-grad buffers (g1 [d, 2f], g2 [f, d]) accumulated since `zero_grads`."""
+        """The live weight-grad buffers (g1 [d, 2f], g2 [f, d], fp32) accumulated since `zero_grads`; allocates
+        (zeros) those of shards that had no backward yet."""
         with self._lock:
+            self._allocate_grads()
             return dict(self._grads)
+
+    def grad_buffers_allocated(self) -> int:
+        """Shards holding a grad buffer now (0 on an actor that only ran forwards)."""
+        with self._lock:
+            return len(self._grads)
+
+    def _allocate_grads(self) -> None:
+        """Zero fp32 grad buffers for every hosted shard without one (call under the lock). The dict is replaced,
+        never mutated, like the weights."""
+        missing = [k for k in self._weights if k not in self._grads]
+        if missing:
+            grads = dict(self._grads)
+            for k in missing:
+                w1, w2 = self._weights[k]
+                grads[k] = (torch.zeros(w1.shape, dtype=torch.float32, device=w1.device),
+                            torch.zeros(w2.shape, dtype=torch.float32, device=w2.device))
+            self._grads = grads
 
     def set_grads(self, grads: Mapping[ShardKey, WeightPair]) -> None:
         """Overwrite the grads of hosted shards (e.g. with the sum over replicas, see `sum_replica_grads`)."""
         with self._lock:
+            self._allocate_grads()
             for k, (g1, g2) in grads.items():
                 if k not in self._grads:
                     raise KeyError(f"set_grads: shard {k} not hosted")
@@ -188,6 +213,9 @@ class ExpertShards:
                 "overwritten": self._overwritten,
                 "steps_ended": self._steps_ended,
                 "steps_aborted": self._steps_aborted,
+                "grad_buffers": len(self._grads),  # shards with a grad buffer (allocated at the first backward)
+                "weight_bytes": sum(w1.nbytes + w2.nbytes for w1, w2 in self._weights.values()),
+                "grad_bytes": sum(g1.nbytes + g2.nbytes for g1, g2 in self._grads.values()),
             }
 
     # -------------------------------------------------------------------------------- data plane (ExpertBackend)
@@ -230,18 +258,19 @@ class ExpertShards:
         dx, wgrads = self._compute_backward(self._compute_weights([weights[(layer, e)] for e in experts]), counts,
                                             saved, dy_nd)  # fmt: skip
         with self._lock:
+            self._allocate_grads()  # the first backward allocates the buffers
             for e, (dw1, dw2) in zip(experts, wgrads):
                 g1, g2 = self._grads[(layer, e)]
                 g1.add_(dw1)  # fp32 master grads (a bf16 dw is accumulated in fp32)
                 g2.add_(dw2)
         return self._staging.to_host(dx)
 
-    def _compute_weights(self, weights: list[WeightPair]) -> list[WeightPair]:
-        """The weights the matmuls use: the fp32 masters, or their casts to the compute dtype (mixed precision)."""
-        if not self.device.mixed:
+    def _compute_weights(self, weights: list[WeightPair]) -> Sequence[WeightPair]:
+        """The weights the matmuls use: the stored ones when they are in the compute dtype, else a lazy view that
+        converts each expert right before its matmuls (mixed precision on CUDA; bf16 storage with fp32 compute)."""
+        if self.storage_dtype == self.device.dtype:
             return weights
-        dt = self.device.dtype
-        return [(w1.to(dt), w2.to(dt)) for w1, w2 in weights]
+        return ComputePairs(weights, self.device.dtype)
 
     def _compute_forward(self, weights: list[WeightPair], counts: Sequence[int], x_nd: torch.Tensor
                          ) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip

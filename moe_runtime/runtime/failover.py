@@ -86,7 +86,7 @@ def repair_sources(placement: Placement, held: Sequence[Sequence[ShardKey]]) -> 
 def heal(cluster: Cluster, infos: Sequence[ActorInfo]) -> HealReport:
     """Repair every broken actor of `cluster` (infos: fresh, from recovery.wait_alive) and re-wire the workers."""
     from moe_runtime.checkpoint import training_state as ckpt
-    from moe_runtime.runtime.calls import get_within
+    from moe_runtime.runtime.calls import START_TIMEOUT_S, get_within
 
     t0 = time.perf_counter()
     placement = cluster.placement
@@ -128,8 +128,10 @@ def heal(cluster: Cluster, infos: Sequence[ActorInfo]) -> HealReport:
     get_within([a.set_placement_version.remote(placement.version) for a in cluster.experts], timeout,
                "placement version", [f"expert actor {i}" for i in range(len(cluster.experts))])
     addresses = [i.address for i in infos]
-    get_within([w.set_placement.remote(placement.to_dict(), addresses) for w in cluster.workers], timeout,
-               "re-wiring router workers")
+    # a router worker Ray restarted builds its model in this call, like at start (it answered a ping just now)
+    get_within([w.set_placement.remote(placement.to_dict(), addresses) for w in cluster.workers],
+               max(timeout, START_TIMEOUT_S), "re-wiring router workers",
+               [f"router worker {i}" for i in range(len(cluster.workers))])  # fmt: skip
     cluster.actor_infos = list(infos)
     report = HealReport(tuple(broken), tuple(copied), tuple(from_ckpt), False, True, time.perf_counter() - t0)
     if broken:

@@ -142,7 +142,7 @@ class PartyLoad:
     keys: tuple[ShardKey, ...]  # (layer, expert) pairs; () for a router worker
     tensors: int
     disk_bytes: int  # bytes of the HF tensors on disk
-    held_bytes: int  # bytes of these tensors as the party keeps them (fp32 weights)
+    held_bytes: int  # bytes of these tensors as the party keeps them (weights in their storage dtype)
     seconds: float
     memory: MemoryWindow
 
@@ -251,7 +251,7 @@ def read_experts_into(shards: Any, ckpt: HFCheckpoint, keys: Iterable[ShardKey],
             shards.load({key: (w1, w2)})
             del w1, w2
             _give_back_freed()  # the read buffers: else the actors' raised trim threshold keeps them resident
-    held = sum(4 * (a.numel() + b.numel()) for k, (a, b) in shards.weights().items() if k in set(keys))
+    held = sum(a.nbytes + b.nbytes for k, (a, b) in shards.weights().items() if k in set(keys))
     return PartyLoad(party, os.getpid(), tuple(sorted(keys)), 2 * len(keys), ckpt.expert_nbytes(keys), held,
                      time.perf_counter() - t0, w.window)
 
@@ -287,7 +287,7 @@ def write_experts(weights: Mapping[ShardKey, tuple[torch.Tensor, torch.Tensor]],
                 nbytes += write_planned(directory, plan, name, t)
                 names.append(name)
             _give_back_freed()
-    held = sum(4 * (weights[k][0].numel() + weights[k][1].numel()) for k in keys)
+    held = sum(weights[k][0].nbytes + weights[k][1].nbytes for k in keys)
     return PartyLoad(party, os.getpid(), tuple(keys), len(names), nbytes, held, time.perf_counter() - t0,
                      w.window), names
 

@@ -17,6 +17,7 @@ from moe_runtime.records import ActorInfo
 from moe_runtime.runtime.calls import FREE_WAIT_S, START_TIMEOUT_S, get_within
 from moe_runtime.runtime.expert_actor import ExpertActor
 from moe_runtime.runtime.hf_loading import load_cluster, open_checkpoint
+from moe_runtime.runtime.nodes import worker_options
 from moe_runtime.runtime.ray_env import ClusterStartError, RayEnv, check_layout, start_ray
 from moe_runtime.runtime.router_worker import RouterWorker, dense_state_from_full
 
@@ -112,9 +113,9 @@ def _start_actors(cfg: RuntimeConfig, pg: Any, token: str) -> tuple[list[Any], l
         experts.append(actor_cls.options(**opts).remote(conf, i, token))
     worker_cls = ray.remote(RouterWorker)
     workers = [
-        worker_cls.options(num_gpus=c.gpus_per_router_worker, num_cpus=c.cpus_per_actor,
-                           max_restarts=c.max_restarts, max_task_retries=0).remote(conf, w, token)
-        for w in range(c.router_workers)
+        worker_cls.options(num_gpus=c.gpus_per_router_worker, max_restarts=c.max_restarts, max_task_retries=0,
+                           **where).remote(conf, w, token)  # spread over nodes: a lost node leaves a worker
+        for w, where in enumerate(worker_options(c.router_workers, c.cpus_per_actor))
     ]  # fmt: skip
     return experts, workers
 

@@ -18,7 +18,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,8 +90,11 @@ def _kill(p: Party, local: bool) -> None:
 
 def wait_alive(experts: list[Any], workers: list[Any], timeout: float = START_TIMEOUT_S, *,
                hang_timeout_s: float = CONTROL_TIMEOUT_S, local: bool = False,
-               expert_pids: Sequence[int | None] = (), worker_pids: Sequence[int | None] = ()) -> list[ActorInfo]:  # fmt: skip
+               expert_pids: Sequence[int | None] = (), worker_pids: Sequence[int | None] = (),
+               check: Callable[[], None] | None = None) -> list[ActorInfo]:  # fmt: skip
     """Ping every party until it answers (restarted actors come back empty); returns fresh expert infos.
+    `check` runs about once a second while parties are missing and raises to give up early (nodes.check_capacity:
+    their node is gone and the nodes left cannot host them).
 
     A party whose process is alive but does not answer a ping within `hang_timeout_s` is hung: it is killed once
     (Ray restarts it) and waited for again. Raises ClusterError naming every party that did not come back within
@@ -105,6 +108,7 @@ def wait_alive(experts: list[Any], workers: list[Any], timeout: float = START_TI
     since: dict[str, float] = {p.name: t0 for p in todo}  # when each party's current ping was sent
     refs = {p.name: p.handle.ping.remote() for p in todo}
     dead: list[str] = []
+    last_check = t0
     while todo:
         ready, _ = ray.wait([refs[p.name] for p in todo], num_returns=len(todo), timeout=0.2)
         done = {r.hex() for r in ready}
@@ -128,6 +132,9 @@ def wait_alive(experts: list[Any], workers: list[Any], timeout: float = START_TI
                 refs[p.name], since[p.name] = p.handle.ping.remote(), now
             left.append(p)
         todo = left
+        if todo and check is not None and now - last_check >= 1.0:
+            last_check = now
+            check()
         if todo and now > deadline:
             break
     if dead:
@@ -148,4 +155,4 @@ def wait_alive(experts: list[Any], workers: list[Any], timeout: float = START_TI
         if left <= 0:
             raise
         return wait_alive(experts, workers, left, hang_timeout_s=hang_timeout_s, local=local,
-                          expert_pids=expert_pids, worker_pids=worker_pids)
+                          expert_pids=expert_pids, worker_pids=worker_pids, check=check)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from moe_runtime.runtime.calls import get_within
 from moe_runtime.runtime.failover import heal, repair_sources
+from moe_runtime.runtime.nodes import check_capacity, worker_node_ids
 from moe_runtime.runtime.party_names import names
 from moe_runtime.runtime.recovery import wait_alive
 
@@ -40,7 +41,7 @@ def rerun_without_rollback(cluster: Cluster, step: int) -> bool:
     cfg = cluster.cfg.cluster
     infos = wait_alive(cluster.experts, cluster.workers, hang_timeout_s=cfg.hang_timeout_s,
                        local=cfg.ray_address is None, expert_pids=[i.pid for i in cluster.actor_infos],
-                       worker_pids=cluster.worker_pids)  # fmt: skip
+                       worker_pids=cluster.worker_pids, check=lambda: check_capacity(cluster))  # fmt: skip
     timeout = cluster.fleet.timeout_s
     worker_pids = get_within([w.ping.remote() for w in cluster.workers], timeout, "router worker pids",
                              names([], cluster.workers))  # fmt: skip
@@ -61,6 +62,7 @@ def rerun_without_rollback(cluster: Cluster, step: int) -> bool:
         get_within([cluster.workers[i].load_dense.remote(dense) for i in lost_workers], timeout,
                    "dense state onto restarted workers", [f"router worker {i}" for i in lost_workers])
     cluster.worker_pids = worker_pids
+    cluster.worker_nodes = worker_node_ids(cluster.workers, timeout)  # a restarted one may be elsewhere
     cluster._init_collective()
     log.warning("step %d: recovered from replicas in %.2f s (restarted actors %s, workers %s); re-running it",
                 step, time.perf_counter() - t0, restarted, lost_workers)

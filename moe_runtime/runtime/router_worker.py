@@ -81,6 +81,11 @@ class CollectiveError(RuntimeError):
     """The gloo all-reduce between router workers failed (a peer died or hung): a fault, recovered like one."""
 
 
+class WorkerNotReady(RuntimeError):
+    """This router worker has no dense weights yet (restarted by Ray, not yet repaired): it must not answer with
+    random ones; the driver sends its rows to another worker (runtime/nodes.py)."""
+
+
 class _Timer:
     """Forward/backward wall time of the MoE pieces of one worker, via module hooks."""
 
@@ -140,6 +145,7 @@ class RouterWorker:
         self.model: MoETransformer | None = None
         self.mask: ExpertMask | None = None  # experts routed around while they have no live replica (mask mode)
         self._generation: CacheHost | None = None  # decoding caches of the driver's RemoteBackend
+        self.dense_loaded = False  # set by every dense loader; until then inference refuses (WorkerNotReady)
 
     def _build(self) -> None:
         cfg, t = self.cfg, self.cfg.train
@@ -191,10 +197,6 @@ class RouterWorker:
         return {"index": self.index, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
                 "device": self.device, "collective": dist.is_initialized()}
 
-    def down_actors(self) -> dict[int, str]:
-        """Expert actors this worker's inference forwards found down since it was last re-wired (actor -> why)."""
-        return self.failover.down
-
     def degraded(self, take_seen: bool = True) -> dict[str, list[tuple[int, int]]]:
         """(layer, expert) pairs: `masked` now, `seen` = masked in a forward or generation step since the last
         call that took them (mask mode; empty otherwise)."""
@@ -204,6 +206,10 @@ class RouterWorker:
 
     def ping(self) -> int:
         return os.getpid()
+
+    def _require_dense(self) -> None:
+        if self.model is None or not self.dense_loaded:
+            raise WorkerNotReady(f"router worker {self.index} (pid {os.getpid()}) has no dense weights yet")
 
     def rendezvous(self) -> str:
         """The gloo group's init_method; called on worker 0. Local mode: a FileStore in a fresh 0700 directory
@@ -277,10 +283,8 @@ class RouterWorker:
         expert exchanges overlap the other half's compute (transport.overlap = "two_batch", model/two_batch.py).
         `docs`: the rows' packed documents (data.source files)."""
         if self.cfg.transport.overlap == "two_batch":
-            if docs is not None:
-                raise ValueError("transport.overlap = 'two_batch' does not take document masks yet: use "
-                                 "overlap 'none' with data.source = 'files'")
-            out = two_batch_loss(self.model, tokens_bs, targets_bs, ctx)
+            out = two_batch_loss(self.model, tokens_bs, targets_bs, ctx, **document_kwargs(
+                None if docs is None else docs.to(self.device)))
             return out.loss, out.ce, out.load_le.cpu().numpy()
         loss, ce = self.model.loss(tokens_bs, targets_bs, ctx, **document_kwargs(
             None if docs is None else docs.to(self.device)))
@@ -355,29 +359,41 @@ class RouterWorker:
         self.opt.zero_grad(set_to_none=True)
 
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor, step: int = 0, docs: DocumentBatch | None = None) -> torch.Tensor:
-        """Logits [B, S, V] for `tokens` [B, S] (eval mode; the expert servers keep nothing); `docs`: packed
-        documents of the rows (attention stays inside each)."""
-        self.model.eval()
-        kw = document_kwargs(None if docs is None else docs.to(self.device))
-        try:
-            with self.compute.autocast():
-                logits = self.mask.run(lambda: self.model(tokens.to(self.device), StepContext(step), **kw).logits)
-            return logits.to("cpu", torch.float32)
-        except (ExpertCallError, MaskError) as err:
-            raise DataPlaneError(f"router worker {self.index}, forward: {err}") from None
-
-    @torch.no_grad()
     def generation(self, op: str, *args: Any) -> Any:
         """Cached decoding over this worker's model, caches kept here (runtime/generation_host.py): prefill,
         decode, join, free, stats."""
         if self._generation is None:
             self._generation = CacheHost(self.model, MaskingBackend(self.model, self.mask))
+        self._require_dense()
         self.model.eval()
         try:
             return self._generation.call(op, *args)
         except (ExpertCallError, MaskError) as err:
             raise DataPlaneError(f"router worker {self.index}, generation {op}: {err}") from None
+
+    def generation_reported(self, op: str, *args: Any) -> tuple[Any, list[tuple[int, int]], bool]:
+        """generation(), plus the (layer, expert) mask it ran under and whether actors were found down
+        (runtime/cluster_mask.ReportingBackend: degraded answers, a heal started)."""
+        out = self.generation(op, *args)
+        return out, self.mask.pairs(), bool(self.failover.down)
+
+    @torch.no_grad()
+    def forward_agreed(self, tokens: torch.Tensor, step: int = 0, docs: DocumentBatch | None = None,
+                       down: Mapping[int, str] | None = None) -> dict[str, Any]:  # fmt: skip
+        """forward() under the cluster's mask decision (runtime/cluster_mask.py): the actors `down` first, then
+        the forward without widening on its own. {"logits": [B, S, V] or None (it met experts outside the mask),
+        "masked": the (layer, expert) mask it ran under, "down": actors found down (actor -> why)}."""
+        self._require_dense()
+        self.model.eval()
+        kw = document_kwargs(None if docs is None else docs.to(self.device))
+        try:
+            self.mask.adopt(down or {})
+            with self.compute.autocast():
+                logits = self.mask.run_once(lambda: self.model(tokens.to(self.device), StepContext(step), **kw).logits)
+        except (ExpertCallError, MaskError) as err:
+            raise DataPlaneError(f"router worker {self.index}, forward: {err}") from None
+        return {"logits": None if logits is None else logits.to("cpu", torch.float32), "masked": self.mask.pairs(),
+                "down": self.failover.down}
 
     # ------------------------------------------------------------------ state
 
@@ -396,11 +412,13 @@ class RouterWorker:
         if missing or extra:
             raise KeyError(f"dense state does not fit the remote model: missing {missing}, unexpected {extra}")
         self.model.load_state_dict(state, strict=True)
+        self.dense_loaded = True
         self.opt.state.clear()
         self.opt.zero_grad(set_to_none=True)
 
     def load_dense(self, tensors: Mapping[str, torch.Tensor]) -> None:
         ckpt.load_dense_tensors(self.model, self.opt, tensors)
+        self.dense_loaded = True
         self.opt.zero_grad(set_to_none=True)
 
     def load_hf(self, checkpoint: Any, party: str) -> Any:
@@ -409,6 +427,7 @@ class RouterWorker:
         from moe_runtime.runtime.hf_loading import read_dense_into
 
         report = read_dense_into(self.model, checkpoint, party)
+        self.dense_loaded = True
         self.opt.state.clear()
         self.opt.zero_grad(set_to_none=True)
         return report

@@ -36,7 +36,7 @@ from moe_runtime.config import RuntimeConfig
 T = TypeVar("T")
 STATE_DIR = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "moe-runtime"
 ALLOWED = frozenset({"train", "train_more", "forward", "generate", "status", "checkpoint", "restore", "save_hf",
-                     "scale"})
+                     "scale", "degraded_pairs"})
 
 
 class SessionError(RuntimeError):
@@ -226,6 +226,11 @@ class RemoteCluster:
 
     def forward(self, tokens: Any) -> Any:
         return self._call("forward", tokens)
+
+    @property
+    def last_degraded(self) -> list[list[int]]:
+        """Cluster.last_degraded of the daemon: what its last forward / generate was masked on."""
+        return self._call("degraded_pairs")
 
     def generate(self, prompts: list, params: Any = None, on_event: Callable | None = None) -> list:
         return self._call("generate", prompts, params, progress=on_event)

@@ -25,6 +25,7 @@ from moe_runtime.config import RuntimeConfig
 from moe_runtime.placement import Placement, ShardKey
 from moe_runtime.records import ActorStepStats, StepTimings, WorkerPass
 from moe_runtime.runtime.calls import COLLECTIVE_TIMEOUT_S, get_within, step_timeout
+from moe_runtime.runtime.hangs import get_with_peers
 from moe_runtime.runtime.party_names import names
 from moe_runtime.runtime.expert_shards import sum_replica_grads
 from moe_runtime.runtime.fleet import RayExpertFleet
@@ -141,9 +142,10 @@ def run_train_step(fleet: RayExpertFleet, cfg: RuntimeConfig, step: int) -> Step
     placement: Placement = fleet.placement
     t0 = time.perf_counter()
     fleet.phase = "forward_backward"  # nothing applied yet: a failure here can be cured by re-running the step
-    passes: list[WorkerPass] = get_within([w.forward_backward.remote(step) for w in fleet.workers],
-                                          step_timeout(cfg), f"step {step} forward/backward",
-                                          names([], fleet.workers))  # fmt: skip
+    # a worker that has not finished within hang_timeout_s of the first one is hung (runtime/hangs.py)
+    passes: list[WorkerPass] = get_with_peers([w.forward_backward.remote(step) for w in fleet.workers],
+                                              step_timeout(cfg), fleet.timeout_s, f"step {step} forward/backward",
+                                              names([], fleet.workers))  # fmt: skip
     t1 = time.perf_counter()
     sync_refs, driver_sync = _sync_dense_grads(fleet, cfg)
     _sum_replica_grads(fleet)

@@ -11,6 +11,7 @@ the new placement next to the one the policy predicted.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ import numpy as np
 from moe_runtime.config import RuntimeConfig
 from moe_runtime.model.accounting import expert_state_bytes
 from moe_runtime.placement import Placement, copies_between, diff_moves
+from moe_runtime.scheduler.anti_affinity import spread_over_nodes
 from moe_runtime.scheduler.fleet import ExpertFleet
 from moe_runtime.scheduler.groups import decide_within_groups, routing_groups
 from moe_runtime.scheduler.load import LoadTracker, balancedness
@@ -114,6 +116,8 @@ class SchedulerHook:
             raise TypeError(
                 f"rebalance({type(what).__name__}): expected a PlacementDecision, a Placement or None"
             )
+        if self.sched.replica_anti_affinity == "node" and groups is None:  # groups pin experts to their actors
+            decision = self._spread(old, decision)
         if groups is not None and groups.violations(decision.placement):
             raise ValueError(f"placement breaks the {self.cfg.model.routing} routing's expert groups: "
                              f"{groups.violations(decision.placement)[0]}")
@@ -129,6 +133,14 @@ class SchedulerHook:
         self._acc = np.zeros((self.num_layers, self.num_experts))
         self._acc_steps = 0
         return report
+
+    def _spread(self, old: Placement, decision: PlacementDecision) -> PlacementDecision:
+        """The decision with every replicated expert spanning two nodes (scheduler.replica_anti_affinity: node)."""
+        spread = spread_over_nodes(decision.placement, old.actor_nodes or None)
+        if spread is decision.placement:
+            return decision
+        out = self._given(old, spread)
+        return replace(out, reason=f"{decision.reason}; replicas spread over nodes (replica_anti_affinity: node)")
 
     def _given(self, old: Placement, given: Placement) -> PlacementDecision:
         """A decision that moves to the replicas of `given` (as the next version of `old`)."""

@@ -7,7 +7,9 @@
 - simulator.py: the engine (waves of compute and exchanges, gradient sync, optimizer) -> SimResult
   (results.py), on a Layout (layout.py), with per-layer work from the replica split (work.py) and the
   vectorised queues of queues.py;
-- whatif.py: static vs scheduler placement (`--what-if rebalance`), step time against cluster size;
+- two_batch.py: transport.overlap two_batch, the two halves of a micro-batch pipelined on the same resources;
+- whatif.py: static vs scheduler placement (`--what-if rebalance`), overlap none vs two_batch (`--what-if
+  overlap`), step time against cluster size;
 - plot.py: timeline and scaling figure; cli_impl.py: the body of `moe-runtime simulate`.
 """
 

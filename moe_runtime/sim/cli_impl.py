@@ -1,7 +1,12 @@
 """`moe-runtime simulate`: the body of the command (cli.py wires the options to `simulate_command`).
 
     moe-runtime simulate --config cluster/sim-64gpu.yaml [--trace zipf|uniform|drift|FILE.npz|FILE.jsonl]
-        [--steps N] [--what-if rebalance] [--plot out.png] [--calibrate] [--json]
+        [--steps N] [--what-if rebalance|overlap] [--plot out.png] [--calibrate] [--json]
+
+``--what-if overlap``: transport.overlap none vs two_batch on the same trace (sim/whatif.py ``overlap_whatif``):
+the JSON gains ``overlap_vs_none_step_time`` (two_batch / none) and ``what_if`` with both step times, the halves
+run one after the other (what splitting costs) and the sum of the parts. The simulation itself follows the
+config's transport.overlap.
 
 Tokens per router worker: ``sim.tokens_per_gpu`` with a GPU table (a projection); with a host table (this machine,
 ``sim.hardware`` pointing at a calibrated YAML, or ``--calibrate``) the config's own batch:
@@ -33,6 +38,7 @@ __all__ = ["SCALING_GPUS", "ClusterCalibration", "make_trace", "simulate_command
 ClusterCalibration = Callable[[RuntimeConfig, HardwareTable, Callable[[str], None]], dict[str, Any]]
 
 SYNTHETIC = ("uniform", "zipf", "drift")
+WHAT_IFS = (None, "rebalance", "overlap")
 SCALING_GPUS = [8, 16, 32, 64, 128, 256]
 CALIBRATION_DIR = Path("runs/sim")
 
@@ -96,8 +102,8 @@ def simulate_command(
     else:
         table = load_table(cfg.sim.hardware)
     sim = Simulator.from_config(cfg, table)
-    if what_if not in (None, "rebalance"):
-        raise ValueError(f"--what-if {what_if!r}: expected 'rebalance'")
+    if what_if not in WHAT_IFS:
+        raise ValueError(f"--what-if {what_if!r}: expected one of {', '.join(w for w in WHAT_IFS if w)}")
     is_file = trace is not None and trace not in SYNTHETIC
     tr = make_trace(cfg, sim, trace, steps or 1)
     n = steps or (tr.num_steps if is_file else 1)
@@ -130,6 +136,20 @@ def simulate_command(
         _say(f"what-if rebalance: static {wi.static_step_s * 1e3:.2f} ms -> scheduler {wi.rebalanced_step_s * 1e3:.2f} ms"
              f" (speed-up {wi.speedup:.3f}x; imbalance {wi.static_imbalance:.2f} -> {wi.rebalanced_imbalance:.2f}; "
              f"{wi.bytes_to_move / 1e9:.2f} GB to move): {wi.reason}")  # fmt: skip
+    if what_if == "overlap":
+        from moe_runtime.sim.whatif import overlap_whatif
+
+        t1 = time.perf_counter()
+        ov = overlap_whatif(sim, tr, n)
+        out["what_if"] = {**ov, "wall_s": time.perf_counter() - t1}
+        out["overlap_vs_none_step_time"] = ov["overlap_vs_none_step_time"]
+        if ov["splittable"]:
+            _say(f"what-if overlap: none {ov['none_step_s'] * 1e3:.2f} ms -> two_batch {ov['two_batch_step_s'] * 1e3:.2f}"
+                 f" ms (overlap / none {ov['overlap_vs_none_step_time']:.3f}; halves one after the other "
+                 f"{ov['split_sequential_step_s'] * 1e3:.2f} ms: splitting costs {ov['split_vs_none_step_time']:.3f}x,"
+                 f" overlapping gains {ov['overlap_vs_split_step_time']:.3f}x)")  # fmt: skip
+        else:
+            _say(f"what-if overlap: nothing to split: {ov['reason']}")
     if plot:
         from moe_runtime.sim.plot import plot_simulation
         from moe_runtime.sim.whatif import scaling

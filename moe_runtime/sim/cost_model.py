@@ -77,6 +77,19 @@ class StepResources(Protocol):
         each worker has all its replies (-inf for a worker that sent nothing)."""
         ...
 
+    def send(self, t_w: np.ndarray, lw: LayerWork) -> tuple[np.ndarray, np.ndarray]:
+        """The dispatch of an exchange alone (two-batch overlap): (arrival at the actors [A, W], -inf for no
+        request; when each worker may go on [W])."""
+        ...
+
+    def serve(self, arrive_aw: np.ndarray, work_aw: np.ndarray, kind: str, layer: int) -> Any:
+        """The experts of a dispatch `send` placed (work_aw per request): what `reply` needs."""
+        ...
+
+    def reply(self, served: Any, lw: LayerWork) -> np.ndarray:
+        """The combine of requests `serve` placed: as `exchange` returns (``exchange`` = send, serve, reply)."""
+        ...
+
     def busy_until(self) -> float:
         """When the last job placed so far ends (0 when none)."""
         ...

@@ -147,6 +147,20 @@ class GpuResources:
         end_s, flat = self._experts(arrive, work_aw, kind, layer)
         return self._combine(end_s, flat, lw)
 
+    def send(self, t_w: np.ndarray, lw: LayerWork) -> tuple[np.ndarray, np.ndarray]:
+        """The dispatch alone (two-batch overlap): (arrival [A, W], when each worker may go on [W]). GPU-direct:
+        the send is asynchronous, the worker goes on at once."""
+        return self._dispatch(t_w, lw), t_w
+
+    def serve(self, arrive_aw: np.ndarray, work_aw: np.ndarray, kind: str, layer: int
+              ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """The experts of a dispatch `send` placed: (end times in service order, their flat indices), for `reply`."""
+        return self._experts(arrive_aw, work_aw, kind, layer)
+
+    def reply(self, served: tuple[np.ndarray, np.ndarray], lw: LayerWork) -> np.ndarray:
+        """The combine of requests `serve` placed: when each worker has all its replies."""
+        return self._combine(*served, lw)
+
     def busy_until(self) -> float:
         return float(self.comp_free.max())
 

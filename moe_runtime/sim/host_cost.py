@@ -155,8 +155,18 @@ class HostResources:
         return np.where(work > 0, end, ready)
 
     def exchange(self, t_w: np.ndarray, lw: LayerWork, work_aw: np.ndarray, kind: str, layer: int) -> np.ndarray:
-        m = lw.mask_aw
-        arrive = self._flows(np.broadcast_to(t_w[None, :], m.shape), lw)
+        arrive, _ = self.send(t_w, lw)
+        return self.reply(self.serve(arrive, work_aw, kind, layer), lw)
+
+    def send(self, t_w: np.ndarray, lw: LayerWork) -> tuple[np.ndarray, np.ndarray]:
+        """The dispatch alone (two-batch overlap): (arrival [A, W], when each worker may go on [W]: the frames
+        are encoded on the worker's own thread, so it goes on when its messages' CPU is done)."""
+        arrive = self._flows(np.broadcast_to(t_w[None, :], lw.mask_aw.shape), lw)
+        return arrive, np.maximum(t_w, (arrive - self.msg_alpha_s).max(axis=0))
+
+    def serve(self, arrive: np.ndarray, work_aw: np.ndarray, kind: str, layer: int) -> np.ndarray:
+        """The experts of a dispatch `send` placed: when each request is done ([A, W], -inf for none)."""
+        m = np.isfinite(arrive)
         start, end = self.pool.run(np.where(m, arrive, 0.0), np.where(m, work_aw, 0.0))
         start, end = start.reshape(m.shape), end.reshape(m.shape)
         self.busy[self.ad] += work_aw.sum(axis=1, dtype=np.float64)
@@ -164,7 +174,11 @@ class HostResources:
             for a in range(m.shape[0]):
                 for s, e in zip(start[a][m[a]], end[a][m[a]]):
                     self.timeline.add(self.ad[a : a + 1], np.array([s]), np.array([e]), kind, layer)
-        return self._flows(np.where(m, end, _NEG), lw).max(axis=0)
+        return np.where(m, end, _NEG)
+
+    def reply(self, done_aw: np.ndarray, lw: LayerWork) -> np.ndarray:
+        """The combine of requests `serve` placed: when each worker has all its replies."""
+        return self._flows(done_aw, lw).max(axis=0)
 
     def busy_until(self) -> float:
         return self.pool.free_at

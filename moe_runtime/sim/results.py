@@ -55,6 +55,7 @@ class SimResult:
     actors: int
     messages_per_step: int
     timeline: Timeline | None = None
+    overlap: str = "none"  # the schedule simulated: "two_batch" (halves pipelined) or "none"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

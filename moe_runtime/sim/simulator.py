@@ -9,6 +9,11 @@ them. After the last layer the LM head and loss (forward + backward); then backw
 the last micro-batch: dense gradients all-reduced over the router workers (ring, alpha-beta), replicas of an
 expert summing their gradients (ring per replica group), and the optimizer step on every party.
 
+With ``overlap="two_batch"`` (transport.overlap; the runtime's model/two_batch.py) every micro-batch of at least 2
+rows runs as two halves whose exchanges overlap the other half's compute, placed job by job on the same
+resources (two_batch.py): what splitting costs (twice the calls, half-size work) comes from the cost model, what
+overlapping gains from the schedule; ``overlap="none"`` is the plain schedule above, unchanged.
+
 One engine for every table: what each call costs and how the step's jobs share the machine (FIFO GPUs and link
 ports, or one pool of shared cores) are the cost model's answers (``cost_model.CostModel``,
 ``StepResources``). Events are aggregated by counts, never per token, and processed in waves, one per
@@ -31,14 +36,16 @@ from moe_runtime.sim.host_cost import HostCostModel
 from moe_runtime.sim.layout import Layout, SimError, static_placement
 from moe_runtime.sim.results import SimResult
 from moe_runtime.sim.traces import RoutingTrace, synthetic_trace
+from moe_runtime.sim.two_batch import Halves, halves_of, run_two_batch
 from moe_runtime.sim.work import WORK_DTYPE, LayerWork, ReplicaSlots, per_actor, split_rows
 
-__all__ = ["Simulator", "build_cost_model"]
+__all__ = ["OVERLAP_MODES", "Simulator", "build_cost_model"]
 
 _F = WORK_DTYPE
 _NEG = -np.inf
 WIRE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 COST_MODELS: dict[str, type[GpuCostModel] | type[HostCostModel]] = {"gpu": GpuCostModel, "host": HostCostModel}
+OVERLAP_MODES = ("none", "two_batch")  # config.TransportConfig.overlap
 
 
 def build_cost_model(table: HardwareTable, model: ModelConfig, seq_len: int, wire_bytes: int = 2) -> CostModel:
@@ -54,10 +61,14 @@ class Simulator:
         results = sim.run(trace, steps=10, placement=p)     # one SimResult per step
     """
 
-    def __init__(self, cost: CostModel, layout: Layout, *, micro_batches: int = 1, training: bool = True):
+    def __init__(self, cost: CostModel, layout: Layout, *, micro_batches: int = 1, training: bool = True,
+                 overlap: str = "none"):  # fmt: skip
+        if overlap not in OVERLAP_MODES:
+            raise SimError(f"overlap = {overlap!r}: expected one of {', '.join(OVERLAP_MODES)}")
         self.cost, self.layout = cost, layout
         self.micro_batches = micro_batches
         self.training = training
+        self.overlap = overlap  # transport.overlap: "two_batch" pipelines two halves per micro-batch (two_batch.py)
         self._slots: dict[int, tuple[Placement, tuple[ReplicaSlots, ...]]] = {}
         self._cls_wa = layout.link_class()
         self._cls_onehot = np.stack([self._cls_wa == c for c in range(3)], axis=-1)  # [W, A, 3]
@@ -73,7 +84,8 @@ class Simulator:
             table = load_table(table or cfg.sim.hardware)
         cost = build_cost_model(table, cfg.model, cfg.train.seq_len, WIRE_BYTES[cfg.transport.wire_dtype])
         return cls(cost, cost.layout_of(cfg), micro_batches=cfg.train.micro_batches,
-                   training=cfg.sim.training if training is None else training)  # fmt: skip
+                   training=cfg.sim.training if training is None else training,
+                   overlap=cfg.transport.overlap)  # fmt: skip
 
     def default_placement(self) -> Placement:
         m = self.cost.model
@@ -154,29 +166,35 @@ class Simulator:
             got = res.exchange(t_w, lw, lw.time_bwd_aw if backward else lw.time_aw, kind, layer)
             return np.maximum(t_w, got)
 
-        for m in range(M):
-            chunk = counts_cle[m::M] if M > 1 else counts_cle  # chunk c = w * M + m
-            tokens = chunk[:, 0, :].sum(axis=1) / k if tokens_c is None else np.asarray(tokens_c, float)[m::M]
-            dense = cost.dense_time(tokens)
-            dense_bwd = cost.dense_bwd_time(tokens)
-            works = [self._work(chunk[:, layer, :], slots[layer]) for layer in range(L)]
-            for layer in range(L):
-                w = works[layer]
-                actor_rows[layer] += w.actor_rows
-                t0 = t_w.min()
-                t_w = res.compute(t_w, dense, wd, "dense", layer)
-                t_w = exchange(t_w, w, False, "experts", layer)
-                layer_span[layer] += t_w.max() - t0
-            head = cost.head_time(tokens) * ((1 + cost.head_bwd_factor) if self.training else 1.0)
-            t_w = res.compute(t_w, head, wd, "head", L)
-            if not self.training:
-                continue
-            for layer in reversed(range(L)):
-                w = works[layer]
-                t0 = t_w.min()
-                t_w = exchange(t_w, w, True, "experts_bwd", layer)
-                t_w = res.compute(t_w, dense_bwd, wd, "dense_bwd", layer)
-                layer_span[layer] += t_w.max() - t0
+        halves = self.halves(counts_cle, tokens_c)
+        if halves is not None:  # two-batch overlap: the two halves of every micro-batch pipelined (two_batch.py)
+            tot = run_two_batch(cost, res, halves, slots, self._work, wd, lay.actor_device, self.training)
+            t_w, layer_span, actor_rows, bytes_by_class, messages = (tot.t_w, tot.layer_span, tot.actor_rows,
+                                                                     tot.bytes_by_class, tot.messages)  # fmt: skip
+        else:
+            for m in range(M):
+                chunk = counts_cle[m::M] if M > 1 else counts_cle  # chunk c = w * M + m
+                tokens = chunk[:, 0, :].sum(axis=1) / k if tokens_c is None else np.asarray(tokens_c, float)[m::M]
+                dense = cost.dense_time(tokens)
+                dense_bwd = cost.dense_bwd_time(tokens)
+                works = [self._work(chunk[:, layer, :], slots[layer]) for layer in range(L)]
+                for layer in range(L):
+                    w = works[layer]
+                    actor_rows[layer] += w.actor_rows
+                    t0 = t_w.min()
+                    t_w = res.compute(t_w, dense, wd, "dense", layer)
+                    t_w = exchange(t_w, w, False, "experts", layer)
+                    layer_span[layer] += t_w.max() - t0
+                head = cost.head_time(tokens) * ((1 + cost.head_bwd_factor) if self.training else 1.0)
+                t_w = res.compute(t_w, head, wd, "head", L)
+                if not self.training:
+                    continue
+                for layer in reversed(range(L)):
+                    w = works[layer]
+                    t0 = t_w.min()
+                    t_w = exchange(t_w, w, True, "experts_bwd", layer)
+                    t_w = res.compute(t_w, dense_bwd, wd, "dense_bwd", layer)
+                    layer_span[layer] += t_w.max() - t0
         fb_end = max(float(t_w.max()), res.busy_until())
         sync_s, sync_bytes, opt_s = self._step_boundary(res, placement, fb_end) if self.training else (0.0, 0.0, 0.0)
         overhead = cost.table.step_overhead_s
@@ -199,7 +217,18 @@ class Simulator:
             actors=A,
             messages_per_step=messages,
             timeline=res.timeline,
+            overlap="none" if halves is None else "two_batch",
         )
+
+    def halves(self, counts_cle: np.ndarray, tokens_c: np.ndarray | None = None) -> Halves | None:
+        """The two halves of every micro-batch this simulator pipelines (overlap two_batch), or None: overlap none,
+        or a micro-batch of fewer than 2 rows (the runtime runs it whole)."""
+        if self.overlap != "two_batch":
+            return None
+        counts_cle = np.asarray(counts_cle)
+        k = self.cost.model.top_k
+        tok = counts_cle[:, 0, :].sum(axis=1) / k if tokens_c is None else np.asarray(tokens_c, float)
+        return halves_of(counts_cle, tok, self.micro_batches, self.cost.seq_len)
 
     def _step_boundary(self, res: StepResources, placement: Placement, t0: float) -> tuple[float, float, float]:
         """Gradient sync (dense ring over workers; ring per replicated expert) and the optimizer step.

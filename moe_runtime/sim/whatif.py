@@ -12,6 +12,12 @@ policy parameters from ``SchedulerConfig`` (``PolicyParams.from_config``) except
 unlimited here (the steady-state placement the scheduler converges to); the bytes that placement costs to reach
 are reported, with the time to move them over one inter-node link.
 
+``overlap_whatif``: transport.overlap none against two_batch on the same trace (`--what-if overlap`): the plain
+step, the two halves pipelined (sim/two_batch.py), and two references that separate what splitting costs from
+what overlapping gains: the halves run one after the other as two micro-batches (``split_sequential_step_s``)
+and the sum of the parts (each half's forward + backward alone, added, plus the step's boundary:
+``sum_of_parts_step_s``).
+
 ``scaling``: the step time of one trace shape on clusters of several sizes (for the plot).
 """
 
@@ -35,7 +41,7 @@ from moe_runtime.sim.results import summarize
 from moe_runtime.sim.simulator import Simulator
 from moe_runtime.sim.traces import RoutingTrace
 
-__all__ = ["WhatIfResult", "rebalance_whatif", "scaling", "scheduler_placement"]
+__all__ = ["WhatIfResult", "overlap_whatif", "rebalance_whatif", "scaling", "scheduler_placement"]
 
 @dataclass
 class WhatIfResult:
@@ -102,6 +108,55 @@ def rebalance_whatif(sim: Simulator, trace: RoutingTrace, steps: int | None = No
         rebalanced=r_runs,
         placement=decision.placement,
     )
+
+
+def overlap_whatif(sim: Simulator, trace: RoutingTrace, steps: int | None = None,
+                   placement: Placement | None = None) -> dict[str, Any]:  # fmt: skip
+    """Overlap none vs two_batch on every step of the trace (module docstring). ``overlap_vs_none_step_time`` =
+    two_batch / none (mean step times); ``splittable`` False (ratio 1) when a micro-batch has < 2 rows."""
+    sim.check_trace(trace)
+    steps = trace.num_steps if steps is None else steps
+    kw = {"micro_batches": sim.micro_batches, "training": sim.training}
+    none = Simulator(sim.cost, sim.layout, overlap="none", **kw)
+    two = Simulator(sim.cost, sim.layout, overlap="two_batch", **kw)
+    halves = two.halves(trace.step(0), None if trace.token_counts is None else trace.token_counts[0])
+    out: dict[str, Any] = {"steps": steps, "splittable": halves is not None}
+    r_none = summarize(none.run(trace, steps, placement))
+    out["none_step_s"] = r_none["step_time_s"]
+    if halves is None:
+        rows = float(trace.tokens()[0].min()) / sim.cost.seq_len
+        out.update(two_batch_step_s=r_none["step_time_s"], overlap_vs_none_step_time=1.0,
+                   reason=f"{rows:g} row(s) of {sim.cost.seq_len} tokens per micro-batch: the runtime splits a "
+                          "micro-batch by rows and runs one of fewer than 2 rows whole")  # fmt: skip
+        return out
+    runs_two = two.run(trace, steps, placement)
+    r_two = summarize(runs_two)
+    seq = Simulator(sim.cost, sim.layout, overlap="none", micro_batches=2 * sim.micro_batches, training=sim.training)
+    seq_s, parts_s = [], []
+    for s in range(steps):
+        tok = None if trace.token_counts is None else trace.token_counts[s % trace.num_steps]
+        h = two.halves(trace.step(s), tok)
+        seq_s.append(seq.run_step(h.counts_cle, placement, tokens_c=h.tokens_c).step_time_s)
+        fb = 0.0
+        for m in range(h.micro_batches):  # each half alone: a one-micro-batch step of the plain schedule
+            one = Simulator(sim.cost, sim.layout, overlap="none", training=sim.training)
+            r = one.run_step(h.counts_cle[m :: h.micro_batches], placement, tokens_c=h.tokens_c[m :: h.micro_batches])
+            fb += r.phases["forward_backward_s"]
+        r2 = runs_two[s]  # the step boundary (sync, optimizer, overhead) is the same for the parts
+        parts_s.append(fb + r2.step_time_s - r2.phases["forward_backward_s"])
+    out.update(
+        two_batch_step_s=r_two["step_time_s"],
+        overlap_vs_none_step_time=r_two["step_time_s"] / r_none["step_time_s"],
+        split_sequential_step_s=float(np.mean(seq_s)),
+        sum_of_parts_step_s=float(np.mean(parts_s)),
+        split_vs_none_step_time=float(np.mean(seq_s)) / r_none["step_time_s"],  # what splitting alone costs
+        overlap_vs_split_step_time=r_two["step_time_s"] / float(np.mean(seq_s)),  # what overlapping gains
+        forward_backward_s={"none": r_none["phases"]["forward_backward_s"],
+                            "two_batch": r_two["phases"]["forward_backward_s"]},
+        gpu_busy_mean={"none": r_none["gpu_busy_mean"], "two_batch": r_two["gpu_busy_mean"]},
+        messages_per_step={"none": r_none["messages_per_step"], "two_batch": r_two["messages_per_step"]},
+    )  # fmt: skip
+    return out
 
 
 def scaling(cost: CostModel, gpus: list[int], gpus_per_node: int, kind: str = "zipf", zipf_s: float = 1.0,

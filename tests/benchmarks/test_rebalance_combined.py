@@ -14,6 +14,9 @@ COMBINED_FIELDS = {
     "bytes_moved_ours_vs_eplb_raw", "goal_bytes_moved_ours_vs_eplb", "skewed_step_time_static_vs_rebalanced",
     "cluster_part", "cluster_part_reason", "cluster", "headline_note", "policy_params", "quick", "synthetic",
     "recorded", "loadavg_1m", "seconds",
+    # issue 19: the gains' spread over interleaved rounds and the second destination's cost
+    "skewed_step_gain", "skewed_expert_phase_static_vs_rebalanced", "skewed_expert_phase_gain", "skewed_gain_note",
+    "second_destination_cost_s", "second_destination_cost_per_step_s",
 }  # fmt: skip
 
 
@@ -43,6 +46,8 @@ def test_cluster_part_is_skipped_under_quick_without_starting_ray():
     part = rebalance_cluster.cluster_part(quick=True, cluster_in_quick=False, seed=0)
     assert part == {
         "skewed_step_time_static_vs_rebalanced": None,
+        "skewed_step_gain": None, "skewed_expert_phase_static_vs_rebalanced": None, "skewed_expert_phase_gain": None,
+        "skewed_gain_note": None, "second_destination_cost_s": None, "second_destination_cost_per_step_s": None,
         "cluster_part": "not run",
         "cluster_part_reason": rebalance_cluster.CLUSTER_QUICK_REASON,
         "cluster": None,

@@ -74,3 +74,54 @@ def test_bad_shapes_name_the_problem():
     long = torch.zeros(2, cfg.max_seq_len + 1, dtype=torch.long)
     with pytest.raises(ValueError, match="exceeds max_seq_len"):
         two_batch_loss(model, long, long)
+
+
+def _packed_documents(rows: int, seq: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """documents_bs / positions_bs of rows packed with documents of random lengths (positions restart per
+    document, as data.source files with reset_position_ids)."""
+    docs = torch.zeros(rows, seq, dtype=torch.long)
+    pos = torch.zeros(rows, seq, dtype=torch.long)
+    for r in range(rows):
+        cuts = sorted(torch.randint(1, seq, (3,), generator=g).tolist())
+        for i, (a, b) in enumerate(zip([0] + cuts, cuts + [seq])):
+            docs[r, a:b] = i
+            pos[r, a:b] = torch.arange(b - a)
+    return docs, pos
+
+
+@pytest.mark.parametrize("with_positions", [True, False], ids=["positions", "mask-only"])
+@pytest.mark.parametrize("rows", [2, 5])
+def test_two_batch_with_document_masks_equals_whole(rows, with_positions):
+    model, cfg = _model(aux_loss_coeff=0.01)
+    g = torch.Generator().manual_seed(40 + rows)
+    tokens = torch.randint(0, cfg.vocab_size, (rows, 24), generator=g)
+    targets = torch.randint(0, cfg.vocab_size, (rows, 24), generator=g)
+    docs, pos = _packed_documents(rows, 24, g)
+    kw = {"documents_bs": docs, "positions_bs": pos if with_positions else None}
+    loss, ce = model.loss(tokens, targets, **kw)
+    plain, _ = model.loss(tokens, targets)
+    assert not torch.allclose(loss, plain)  # the masks change the result: the test can tell them apart
+    loss.backward()
+    ref = _grads(model)
+    model.zero_grad(set_to_none=True)
+
+    out = two_batch_loss(model, tokens, targets, **kw)
+    out.loss.backward()
+    assert_close(out.loss, loss)
+    assert_close(out.ce, ce)
+    got = _grads(model)
+    assert set(got) == set(ref)
+    for k in ref:
+        assert_close(got[k], ref[k], msg=k)
+
+
+def test_bad_documents_name_the_problem():
+    model, cfg = _model()
+    tokens = torch.zeros(2, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"documents has shape \[2, 7\]: expected the tokens' \[2, 8\]"):
+        two_batch_loss(model, tokens, tokens, documents_bs=torch.zeros(2, 7, dtype=torch.long))
+    with pytest.raises(ValueError, match="positions without documents"):
+        two_batch_loss(model, tokens, tokens, positions_bs=torch.zeros(2, 8, dtype=torch.long))
+    far = torch.full((2, 8), cfg.max_seq_len, dtype=torch.long)
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        two_batch_loss(model, tokens, tokens, documents_bs=torch.zeros(2, 8, dtype=torch.long), positions_bs=far)

@@ -180,3 +180,38 @@ def test_sum_replica_grads_over_chosen_keys_in_one_fixed_order():
     assert torch.equal(summed[(0, 0)][1], grads[2][(0, 0)][1] + grads[0][(0, 0)][1])
     for d, b in zip(grads, before):  # inputs untouched
         assert all(torch.equal(d[k][0], b[k][0]) and torch.equal(d[k][1], b[k][1]) for k in d)
+
+
+def test_grad_buffers_are_allocated_at_the_first_backward_only():
+    shards = ExpertShards(make_shards(KEYS))
+    key = ActivationKey(step=0, mb=0, layer=0, src=0)
+    x = torch.randn(5, D)
+    shards.forward(0, (0, 1), (2, 3), x, None)  # inference: nothing saved, no grad buffer
+    assert shards.grad_buffers_allocated() == 0
+    shards.forward(0, (0, 1), (2, 3), x, key)
+    assert shards.grad_buffers_allocated() == 0
+    shards.backward(0, (0, 1), (2, 3), torch.randn(5, D), key)
+    assert shards.grad_buffers_allocated() == len(KEYS)  # every hosted shard: untouched ones hold zeros
+    assert shards.grads()[(1, 0)][0].abs().sum() == 0 and shards.grads()[(0, 0)][0].abs().sum() > 0
+    shards.load({(1, 0): make_shards([(1, 0)], seed=5)[(1, 0)]})  # a reloaded shard's grads start again at 0
+    assert shards.grad_buffers_allocated() == len(KEYS) - 1
+
+
+def test_bf16_storage_computes_in_fp32_on_the_rounded_weights():
+    """Weights stored in bf16 (model.expert_weight_dtype) give fp32 shards' results on the bf16-rounded weights,
+    forward and backward, and their grads are fp32."""
+    raw = make_shards(KEYS)
+    rounded = {k: (a.bfloat16().float(), b.bfloat16().float()) for k, (a, b) in raw.items()}
+    bf, fp = ExpertShards(raw, storage_dtype=torch.bfloat16), ExpertShards(rounded)
+    assert all(w.dtype == torch.bfloat16 for pair in bf.weights().values() for w in pair)
+    experts, counts = (2, 0, 1), (4, 1, 3)
+    x, dy = torch.randn(8, D), torch.randn(8, D)
+    key = ActivationKey(step=1, mb=0, layer=0, src=0)
+    y_bf, y_fp = bf.forward(0, experts, counts, x.clone(), key), fp.forward(0, experts, counts, x.clone(), key)
+    assert y_bf.dtype == torch.float32
+    torch.testing.assert_close(y_bf, y_fp, rtol=0, atol=0)
+    torch.testing.assert_close(bf.backward(0, experts, counts, dy, key), fp.backward(0, experts, counts, dy, key),
+                               rtol=0, atol=0)
+    for k in KEYS:
+        assert bf.grads()[k][0].dtype == torch.float32
+        torch.testing.assert_close(bf.grads()[k][0], fp.grads()[k][0], rtol=0, atol=0)

@@ -1,7 +1,8 @@
 """Loading an HF checkpoint on the cluster is streamed (runtime/hf_loading.py): the driver's peak RSS during the
 load stays below 2 x the largest single tensor above its baseline (it reads none), and each expert actor's below
-1.5 x what it must hold above its own baseline (its shards' fp32 weights plus the grad buffers ExpertShards
-allocates with them): no transient copy of all its shards. Peaks are VmHWM, reset before each call."""
+1.5 x what it must hold above its own baseline (its shards' fp32 weights; ExpertShards allocates grad buffers at
+the first backward, not with the shards): no transient copy of all its shards. Peaks are VmHWM, reset before each
+call."""
 
 from __future__ import annotations
 
@@ -29,6 +30,6 @@ def test_load_memory_stays_within_the_bounds(ray_session, tmp_path) -> None:
         t = totals[f"actor {i}"]
         weights = t["held_bytes"]
         assert weights == t["disk_bytes"] == 8 * 12 * 2**20
-        must_hold = 2 * weights  # weights + grad buffers
+        must_hold = weights  # no grad buffers before the first backward
         assert t["peak_delta"] < 1.5 * must_hold, report.describe()
         assert t["peak_delta"] > 0.9 * must_hold  # the measurement sees the shards arrive (it can fail)

@@ -89,3 +89,24 @@ def test_against_cluster_scales_the_calibrated_table(tmp_path, monkeypatch):
     plain = simulate_command(path, calibrate=True)
     # every cost doubled, plus the control-plane overhead per step
     assert scaled["step_time_s"] == pytest.approx(2 * plain["step_time_s"] + 0.01)
+
+
+def test_simulate_command_what_if_overlap(tmp_path, capsys):
+    # two 1024-token rows per GPU: the runtime's two halves; one row: nothing to split (ratio 1, a reason)
+    two_rows = _config(tmp_path, tokens_per_gpu=2048)
+    out = simulate_command(two_rows, what_if="overlap", as_json=True)
+    obj = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    wi = obj["what_if"]
+    assert wi["splittable"] and obj["overlap"] == "none"  # the command's own step follows transport.overlap
+    assert wi["none_step_s"] == pytest.approx(obj["step_time_s"])
+    assert obj["overlap_vs_none_step_time"] == pytest.approx(wi["two_batch_step_s"] / wi["none_step_s"])
+    assert wi["two_batch_step_s"] != wi["none_step_s"]
+    assert wi["messages_per_step"]["two_batch"] == 2 * wi["messages_per_step"]["none"]
+    assert out["overlap_vs_none_step_time"] == obj["overlap_vs_none_step_time"]
+    one_row = simulate_command(_config(tmp_path, tokens_per_gpu=1024), what_if="overlap")
+    assert not one_row["what_if"]["splittable"] and one_row["overlap_vs_none_step_time"] == 1.0
+
+
+def test_simulate_command_rejects_an_unknown_what_if(tmp_path):
+    with pytest.raises(ValueError, match="--what-if 'overlapp': expected one of rebalance, overlap"):
+        simulate_command(_config(tmp_path), what_if="overlapp")
