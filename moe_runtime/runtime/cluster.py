@@ -124,8 +124,11 @@ class Cluster:
     def _init_collective(self) -> None:
         if len(self.workers) > 1 and self.cfg.cluster.grad_sync == "gloo":
             init_method = get_within(self.workers[0].rendezvous.remote(), CONTROL_TIMEOUT_S, "gloo rendezvous")
-            get_within([w.init_collective.remote(init_method, COLLECTIVE_TIMEOUT_S) for w in self.workers],
-                 CONTROL_TIMEOUT_S, "gloo group")
+            # a peer stopped mid-all-reduce: the others fail after half the hang timeout, the ping then names and
+            # kills the stopped one, all within 2 x hang_timeout_s (the survivors' single thread is in the all-reduce)
+            op_timeout_s = min(COLLECTIVE_TIMEOUT_S, self.cfg.cluster.hang_timeout_s / 2)
+            get_within([w.init_collective.remote(init_method, COLLECTIVE_TIMEOUT_S, op_timeout_s)
+                        for w in self.workers], CONTROL_TIMEOUT_S, "gloo group")  # fmt: skip
 
     def shutdown(self) -> None:
         if self._closed:
@@ -221,7 +224,8 @@ class Cluster:
             run_tok = tokenizer_for(self.cfg.model)
             tokenizer, eod_id = run_tok.tokenizer, run_tok.eod_id
         # each step says the mask it ran under (serving reports degraded answers); actors found down: heal
-        backend = cluster_mask.ReportingBackend(self.workers[0], self.cfg.model, on_down=self._heal_in_background)
+        backend = cluster_mask.ReportingBackend(self.workers[0], self.cfg.model, on_down=self._heal_in_background,
+                                                spares=self.workers[1:])  # caches move there if worker 0 is lost
         return Engine(backend, tokenizer, eod_id)
 
     def generate(self, prompts: list, params: Any = None, on_event: Any = None) -> list:

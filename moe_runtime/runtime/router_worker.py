@@ -230,14 +230,19 @@ class RouterWorker:
             s.bind((host, 0))
             return f"tcp://{host}:{s.getsockname()[1]}"
 
-    def init_collective(self, init_method: str, timeout_s: float = 120.0) -> None:
-        """Join the gloo group (every worker calls this concurrently); replaces a previous group."""
+    def init_collective(self, init_method: str, timeout_s: float = 120.0, op_timeout_s: float | None = None) -> None:
+        """Join the gloo group (every worker calls this concurrently); replaces a previous group. op_timeout_s: how
+        long an all-reduce waits for a stopped peer (default timeout_s, which bounds the rendezvous)."""
         if dist.is_initialized():
             dist.destroy_process_group()
         if self.local:
             os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # keep gloo's own connections on loopback too
         dist.init_process_group("gloo", init_method=init_method, rank=self.index,
                                 world_size=self.world, timeout=timedelta(seconds=timeout_s))
+        if op_timeout_s is not None:  # public API sets one timeout for both; torch's own setter splits them
+            from torch.distributed.distributed_c10d import _set_pg_timeout
+
+            _set_pg_timeout(timedelta(seconds=op_timeout_s))
 
     # ------------------------------------------------------------------ training
 

@@ -24,7 +24,7 @@ import torch
 from moe_runtime.config import RuntimeConfig
 from moe_runtime.placement import Placement, ShardKey
 from moe_runtime.records import ActorStepStats, StepTimings, WorkerPass
-from moe_runtime.runtime.calls import COLLECTIVE_TIMEOUT_S, get_within, step_timeout
+from moe_runtime.runtime.calls import get_within, step_timeout
 from moe_runtime.runtime.hangs import get_with_peers
 from moe_runtime.runtime.party_names import names
 from moe_runtime.runtime.expert_shards import sum_replica_grads
@@ -150,8 +150,9 @@ def run_train_step(fleet: RayExpertFleet, cfg: RuntimeConfig, step: int) -> Step
     sync_refs, driver_sync = _sync_dense_grads(fleet, cfg)
     _sum_replica_grads(fleet)
     sq_refs = [a.grad_sq.remote(keys) for a, keys in zip(fleet.experts, placement.primary_shards())]
-    sync = get_within(sync_refs, fleet.timeout_s + COLLECTIVE_TIMEOUT_S, "dense grad sync",
-                      names([], fleet.workers))
+    # hang_timeout_s, not gloo's own timeout: a worker stopped in the all-reduce blocks its peers there too; the
+    # recovery's ping finds the silent one and kills it, which ends its peers' all-reduce with a reset
+    sync = get_within(sync_refs, fleet.timeout_s, "dense grad sync", names([], fleet.workers))
     expert_sq = sum(get_within(sq_refs, fleet.timeout_s, "expert grad norms", names(fleet.experts)))
     t2 = time.perf_counter()
     total_norm = math.sqrt(sync[0]["dense_sq"] + expert_sq)

@@ -146,3 +146,40 @@ def test_party_stopped_mid_step_reruns_only_that_step(hang2, oracle, caplog, par
         assert new != pid
     finally:
         _reap(pid)
+
+
+def test_router_worker_stopped_in_the_all_reduce(hang2, oracle, caplog, monkeypatch):
+    """SIGSTOP of a router worker right before the dense-grad all-reduce: its peer blocks inside gloo, so the
+    driver's wait (hang_timeout_s, not gloo's 60 s) finds both silent; the ping names and kills the stopped one,
+    which ends the peer's all-reduce, and only that step re-runs."""
+    from moe_runtime.runtime import step as step_mod
+
+    c = hang2
+    _step0(c)
+    pid = c.worker_pids[1]
+    caplog.set_level(logging.WARNING)
+    original = step_mod._sync_dense_grads
+    stopped: list[float] = []
+
+    def stop_then_sync(fleet, cfg):
+        if not stopped:
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(time.monotonic())
+        return original(fleet, cfg)
+
+    monkeypatch.setattr(step_mod, "_sync_dense_grads", stop_then_sync)
+    found: list[float] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: found.append(time.monotonic()) if "did not answer a ping" in record.getMessage() else None
+    logging.getLogger().addHandler(handler)
+    try:
+        rerun0 = c.steps_rerun
+        result = c.train(3)  # checkpoint_every 0: a rollback would raise
+        torch.testing.assert_close(torch.tensor(result.losses), torch.tensor(oracle.losses[:3]), rtol=1e-4, atol=0)
+        assert c.steps_rerun == rerun0 + 1
+        assert "router worker 1 did not answer a ping" in caplog.text, caplog.text
+        assert stopped and found and found[0] - stopped[0] < 2 * HANG_S, (stopped, found)  # the issue's bound
+        assert c.worker_pids[1] != pid
+    finally:
+        logging.getLogger().removeHandler(handler)
+        _reap(pid)
