@@ -44,19 +44,9 @@ from benchmarks._real_width_decode import compare, decode_rows
 from moe_runtime.checkpoint.run_config import resolve_checkpoint, run_overrides
 from moe_runtime.checkpoint.synthetic import write_random_checkpoint
 from moe_runtime.config import ModelConfig
+from moe_runtime.runtime.party_rss import proc_memory
 
 SLICE = ROOT / "cluster" / "yuan-m32-slice.yaml"
-
-
-def _proc_status(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (bytes) of a process on this machine."""
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                key, value = line.split(":", 1)
-                out[key] = int(value.split()[0]) * 1024
-    return out
 
 
 def _read_files(directory: Path) -> tuple[float, int]:
@@ -136,7 +126,7 @@ def run(args: Any) -> dict[str, Any]:
             def prefill() -> torch.Tensor:
                 out = cluster.forward(ids)
                 for p, pid in pids.items():
-                    rss_series[p].append(_proc_status(pid)["VmRSS"])
+                    rss_series[p].append(proc_memory(pid)["VmRSS"])
                 return out
 
             cluster_times, cluster_logits = _time(prefill, args.reps)
@@ -144,8 +134,8 @@ def run(args: Any) -> dict[str, Any]:
             cluster_decode = decode_rows(cluster.generation_engine(), m.vocab_size, decode_batches, decode_new,
                                          args.reps)
             for p, pid in pids.items():
-                rss_series[p].append(_proc_status(pid)["VmRSS"])
-            procs = {p: _proc_status(pid) for p, pid in pids.items()}
+                rss_series[p].append(proc_memory(pid)["VmRSS"])
+            procs = {p: proc_memory(pid) for p, pid in pids.items()}
             import ray
 
             actor_stats = {f"actor {i}": st for i, st in enumerate(ray.get([a.stats.remote()
