@@ -53,13 +53,13 @@ class RemoteCache:
 
 
 def worker_lost(err: BaseException) -> bool:
-    """The caches' worker is gone: died or restarting (Ray actor errors), no answer in time, or restarted without
-    its dense weights (WorkerNotReady). Expert failures inside a healthy worker are not this (they propagate)."""
+    """The caches' worker is gone (nodes.worker_failure: died, restarting, restarted without its weights) or gave no
+    answer in time. Expert failures inside a healthy worker are not this (they propagate)."""
     import ray.exceptions as rex
 
-    if isinstance(err, (rex.RayActorError, rex.GetTimeoutError)):
-        return True
-    return isinstance(err, rex.RayTaskError) and type(err.cause).__name__ == "WorkerNotReady"
+    from moe_runtime.runtime.nodes import worker_failure
+
+    return isinstance(err, rex.GetTimeoutError) or worker_failure(err)
 
 
 class RemoteBackend:

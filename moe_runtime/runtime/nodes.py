@@ -30,14 +30,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["NodeLossError", "check_capacity", "lost_parties", "on_live_workers", "repair_workers",
-           "worker_node_ids", "worker_options"]
+           "worker_failure", "worker_node_ids", "worker_options"]
 
 
 class NodeLossError(ClusterError):
     """Parties were lost with their node and the nodes left cannot host them all."""
 
 
-def _worker_failure(err: BaseException) -> bool:
+def worker_failure(err: BaseException) -> bool:
     """The worker itself is gone, restarting or restarted without its weights yet (not an error its forward
     raised, e.g. an expert with no replica)."""
     import ray.exceptions as rex
@@ -73,7 +73,7 @@ def on_live_workers(workers: Sequence[Any], indices: Sequence[int], submit: Call
                 lost[w] = f"no answer within {timeout_s:.3g} s: hung"
                 failed.append(i)
             except BaseException as err:
-                if not _worker_failure(err):
+                if not worker_failure(err):
                     raise
                 lost[w] = type(err).__name__
                 failed.append(i)
