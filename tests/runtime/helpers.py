@@ -19,3 +19,9 @@ def make_config(tmp: Path, train: dict | None = None, **cluster) -> RuntimeConfi
                   "checkpoint_every": 2, "checkpoint_dir": str(tmp / "auto"), **(train or {})},
         "cluster": {"num_gpus": SESSION_GPUS, "expert_actors": 4, "router_workers": 2, **cluster},
     })  # fmt: skip
+
+
+def only_on(cluster, actor: int) -> list[list[int]]:
+    """[layer, expert] pairs whose only replica is `actor` (computed here, independently of the runtime's mask)."""
+    return [[layer, e] for layer, row in enumerate(cluster.placement.replicas) for e, actors in enumerate(row)
+            if tuple(actors) == (actor,)]  # fmt: skip

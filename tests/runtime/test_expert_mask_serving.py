@@ -24,7 +24,7 @@ from moe_runtime.generation.byte_tokenizer import ByteTokenizer
 from moe_runtime.generation.engine import Engine
 from moe_runtime.generation.sampling import SamplingParams
 from moe_runtime.model.transformer import build_model
-from tests.runtime.helpers import make_config
+from tests.runtime.helpers import make_config, only_on
 from tests.runtime.test_faults import _pid, _wait_dead
 
 VICTIM = 1
@@ -47,11 +47,6 @@ def cluster(ray_session, runtime_tmp):
     c.checkpoint(runtime_tmp / "mask_serving" / "serve")  # of the current step: the lost shards come back from it
     yield c
     c.shutdown()
-
-
-def _lost(c) -> list[list[int]]:
-    return [[layer, e] for layer, row in enumerate(c.placement.replicas) for e, actors in enumerate(row)
-            if tuple(actors) == (VICTIM,)]  # fmt: skip
 
 
 def _ref(c, masked=()):
@@ -106,7 +101,7 @@ def test_serving_through_a_lost_expert_says_degraded_then_heals(cluster, tmp_pat
     from moe_runtime.serving import BackgroundServer
 
     c = cluster
-    lost = _lost(c)
+    lost = only_on(c, VICTIM)
     assert lost, "actor 1 must hold experts with no other replica"
     plain_tokens, masked_tokens = _greedy(_ref(c)), _greedy(_ref(c, lost))
     assert plain_tokens != masked_tokens  # the mask changes the answers: the comparisons below can fail

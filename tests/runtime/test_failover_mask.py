@@ -16,7 +16,7 @@ from moe_runtime.generation.byte_tokenizer import ByteTokenizer
 from moe_runtime.generation.engine import Engine, encode_prompts
 from moe_runtime.generation.sampling import SamplingParams
 from moe_runtime.model.transformer import build_model
-from tests.runtime.helpers import make_config
+from tests.runtime.helpers import make_config, only_on
 from tests.runtime.test_faults import _pid, _wait_dead
 
 VICTIM = 1
@@ -35,11 +35,6 @@ def masked2(ray_session, runtime_tmp):
     c.checkpoint(runtime_tmp / "mask" / "serve")  # of the current step: the lost shards come back from it
     yield c
     c.shutdown()
-
-
-def _lost(c) -> list[list[int]]:
-    return [[layer, e] for layer, row in enumerate(c.placement.replicas) for e, actors in enumerate(row)
-            if tuple(actors) == (VICTIM,)]  # fmt: skip
 
 
 def _ref(c, masked: list[list[int]] = ()):
@@ -63,7 +58,7 @@ def _kill(c) -> int:
 
 def test_forward_with_the_only_replica_dead_masks_its_experts_and_says_so(masked2):
     c, probe = masked2, PROBE
-    lost = _lost(c)
+    lost = only_on(c, VICTIM)
     assert lost, "actor 1 must hold experts with no other replica"
     with torch.no_grad():
         want_plain, want_masked = _ref(c)(probe).logits, _ref(c, lost)(probe).logits
@@ -87,7 +82,7 @@ def test_decode_with_the_only_replica_killed_mid_stream_continues_masked(masked2
 
     c = masked2
     c.wait_healed(120)
-    lost = _lost(c)
+    lost = only_on(c, VICTIM)
     tok = ByteTokenizer()
     prompts = [tok.encode(p) for p in ("def __init__(self", "import os")]
     remote = RemoteBackend(c.workers[0], c.cfg.model)
