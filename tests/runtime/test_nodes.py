@@ -34,13 +34,27 @@ def _workers(*modes: str):
     return ws
 
 
+def _kill(w) -> None:
+    """ray.kill returns before the actor is gone; wait (bounded) until a call on it fails, so the test's 'dead'
+    worker cannot still answer its first call."""
+    ray.kill(w, no_restart=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            ray.get(w.__ray_ready__.remote(), timeout=5)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.05)
+    raise AssertionError("killed actor still answering after 30 s")
+
+
 def _submit(w, i):
     return w.forward.remote(i)
 
 
 def test_rows_of_dead_hung_and_unrepaired_workers_go_to_a_live_one(ray_session):
     ws = _workers("hang", "ok", "not_ready", "dead")
-    ray.kill(ws[3], no_restart=True)
+    _kill(ws[3])
     lost: dict[int, str] = {}
     t0 = time.monotonic()
     replies = on_live_workers(ws, [0, 1, 2, 3], _submit, 2.0, lost)
