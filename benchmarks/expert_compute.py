@@ -7,8 +7,9 @@ tokens routed top-2 with a mild skew (expert popularity softmax(0.5 * N(0, 1))),
 expert. Per batch size, in ONE process and interleaved round-robin (this CPU is shared; runs vary by +-40%, so only
 the ratios inside one run mean anything), median of the repeats, forward, and fwd+bwd with --backward or --quick:
 
-  grouped  grouped_swiglu as the runtime calls it (the selection rule picks padded or the loop, which it runs
-           fused: grouped_swiglu_fused, the same matmuls as `loop` with less around them)
+  grouped  grouped_swiglu as the runtime calls it (the selection rule picks padded or the loop family: under
+           autograd, or in a forward at <= 8 rows per expert, the loop fused (grouped_swiglu_fused, the same
+           matmuls as `loop` with less around them), else the plain loop)
   padded   grouped_swiglu_padded forced (bmm over a zero-padded [experts, max_rows, d] buffer)
   loop     grouped_swiglu_loop forced (one matmul pair per expert: the baseline)
   gmm      torch._grouped_mm over the same rows (no padding; forward only, for reference: on CPU torch 2.13 runs
@@ -35,7 +36,7 @@ grouped_vs_loop_min (its minimum over the sizes; goal >= 0.95: never slower than
 of grouped_vs_loop (min-max, and grouped_vs_loop_spread: benchmarks/_common.ratio_spread, whose within_noise says
 the rounds do not show a real difference from the loop) and fwdbwd_* for forward+backward (in --quick too); the
 same JSON is written to runs/bench/expert_compute.json. The path column says what grouped_swiglu ran
-(model/experts.py path_rule; "loop" runs the fused loop).
+(model/experts.py path_rule and fused_forward_wins: padded, fused or loop).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from benchmarks._common import emit, make_parser, ratio_spread
 from moe_runtime.model.experts import (
     grouped_swiglu,
     grouped_swiglu_loop,
+    fused_forward_wins,
     grouped_swiglu_padded,
     path_rule,
     swiglu,
@@ -75,8 +77,9 @@ def routed_counts(tokens: int, popularity: torch.Tensor, k: int, gen: torch.Gene
 
 
 def timed(fns: dict, repeats: int, backward: bool, leaves: tuple = ()) -> dict[str, list[float]]:
-    """Seconds per call of each fn, `repeats` rounds interleaved round-robin after one warm-up call each. With
-    backward, the leaves' grads are set to None before each call (as zero_grad(set_to_none=True) between steps)."""
+    """Seconds per call of each fn, `repeats` rounds interleaved round-robin (in order, then reversed, alternately)
+    after one warm-up call each. With backward, the leaves' grads are set to None before each call (as
+    zero_grad(set_to_none=True) between steps)."""
 
     def once(fn):
         for t in leaves:
@@ -90,8 +93,9 @@ def timed(fns: dict, repeats: int, backward: bool, leaves: tuple = ()) -> dict[s
     for fn in fns.values():
         once(fn)
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    order = list(fns.items())
+    for r in range(repeats):  # the order reversed every other round: no variant always runs in the slot after the
+        for name, fn in order if r % 2 == 0 else order[::-1]:  # big `dense` buffers are freed (page faults)
             times[name].append(once(fn))
     return times
 
@@ -107,9 +111,11 @@ def spread(times: dict[str, list[float]], num: str, den: str) -> list[float]:
     return [min(r), max(r)]
 
 
-def _path_taken(counts) -> str:
-    """What grouped_swiglu ran: "padded" or "loop" (model/experts.py path_rule)."""
-    return path_rule(counts)
+def _path_taken(counts, backward: bool) -> str:
+    """What grouped_swiglu ran: "padded", "fused" or "loop" (model/experts.py path_rule, fused_forward_wins)."""
+    if path_rule(counts) == "padded":
+        return "padded"
+    return "fused" if backward or fused_forward_wins(counts) else "loop"
 
 
 def bench_size(tokens: int, args, w1, w2, dense_w1, dense_w2, popularity, gen, backward: bool) -> dict:
@@ -183,7 +189,7 @@ def bench_size(tokens: int, args, w1, w2, dense_w1, dense_w2, popularity, gen, b
         "experts_used": len(nz),
         "rows_per_expert_mean": rows / len(nz),
         "rows_per_expert_max": max(nz),
-        "path": _path_taken(counts),
+        "path": _path_taken(counts, backward),
         "ms": {k: 1e3 * v for k, v in sec.items()},
         "ms_min": {k: 1e3 * min(v) for k, v in times.items()},
         "rows_per_s": {k: rows / v for k, v in sec.items() if k not in DIAGNOSTICS},

@@ -27,6 +27,7 @@ forward+backward wall are reported (CPU busy vs waiting), and overlap_limit_vs_n
 forward+backward shrank to the busier party's CPU or to all parties' CPU over the cores (a rough physical limit
 of overlap on this layout, on an otherwise idle machine).
 The full run adds the `small` preset at batch 16 x 128 tokens, where compute dominates the fixed per-call costs.
+Every cluster of the run (tiny, one_per_core, local_yaml; small in the full run) attaches to one local Ray.
 Writes runs/bench/step.json and prints it as the last stdout line.
 """
 
@@ -70,6 +71,17 @@ def overlap_config(layout: str) -> RuntimeConfig:
     d["cluster"].update({"router_workers": workers, "expert_actors": actors, "num_gpus": actors,
                          "torch_threads": threads})  # fmt: skip
     return RuntimeConfig.model_validate(d)
+
+
+def one_ray():
+    """One local Ray for every cluster of the run (each Cluster.start attaches to it and starts its own actors):
+    a Ray start and stop per cluster is ~5 s of the quick run that measures nothing. It has the GPUs of the
+    largest layout (cluster/local.yaml's 4 fake GPUs); a smaller one takes fewer."""
+    from moe_runtime.runtime.ray_env import start_ray
+
+    layouts = [bench_config(None, None, None)] + [overlap_config(name) for name in OVERLAP_LAYOUTS]
+    widest = max(layouts, key=lambda c: c.cluster.num_gpus).cluster
+    return start_ray(widest)
 
 
 def run_case(name: str, cfg: RuntimeConfig, rounds: int, console) -> dict:
@@ -202,21 +214,26 @@ def main() -> None:
     t_start = time.perf_counter()
     result: dict = {"benchmark": "step", "quick": args.quick, "goal_remote_vs_inprocess": 3.0,
                     "loadavg_start": os.getloadavg()[0]}
-    local = run_case("local.yaml", bench_config(None, None, None), rounds, console)
+    overlap_rounds = args.overlap_rounds or (8 if args.quick else 16)
+    env = one_ray()
+    try:
+        local = run_case("local.yaml", bench_config(None, None, None), rounds, console)
+        if not args.quick:
+            result["small"] = run_case("small", bench_config("small", 16, 128), max(3, rounds // 2), console)
+        overlap = run_overlap(overlap_config("one_per_core"), overlap_rounds, console, "overlap one_per_core")
+        legacy = run_overlap(overlap_config("local_yaml"), max(3, overlap_rounds // 2), console,
+                             "overlap local_yaml")
+    finally:
+        env.shutdown()
     result.update({k: local[k] for k in ("remote_vs_inprocess_step_time", "inprocess_step_s", "remote_step_s",
                                          "inprocess_threads")})
     result.update(local["breakdown"])
     result["local"] = local
-    if not args.quick:
-        result["small"] = run_case("small", bench_config("small", 16, 128), max(3, rounds // 2), console)
-    overlap_rounds = args.overlap_rounds or (8 if args.quick else 16)
-    overlap = run_overlap(overlap_config("one_per_core"), overlap_rounds, console, "overlap one_per_core")
     result["overlap"] = overlap
     result["overlap_layout"] = "one_per_core: " + ", ".join(f"{k} {v}" for k, v in overlap["layout"].items())
     for key in ("overlap_vs_none_step_time", "overlap_vs_none_range", "overlap_vs_none_within_noise",
                 "overlap_limit_vs_none"):
         result[key] = overlap[key]
-    legacy = run_overlap(overlap_config("local_yaml"), max(3, overlap_rounds // 2), console, "overlap local_yaml")
     result["overlap_local_yaml"] = legacy
     result["overlap_vs_none_step_time_local_yaml"] = legacy["overlap_vs_none_step_time"]
     result["loadavg_end"] = os.getloadavg()[0]

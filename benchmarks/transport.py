@@ -5,8 +5,9 @@ Four server processes, each one `BenchExpertServer` over `BenchShards`: the real
 only in our stack; the real ExpertShards, with zero-FLOP experts on request.
 Measured (medians, interleaved rounds so drift hits every variant alike):
 1. raw gRPC: Echo (no protobuf, no codec, no auth) at several payload sizes on one server: the loopback limit.
-2. dispatch: RemoteDispatcher forward + plan.combine of a 4 MB layer batch (fp32, d 512, 2048 token copies, 32
-   experts over the 4 servers, ~1 MB each) against the same traffic on Echo (4 x ~1 MB echoed concurrently).
+2. dispatch: RemoteDispatcher.dispatch_combine (forward + plan.combine, as MoELayer calls it) of a 4 MB layer
+   batch (fp32, d 512, 2048 token copies, 32 experts over the 4 servers, ~1 MB each) against the same traffic on
+   Echo (4 x ~1 MB echoed concurrently).
    `dispatch_*` keys use zero-FLOP experts (y = x: everything else is the real path: auth, envelope, decode and
    validation, aligned copy, reply encode, fan-out, decode, assembly, combine), so they measure transport;
    `dispatch_tiny_experts_*` adds real SwiGLU experts with ffn 8 (per-expert op overhead, few FLOPs); full runs
@@ -49,7 +50,7 @@ import grpc
 import torch
 
 from moe_runtime.dispatch.client import ExpertClient, ExpertFuture
-from moe_runtime.dispatch.codec import decode_expected, decode_frame, encode_frame, expected_frame
+from moe_runtime.dispatch.codec import decode_expected, decode_frame, encode_answer, encode_frame, expected_frame
 from moe_runtime.dispatch.envelope import envelope_prefix, unwrap_frame, wrap_frame
 from moe_runtime.dispatch.remote import RemoteDispatcher
 from moe_runtime.dispatch.server import ExpertServer
@@ -227,9 +228,9 @@ def run(experts, placement, rounds, reps, quick) -> dict:
         for f in futs:
             f.result()
 
-    def dispatch_combine():
+    def dispatch_combine():  # what MoELayer runs in inference: combine straight from the replies
         with torch.no_grad():
-            plan.combine(disp(x_nd, plan, ctx), gates)
+            disp.dispatch_combine(x_nd, plan, ctx, gates)
 
     y_stack = torch.empty_like(x_nd)
 
@@ -445,6 +446,7 @@ def tiny_pieces(x) -> dict:
     f = encode_frame("dispatch", layer=0, step=0, mb=0, pv=0, experts=[0], counts=[1], tensors={"x": x},
                      meta={"src": 0, "save": False})  # fmt: skip
     env = wrap_frame(f)
+    req_header = decode_frame(f).header  # what the server answers from (codec.encode_answer)
     shards = BenchShards({(0, 0): (torch.zeros(D, 16), torch.zeros(8, D))})
     shards.set_identity(True)
     srv = BenchExpertServer(shards, auth_token=TOKEN)
@@ -470,9 +472,7 @@ def tiny_pieces(x) -> dict:
         "envelope_wrap": lambda: wrap_frame(f),
         "server_handler_total": lambda: srv._rpc_dispatch(env, ctx),
         "server_decode_frame": lambda: decode_frame(unwrap_frame(env), expected_kind="dispatch", hosted={(0, 0)}),
-        "server_encode_reply": lambda: encode_frame("result", layer=0, step=0, mb=0, pv=0, experts=(0,), counts=(1,),
-                                                    tensors={"y": x}, wire_dtype=torch.float32, validate=False,
-                                                    lead=envelope_prefix),
+        "server_encode_reply": lambda: encode_answer("result", req_header, "y", x, torch.float32, lead=envelope_prefix),
         "client_decode_reply": lambda: decode_expected(unwrap_frame(reply), exp),
         "client_decode_reply_full": lambda: decode_frame(unwrap_frame(reply), expected_kind="result", out_dtype=None),
         "client_dispatcher_total": client_total,

@@ -60,6 +60,7 @@ __all__ = [
     "TensorSpec",
     "decode_expected",
     "decode_frame",
+    "encode_answer",
     "encode_frame",
     "expected_frame",
     "frame_header_nbytes",
@@ -505,6 +506,32 @@ def encode_frame(
         cursor = off + nbytes
     if lead is not None:
         parts.insert(0, lead(cursor))
+    return b"".join(parts)
+
+
+def encode_answer(kind: str, request: FrameHeader, name: str, tensor: torch.Tensor, wire_dtype: torch.dtype,
+                  lead: Callable[[int], bytes] | None = None) -> bytes:  # fmt: skip
+    """The frame answering `request` (a header that passed decode_frame): its layer, step, mb, pv, experts and
+    counts, no meta, one float tensor `name` cast to `wire_dtype`. The same bytes as encode_frame with those
+    arguments (validate=False), with less Python per call: an expert server's every reply."""
+    t = tensor.detach() if tensor.requires_grad else tensor
+    if not t.is_cpu:
+        t = t.cpu()
+    if t.dtype != wire_dtype:
+        t = t.to(wire_dtype)
+    t = t.contiguous()
+    nbytes = t.nbytes
+    spec = {"name": name, "dtype": _DTYPE_NAMES[wire_dtype], "shape": list(t.shape), "nbytes": nbytes}
+    packed = _packer().pack({"v": FORMAT_VERSION, "kind": kind, "layer": request.layer, "step": request.step,
+                             "mb": request.mb, "pv": request.pv, "experts": list(request.experts),
+                             "counts": list(request.counts), "tensors": [spec]})  # fmt: skip  # _header_obj's order
+    header_len = len(packed)
+    off = _align(PREFIX_BYTES + header_len)
+    parts = [MAGIC, header_len.to_bytes(4, "little"), packed, _ZERO_PAD[: off - PREFIX_BYTES - header_len]]
+    if nbytes:
+        parts.append((t.view(torch.int16) if wire_dtype == torch.bfloat16 else t).numpy())
+    if lead is not None:
+        parts.insert(0, lead(off + nbytes))
     return b"".join(parts)
 
 

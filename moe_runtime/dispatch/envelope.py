@@ -11,6 +11,8 @@ the envelope into its own join.
 
 from __future__ import annotations
 
+import functools
+
 __all__ = ["EnvelopeError", "envelope_prefix", "unwrap_frame", "wrap_frame"]
 
 _DATA_TAG = 0x0A  # field 1, wire type 2 (length-delimited)
@@ -44,6 +46,7 @@ def _read_varint(mv: memoryview, pos: int) -> tuple[int, int]:
     raise EnvelopeError("truncated or overlong varint")
 
 
+@functools.lru_cache(maxsize=4096)  # a pure function of the size, called twice per data-plane call (send, reply)
 def envelope_prefix(data_nbytes: int) -> bytes:
     """The 16 bytes a serialized `Frame{pad, data}` starts with, for `data` of data_nbytes bytes."""
     length = _varint(data_nbytes)

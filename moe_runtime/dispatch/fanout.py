@@ -4,7 +4,8 @@ The calls run as grpc.aio calls gathered on one event loop shared by the process
 one `run_coroutine_threadsafe` per fan-out): one hand-off from the caller's thread instead of one per call, and
 one thread polling every call (with gRPC futures each channel's polling thread has to wake the caller: more
 thread switches on few busy cores; measured in docs/measurements.md). A lone request is made blocking on the
-caller's thread instead (cheapest for one call).
+caller's thread instead (cheapest for one call). `CallPipeline` sends each call as soon as the caller has its frame
+and hands back each reply on its own (RemoteDispatcher.dispatch_combine: encode, send and combine overlap).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import grpc
 
 from moe_runtime.dispatch.client import ExpertCallError, ExpertClient, ExpertFuture
 
-__all__ = ["ExpertCall", "PendingFanOut", "fan_out", "fan_out_async"]
+__all__ = ["CallPipeline", "ExpertCall", "PendingFanOut", "fan_out", "fan_out_async"]
 
 
 class ExpertCall(NamedTuple):
@@ -80,6 +81,50 @@ class PendingFanOut:
                                   f"{self._deadline} s") from None  # fmt: skip
         return [ExpertFuture(None, client, method, layer, step, outcome).result()
                 for (client, method, _, layer, step, _), outcome in zip(self._requests, outcomes)]  # fmt: skip
+
+
+class CallPipeline:
+    """Calls sent one at a time (`send`, on the shared loop, as soon as each frame is encoded: the first server
+    works while the caller encodes the next) and waited for one at a time (`reply(i)`: the caller uses each reply
+    as it arrives, while the later ones are still in flight). Errors as fan_out's: `reply` raises ExpertCallError."""
+
+    __slots__ = ("_futures", "_requests")
+
+    def __init__(self) -> None:
+        self._requests: list[ExpertCall] = []
+        self._futures: list[futures.Future] = []
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    def send(self, request: ExpertCall) -> None:
+        client, method, frame, _, _, wrapped = request
+        message = client.wire_message(frame, wrapped)  # built here: the loop's thread only does I/O
+        self._futures.append(asyncio.run_coroutine_threadsafe(client.call_async(method, message), _SharedLoop.get()))
+        self._requests.append(request)
+
+    def reply(self, i: int) -> memoryview:
+        """Request i's reply frame (a view), waiting for it; raises ExpertCallError."""
+        client, method, _, layer, step, _ = self._requests[i]
+        future = self._futures[i]
+        try:
+            outcome = future.result(client.deadline_s + 5.0)  # the call has its own deadline: only a stuck loop
+        except futures.TimeoutError:
+            future.cancel()
+            raise ExpertCallError(client.address, method, layer, step, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                  f"call did not finish in {client.deadline_s + 5.0} s") from None  # fmt: skip
+        except BaseException as e:  # noqa: BLE001 - the call's error, turned into ExpertCallError below
+            outcome = e
+        return ExpertFuture(None, client, method, layer, step, outcome).result()
+
+    def wait_all(self) -> None:
+        """Wait until every call has finished (before raising for one: none is left running unseen)."""
+        futures.wait(self._futures, timeout=max((r.client.deadline_s for r in self._requests), default=0.0) + 5.0)
+
+    def replies(self) -> list[memoryview]:
+        """Every reply, in order, once all have finished; raises ExpertCallError for the first failed one."""
+        self.wait_all()
+        return [self.reply(i) for i in range(len(self._requests))]
 
 
 def fan_out_async(requests: Sequence[ExpertCall]) -> PendingFanOut:

@@ -4,7 +4,8 @@ Drops into MoELayer in place of LocalDispatcher: forward(x_nd, plan, ctx) -> y_n
 call it sends one frame per destination actor (plan.destinations), all in flight at once (`fan_out`: grpc.aio
 calls gathered on one shared event loop, a lone destination called blocking), then assembles y from the replies
 (checked against the header each must carry, codec.expected_frame: one comparison, a full decode otherwise): one
-torch.cat of the reply views on the CPU, a copy into each row range of the staging buffer on a GPU. It is a
+torch.cat of the reply views on the CPU, a copy into each row range of the staging buffer on a GPU (MoELayer's
+inference calls `dispatch_combine` instead: combine straight from the reply views, each reply as it arrives). It is a
 torch.autograd.Function, so loss.backward() sends the grad of the outputs back through Backward to the same actors
 (the ones of the forward, even if the placement is refreshed in between) and gets the grad of the inputs; the model
 code does not change (a forward that records no graph skips the Function).
@@ -21,7 +22,7 @@ the CPU those calls are the identity and a plain torch.empty: the CPU path is un
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -31,7 +32,7 @@ from moe_runtime.dispatch.codec import ExpectedFrame, FrameError, decode_expecte
 from moe_runtime.dispatch.envelope import envelope_prefix
 from moe_runtime.dispatch.client import ExpertCallError, ExpertClient
 from moe_runtime.dispatch.failover import Failover
-from moe_runtime.dispatch.fanout import ExpertCall, PendingFanOut, fan_out, fan_out_async
+from moe_runtime.dispatch.fanout import CallPipeline, ExpertCall, PendingFanOut, fan_out, fan_out_async
 from moe_runtime.model.device import HostStaging
 from moe_runtime.model.moe_layer import StepContext
 from moe_runtime.model.plan import DispatchPlan
@@ -82,6 +83,58 @@ class RemoteDispatcher(nn.Module):
             return exchange.run("dispatch", x_nd)
         return _RemoteExperts.apply(x_nd, exchange)
 
+    def dispatch_combine(self, x_nd: torch.Tensor, plan: DispatchPlan, ctx: StepContext | None,
+                         weights_tk: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """plan.combine(self(x_nd, plan, ctx), weights_tk) [T, d], equal bit for bit (what MoELayer calls).
+        Without a graph to record (inference) on the CPU in fp32, combine reads the reply views directly
+        (plan.combine_parts): no joined y_nd, one pass over the rows fewer; with several destinations each frame
+        is sent as soon as it is encoded and each reply combined as soon as it arrives. The dispatcher's plain
+        forward hooks (runtime/router_worker.py's timer) still run around it, and see the combined output; with
+        a Failover, the first failed call re-runs the exchange through it (nothing was kept: inference).
+        Otherwise (training, a GPU, a wire or input dtype other than fp32, kwargs or global hooks, a Failover
+        that already knows an actor of this plan is down) the two calls."""
+        graph = torch.is_grad_enabled() and (x_nd.requires_grad or weights_tk.requires_grad)
+        fp32 = x_nd.dtype == self.wire_dtype == torch.float32  # where combine_parts is bit-equal to combine
+        if graph or not fp32 or not x_nd.is_cpu or not self._plain_hooks() or (
+                self.failover is not None and any(d.actor in self.failover.down for d in plan.destinations)):  # fmt: skip
+            return plan.combine(self(x_nd, plan, ctx), weights_tk)
+        args = (x_nd, plan, ctx)
+        for hook in self._forward_pre_hooks.values():
+            hook(self, args)
+        exchange = self._exchange(x_nd, plan, ctx)
+        try:
+            out = self._fused_exchange(exchange, x_nd, plan, weights_tk)
+        except ExpertCallError:
+            if self.failover is None:
+                raise
+            out = plan.combine(self.failover.forward(self, exchange, x_nd, plan), weights_tk)  # marks it down
+        for hook in self._forward_hooks.values():
+            hook(self, args, out)
+        return out
+
+    def _plain_hooks(self) -> bool:
+        """Only hooks the fused path can run itself: plain forward (pre-)hooks, no kwargs or global ones."""
+        from torch.nn.modules import module as _m
+
+        return not (self._forward_hooks_with_kwargs or self._forward_pre_hooks_with_kwargs
+                    or self._forward_hooks_always_called or _m._global_forward_hooks
+                    or _m._global_forward_pre_hooks)  # fmt: skip
+
+    @staticmethod
+    def _fused_exchange(exchange: _Exchange, x_nd: torch.Tensor, plan: DispatchPlan, weights_tk: torch.Tensor
+                        ) -> torch.Tensor:  # fmt: skip
+        if len(plan.destinations) > 1:  # each frame sent once encoded, each reply combined once it arrives
+            launched = exchange.launch("dispatch", x_nd, pipeline=CallPipeline())
+            try:
+                return plan.combine_parts(_views_as_they_arrive(launched), weights_tk)
+            except _UnexpectedReply:
+                return plan.combine(exchange.collect(launched), weights_tk)  # the full checks name what is wrong
+        launched = exchange.launch("dispatch", x_nd, blocking=True)  # replies: a list (waited for)
+        views = exchange.reply_views(launched.replies, launched.expected)
+        if views is not None:
+            return plan.combine_parts(views, weights_tk) if views else plan.combine(x_nd, weights_tk)
+        return plan.combine(exchange.collect(launched), weights_tk)
+
     def start(self, x_nd: torch.Tensor, plan: DispatchPlan, ctx: StepContext | None = None) -> PendingRemoteExperts:
         """Send this exchange and return at once; `.wait()` gives what `forward` returns. For two-batch overlap
         (model/two_batch.py): the other half computes while the frames travel, in forward and in backward."""
@@ -125,7 +178,8 @@ class _Exchange:
         """One frame per destination, all in flight, replies copied into their row ranges of the output."""
         return self.collect(self.launch(kind, x_nd, blocking=True))
 
-    def launch(self, kind: str, x_nd: torch.Tensor, blocking: bool = False) -> _Launched:
+    def launch(self, kind: str, x_nd: torch.Tensor, blocking: bool = False, pipeline: CallPipeline | None = None
+               ) -> _Launched:  # fmt: skip
         """Encode and send one frame per destination; `blocking` waits for the replies here (a lone destination
         is then called on this thread), else they arrive while the caller computes (two-batch overlap)."""
         send_kind, name, reply_kind, reply_name = (("dispatch", "x", "result", "y") if kind == "dispatch"
@@ -147,28 +201,44 @@ class _Exchange:
                 lead=envelope_prefix,  # the envelope in the same join: one copy of the rows
             )  # fmt: skip
             requests.append(ExpertCall(self.clients[dest.actor], method, frame, self.layer, self.step, True))
+            if pipeline is not None:  # sent now: this server starts while the next frame is encoded
+                pipeline.send(requests[-1])
             # the reply's exact header: collect checks a reply by one comparison instead of a parse
             expected.append(expected_frame(reply_kind, layer=self.layer, step=self.step, mb=self.mb,
                                            pv=plan.placement_version, experts=experts, counts=counts,
                                            name=reply_name, dtype=self.wire_dtype, shape=(stop - start, d)))
-        replies = (fan_out(requests) if requests else []) if blocking else fan_out_async(requests)
+        if pipeline is not None:
+            replies: list[memoryview] | PendingFanOut | CallPipeline = pipeline
+        else:
+            replies = (fan_out(requests) if requests else []) if blocking else fan_out_async(requests)
         return _Launched(kind, method, requests, replies, x_nd.shape, x_nd.dtype, staging, expected)
+
+    @staticmethod
+    def reply_views(replies: list[memoryview], expected: list[ExpectedFrame]) -> list[torch.Tensor] | None:
+        """The replies as read-only views of their tensors, in plan order, when every one is exactly its expected
+        frame; None otherwise (`collect` then names what is wrong)."""
+        views = []
+        for data, exp in zip(replies, expected):
+            v = decode_expected(data, exp)
+            if v is None:
+                return None
+            views.append(v)
+        return views
 
     def collect(self, launched: _Launched) -> torch.Tensor:
         """Wait for the replies of `launch` and copy them into their row ranges of the output."""
         reply_kind, reply_name = ("result", "y") if launched.kind == "dispatch" else ("grad", "dx")
         method = launched.method
-        replies = launched.replies if isinstance(launched.replies, list) else launched.replies.result()
+        pending = launched.replies
+        if isinstance(pending, list):
+            replies = pending
+        else:
+            replies = pending.replies() if isinstance(pending, CallPipeline) else pending.result()
         if launched.staging.on_host and replies and launched.dtype == self.wire_dtype:
             # CPU, replies as expected: one torch.cat of the reply views (they are the output's row ranges, in
             # order) instead of an empty output plus a slice and a copy per destination
-            views = []
-            for data, exp in zip(replies, launched.expected):
-                v = decode_expected(data, exp)
-                if v is None:
-                    break
-                views.append(v)
-            else:
+            views = self.reply_views(replies, launched.expected)
+            if views is not None:
                 return torch.cat(views)
         # taken here, not at launch: on CUDA the pinned buffer is reused, and two launches can be in flight
         out = launched.staging.host_buffer(launched.shape, launched.dtype)  # CPU: torch.empty
@@ -196,13 +266,35 @@ class _Exchange:
         return launched.staging.upload(out)  # CPU: out itself
 
 
+class _UnexpectedReply(Exception):
+    """A reply is not its expected frame (`_views_as_they_arrive`): the caller runs the full checks instead."""
+
+
+def _views_as_they_arrive(launched: _Launched) -> Iterator[torch.Tensor]:
+    """The tensor view of each reply of a pipelined launch, in plan order, each as soon as it has arrived. A failed
+    call raises ExpertCallError once every call has finished (fan_out's rule); a reply that is not the expected
+    frame raises _UnexpectedReply."""
+    pipeline = launched.replies
+    assert isinstance(pipeline, CallPipeline)
+    for i, exp in enumerate(launched.expected):
+        try:
+            data = pipeline.reply(i)
+        except ExpertCallError:
+            pipeline.wait_all()
+            raise
+        v = decode_expected(data, exp)
+        if v is None:
+            raise _UnexpectedReply
+        yield v
+
+
 class _Launched(NamedTuple):
     """An exchange sent by `_Exchange.launch`, waiting for `collect`."""
 
     kind: str
     method: str
     requests: list[ExpertCall]
-    replies: list[memoryview] | PendingFanOut
+    replies: list[memoryview] | PendingFanOut | CallPipeline
     shape: torch.Size
     dtype: torch.dtype
     staging: HostStaging

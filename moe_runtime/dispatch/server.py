@@ -25,7 +25,7 @@ import torch
 from typing_extensions import Self
 
 from moe_runtime.dispatch.chunks import ChunkError, FrameAssembler, chunk_messages
-from moe_runtime.dispatch.codec import Frame, FrameError, FrameHeader, decode_frame, encode_frame
+from moe_runtime.dispatch.codec import Frame, FrameError, FrameHeader, decode_frame, encode_answer
 from moe_runtime.dispatch.envelope import EnvelopeError, envelope_prefix, unwrap_frame
 from moe_runtime.dispatch.proto import expert_pb2 as pb
 from moe_runtime.dispatch.service import (
@@ -158,9 +158,7 @@ class _Reject(Exception):
 
 def _reply(kind: str, h: FrameHeader, name: str, tensor: torch.Tensor, wire_dtype: torch.dtype) -> bytes:
     """A result/grad frame answering request header `h`, wrapped for the wire."""
-    return encode_frame(kind, layer=h.layer, step=h.step, mb=h.mb, pv=h.pv, experts=h.experts, counts=h.counts,
-                        tensors={name: tensor}, wire_dtype=wire_dtype, lead=envelope_prefix,  # one copy, envelope in
-                        validate=False)  # header fields copied from a request that passed decode
+    return encode_answer(kind, h, name, tensor, wire_dtype, lead=envelope_prefix)  # one copy, the envelope in it
 
 
 class ExpertServer:

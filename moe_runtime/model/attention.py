@@ -189,14 +189,25 @@ class LocalizedFilter(nn.Module):
         start (as the HF code keeps them: `[0, x0]` after a one-token prompt). Returns (u [B, S, d], the inputs
         at each row's last two real positions)."""
         _check_input(x_bsd, self.hidden_size, "LocalizedFilter")
+        mods = self._modules  # by dict: each nn.Module attribute miss costs ~5k instructions (a decode step)
+        conv1, conv2 = mods["conv1"], mods["conv2"]
         window = torch.cat((inputs_b2d, x_bsd), dim=1)  # [B, 2+S, d]: positions start-2 .. start+S-1
         # Each kernel-2 conv as one linear over [previous | current] features: CPU conv1d on a few columns is
         # 3-6x slower than the matmul (equal up to fp32 rounding)
-        y = _pairs_linear(window, _conv_as_linear(self.conv1), self.conv1.bias)  # [B, S+1, d/2]: start-1..
+        b, n, d = window.shape
+        if b == 1 and step.has_past_b11 is None and step.lfa_tail_b2 is None:
+            # one unpadded row continuing its sequence (batch-1 decode): 2-D throughout, the pairs as overlapping
+            # views of the fresh window and y (_pairs_linear's), no unsqueezes; z + x broadcasts back to [1, S, d]
+            w1, w2 = _conv_as_linear(conv1), _conv_as_linear(conv2)
+            y = F.linear(window.as_strided((n - 1, 2 * d), (d, 1)), w1, conv1._parameters["bias"])  # [S+1, d/2]
+            h = d // 2
+            z = F.linear(y.as_strided((n - 2, 2 * h), (h, 1)), w2, conv2._parameters["bias"])  # [S, d]
+            return mods["norm"](z + x_bsd), window.narrow(1, n - 2, 2)
+        y = _pairs_linear(window, _conv_as_linear(conv1), conv1._parameters["bias"])  # [B, S+1, d/2]: start-1..
         if step.has_past_b11 is not None:
             y[:, :1] *= step.has_past_b11  # y_{-1} is the second conv's zero padding, not conv1's bias
-        z = _pairs_linear(y, _conv_as_linear(self.conv2), self.conv2.bias)  # [B, S, d]
-        u = self.norm(z + x_bsd)
+        z = _pairs_linear(y, _conv_as_linear(conv2), conv2._parameters["bias"])  # [B, S, d]
+        u = mods["norm"](z + x_bsd)
         if step.lfa_tail_b2 is None:
             return u, window[:, -2:]
         tail = step.lfa_tail_b2.unsqueeze(-1).expand(-1, -1, window.shape[-1])  # window columns n, n+1
@@ -221,7 +232,7 @@ def _pairs_linear(x_bsc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor)
 def _conv_as_linear(conv: nn.Conv1d) -> torch.Tensor:
     """A kernel-2 Conv1d's weight [out, in, 2] as a linear weight [out, 2*in] over `_pairs` (previous tap
     first), rebuilt only when the weight changes (a load, a training step)."""
-    w = conv.weight
+    w = conv._parameters["weight"]
     key = (w.data_ptr(), w._version, w.dtype, w.device)
     cached = getattr(conv, "_as_linear", None)
     if cached is None or cached[0] != key:
@@ -242,6 +253,13 @@ def _check_input(x: torch.Tensor, hidden_size: int, who: str) -> None:
             f"{who}: input last dim = {x.shape[-1]}: expected hidden_size ({hidden_size}); "
             f"input shape {tuple(x.shape)}"
         )
+
+
+def _linear_weights(linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of an nn.Linear by dict lookups: `linear.weight` misses the instance __dict__ and goes
+    through nn.Module.__getattr__ (an AttributeError formatted and caught, ~5k instructions; per decode step)."""
+    params = linear._parameters
+    return params["weight"], params["bias"]
 
 
 def _linear(d_in: int, d_out: int, std: float) -> nn.Linear:
@@ -318,11 +336,17 @@ def _cached_causal_attention(
     b, h, s, dh = v.shape
     if rotary_dim and s == 1 and qk.dtype == torch.float32:
         cos_b11d, rot_b1dd = _step_rope_matrices(rotary, step, dh, qk.device)
-        qk = qk * cos_b11d + qk @ rot_b1dd
-    elif rotary_dim:
-        cos_b1sr, sin_b1sr = _step_rope_rows(rotary, step, qk.device)
-        qk = _rotate(qk, cos_b1sr, sin_b1sr, rotary_dim)
-    q, k = (qk[:, 0::2], qk[:, 1::2]) if interleaved else (qk[:, :h], qk[:, h:])
+        qk = qk * cos_b11d + qk @ rot_b1dd  # a fresh contiguous [B, 2H, 1, Dh]
+        # q and k as strided views: the tensors the slicing below gives (same sizes and strides), minus
+        # __getitem__'s parsing (a decode step is per-op overhead)
+        step_h, k_off = (2 * dh, dh) if interleaved else (dh, h * dh)
+        q = qk.as_strided((b, h, 1, dh), (2 * h * dh, step_h, dh, 1), qk.storage_offset())
+        k = qk.as_strided((b, h, 1, dh), (2 * h * dh, step_h, dh, 1), qk.storage_offset() + k_off)
+    else:
+        if rotary_dim:
+            cos_b1sr, sin_b1sr = _step_rope_rows(rotary, step, qk.device)
+            qk = _rotate(qk, cos_b1sr, sin_b1sr, rotary_dim)
+        q, k = (qk[:, 0::2], qk[:, 1::2]) if interleaved else (qk[:, :h], qk[:, h:])
     keys, values = cache.append(k, v, step)
     out = F.scaled_dot_product_attention(
         q, keys, values, attn_mask=step.key_mask_b1sl, is_causal=step.causal, scale=dh**-0.5
@@ -371,7 +395,7 @@ def _full_width_tables(
     +sin on the second), zeros past rotary_dim; P [Dh, Dh] 0/1: P[k, j] = 1 iff k is channel j's partner), built
     from the rotary tables and kept on the RotaryCache until those tables change."""
     cached = rotary.__dict__.get("_full_width")
-    full_cos = rotary.cos_cached
+    full_cos = rotary._buffers["cos_cached"]
     if cached is not None and cached[0] == (full_cos.data_ptr(), head_dim, device) and cached[1].shape[0] >= table_len:
         return cached[1], cached[2], cached[3]
     rotary(table_len, device)  # (re)builds the float32 tables when too short, moved or cast
@@ -431,14 +455,17 @@ class LFAAttention(nn.Module):
         b, s, _ = x.shape
         h, dh = self.num_heads, self.head_dim
         if cache is not None:  # [B, 2H, S, Dh] views: heads q0, k0, q1, k1, ...; at S = 1 one view each
-            # the projections as F.linear on their weights (nn.Linear's own forward, minus a module call each)
-            v = F.linear(x, self.v_proj.weight, self.v_proj.bias)
+            # the projections as F.linear on their weights (nn.Linear's own forward, minus a module call each);
+            # submodules and weights by dict (an nn.Module attribute miss costs ~5k instructions, per step)
+            mods = self._modules
+            v = F.linear(x, *_linear_weights(mods["v_proj"]))
             v = v.view(b, h, 1, dh) if s == 1 else v.view(b, s, h, dh).transpose(1, 2)
-            u, cache.lfa_inputs_b2d = self.lfa.forward_cached(x, cache.lfa_inputs_b2d, step)
-            qk = F.linear(u, self.qk_proj.weight, self.qk_proj.bias)
+            u, cache.lfa_inputs_b2d = mods["lfa"].forward_cached(x, cache.lfa_inputs_b2d, step)
+            qk = F.linear(u, *_linear_weights(mods["qk_proj"]))
             qk_b2hsd = qk.view(b, 2 * h, 1, dh) if s == 1 else qk.view(b, s, 2 * h, dh).transpose(1, 2)
-            out = _cached_causal_attention(qk_b2hsd, v, self.rotary, self.rotary_dim, cache, step, interleaved=True)
-            return F.linear(out, self.o_proj.weight, self.o_proj.bias)
+            out = _cached_causal_attention(qk_b2hsd, v, mods["rotary"], self.rotary_dim, cache, step,
+                                           interleaved=True)
+            return F.linear(out, *_linear_weights(mods["o_proj"]))
         v = self.v_proj(x).view(b, s, h, dh).transpose(1, 2)
         qk = self.qk_proj(self.lfa(x)).view(b, s, h, 2 * dh)
         q, k = (t.transpose(1, 2) for t in qk.split(dh, dim=-1))  # per head: first Dh = q, last Dh = k
@@ -526,8 +553,8 @@ class CacheStep:
             # one token per row, all rows at one position (batch-1 decode): what the general path below gives,
             # without its tensor work
             p = start[0]
-            return cls(start, num_new, 1, torch.arange(p, p + 1, device=device).view(1, 1), None, False, None, None,
-                       None, None, None, p + 1, p + 1)
+            positions_11 = torch.full((1, 1), p, dtype=torch.long, device=device)  # one call, not arange + view
+            return cls(start, num_new, 1, positions_11, None, False, None, None, None, None, None, p + 1, p + 1)
         padded = any(n != seq_len for n in num_new)
         key_len = max(s + n for s, n in zip(start, num_new))
         cols_s = torch.arange(seq_len)

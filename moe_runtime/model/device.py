@@ -139,6 +139,9 @@ class HostStaging:
     @classmethod
     def shared(cls, device: torch.device | str) -> HostStaging:
         """One staging per device per process (the dispatchers of all MoE layers share its buffers)."""
+        staging = cls._shared.get(device)  # type: ignore[call-overload]  # every data-plane call: no lock once made
+        if staging is not None:
+            return staging
         device = torch.device(device)
         with cls._shared_lock:
             if device not in cls._shared:

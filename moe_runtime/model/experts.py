@@ -107,6 +107,20 @@ def path_rule(counts: Sequence[int], weight_index: Sequence[int] | None = None) 
     return "padded" if groups * longest <= PADDED_MAX_WASTE * total else "loop"
 
 
+# Within the loop family, a forward without autograd runs fused (grouped_swiglu_fused) only at <= this many rows per
+# used expert (mean), else the plain loop. Measured, 2 threads, in the benchmark's round (docs/measurements.md): the
+# fused forward 1.00-1.03x the loop at 4 rows per expert, 0.92-0.94x at 32 (the same GEMMs, bit-equal: it loses on
+# page faults and cache, not FLOPs), 1.01x at 256; under autograd it wins 1.3-1.8x at every size (its backward).
+FUSED_FORWARD_MAX_MEAN_ROWS = 8
+
+
+def fused_forward_wins(counts: Sequence[int], weight_index: Sequence[int] | None = None) -> bool:
+    """For a forward without autograd in the loop family: True runs grouped_swiglu_fused, False the plain loop
+    (pure: a function of the counts; both give the same bits)."""
+    per_expert = _rows_per_expert(counts, weight_index)
+    return bool(per_expert) and sum(per_expert.values()) <= FUSED_FORWARD_MAX_MEAN_ROWS * len(per_expert)
+
+
 def padded_is_faster(counts: Sequence[int], weight_index: Sequence[int] | None = None) -> bool:
     """True picks the padded batched path, False the loop (`path_rule`)."""
     return path_rule(counts, weight_index) == "padded"
@@ -221,8 +235,10 @@ def grouped_swiglu_padded(
 
 
 # The fused loop's chunks: consecutive segments are gated together up to this many rows (one silu and one mul per
-# chunk instead of per segment; 128 rows of h [., 2f] stay in L2 between its two matmuls at ffn 1408).
-FUSED_CHUNK_ROWS = 128
+# chunk instead of per segment). 64, not 128: after an op that frees big buffers, a 128-row h [., 2f] (1.4 MB at
+# ffn 1408) and its gate output were first-touched anew on most calls (~1150-1600 page faults per call at 512 tokens
+# vs ~480, the output's, for the loop); 64-row chunks, gated in place, fault like the loop (docs/measurements.md).
+FUSED_CHUNK_ROWS = 64
 
 _Seg = tuple[int, int, int]  # (first row, rows, expert) of one non-empty segment
 
@@ -250,16 +266,67 @@ def _chunk_rows(chunk: list[_Seg]) -> tuple[int, int]:
     return chunk[0][0], chunk[-1][0] + chunk[-1][1]
 
 
+def grouped_mm_offsets(chunk: list[_Seg]) -> list[int] | None:
+    """torch._grouped_mm's offs for a chunk of >= 2 segments with strictly increasing experts e0 < ... < e1: the
+    end row (relative to the chunk) of each expert in [e0, e1], an unused one an empty group; None otherwise (one
+    segment: a plain mm; replicas or unsorted experts: the per-segment loop). Pure: a function of the chunk."""
+    experts = [e for _, _, e in chunk]
+    if len(chunk) < 2 or any(b <= a for a, b in zip(experts, experts[1:])):
+        return None
+    lo = chunk[0][0]
+    end_of = {e: s + n - lo for s, n, e in chunk}
+    offs, end = [], 0
+    for e in range(experts[0], experts[-1] + 1):
+        end = end_of.get(e, end)
+        offs.append(end)
+    return offs
+
+
+def _grouped_mm_fits(x_nd: torch.Tensor, w1_ed2f: torch.Tensor, w2_efd: torch.Tensor) -> bool:
+    # torch._grouped_mm on CPU: a C++ loop of mm_out over the groups (the loop's GEMMs, same bits, one call); it
+    # needs every stride (d, f, 2f) a multiple of 16 bytes. CUDA's takes bf16 on sm90+ only: not used there.
+    item = x_nd.element_size()
+    return (
+        hasattr(torch, "_grouped_mm")
+        and x_nd.device.type == "cpu"
+        and x_nd.dtype == w1_ed2f.dtype == w2_efd.dtype
+        and x_nd.dtype in (torch.float32, torch.bfloat16, torch.float16)  # float64 (tests' oracles) it refuses
+        and (x_nd.shape[1] * item) % 16 == 0
+        and (w2_efd.shape[1] * item) % 16 == 0
+    )
+
+
+def _chunk_gmm_offs(chunks: list[list[_Seg]], use_gmm: bool, device: torch.device) -> list[torch.Tensor | None]:
+    if not use_gmm:
+        return [None] * len(chunks)
+    offs = [grouped_mm_offsets(c) for c in chunks]
+    return [None if o is None else torch.tensor(o, dtype=torch.int32, device=device) for o in offs]
+
+
 def _fused_forward(x_nd: torch.Tensor, w1_ed2f: torch.Tensor, w2_efd: torch.Tensor, chunks: list[list[_Seg]],
-                   keep_h: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+                   keep_h: bool, gmm_offs: Sequence[torch.Tensor | None] | None = None
+                   ) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
     """y [rows, d] and (keep_h) h = x @ w1 per chunk. Outputs written in place (mm out=); without keep_h one h buffer
-    is reused by every chunk. Buffers are per chunk, not [rows, 2f]: a big fresh buffer costs page faults."""
+    is reused by every chunk. Buffers are per chunk, not [rows, 2f]: a big fresh buffer costs page faults. A chunk
+    with gmm_offs (grouped_mm_offsets) runs its segments' GEMMs as one torch._grouped_mm each (same GEMMs)."""
     f = w2_efd.shape[1]
     y_nd = x_nd.new_empty(x_nd.shape[0], w2_efd.shape[2])
     hs: list[torch.Tensor] = []
     scratch: torch.Tensor | None = None
-    for chunk in chunks:
+    for c, chunk in enumerate(chunks):
         lo, hi = _chunk_rows(chunk)
+        offs = None if gmm_offs is None else gmm_offs[c]
+        if offs is not None:  # one call per matrix instead of one per segment (and its slicing)
+            e0, e1 = chunk[0][2], chunk[-1][2] + 1
+            h_c2f = torch._grouped_mm(x_nd[lo:hi], w1_ed2f[e0:e1], offs=offs)
+            if keep_h:
+                u_cf = F.silu(h_c2f[:, :f]).mul_(h_c2f[:, f:])
+            else:  # gated in place in h's first half (a strided A operand): no u buffer to allocate and fault in
+                u_cf = F.silu(h_c2f[:, :f], inplace=True).mul_(h_c2f[:, f:])
+            y_nd[lo:hi] = torch._grouped_mm(u_cf, w2_efd[e0:e1], offs=offs)
+            if keep_h:
+                hs.append(h_c2f)
+            continue
         if keep_h or scratch is None or scratch.shape[0] < hi - lo:
             h_c2f = x_nd.new_empty(hi - lo, w1_ed2f.shape[2])
             scratch = None if keep_h else h_c2f
@@ -276,29 +343,38 @@ def _fused_forward(x_nd: torch.Tensor, w1_ed2f: torch.Tensor, w2_efd: torch.Tens
 
 
 def _fused_backward(dy_nd: torch.Tensor, x_nd: torch.Tensor, hs: Sequence[torch.Tensor], w1_ed2f: torch.Tensor,
-                    w2_efd: torch.Tensor, chunks: list[list[_Seg]], need_dx: bool, need_dw: bool
+                    w2_efd: torch.Tensor, chunks: list[list[_Seg]], need_dx: bool, need_dw: bool,
+                    gmm_offs: Sequence[torch.Tensor | None] | None = None
                     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
     """(dx, dw1 [E, d, 2f], dw2 [E, f, d]) of _fused_forward: swiglu_backward's ops, the elementwise part once
-    per chunk, each weight grad written into its expert's slice of one stacked buffer (replica segments add)."""
+    per chunk, each weight grad written into its expert's slice of one stacked buffer (replica segments add). A chunk
+    with gmm_offs runs du and dx as one torch._grouped_mm each; the weight grads stay per segment (written in place)."""
     f = w2_efd.shape[1]
     dx_nd = dy_nd.new_empty(x_nd.shape) if need_dx else None
     dw1 = torch.empty_like(w1_ed2f) if need_dw else None
     dw2 = torch.empty_like(w2_efd) if need_dw else None
     written: set[int] = set()
-    for chunk, h_c2f in zip(chunks, hs):
+    for c, (chunk, h_c2f) in enumerate(zip(chunks, hs)):
         lo, hi = _chunk_rows(chunk)
-        du_cf = dy_nd.new_empty(hi - lo, f)
-        for s, n, e in chunk:
-            torch.mm(dy_nd[s : s + n], w2_efd[e].t(), out=du_cf[s - lo : s - lo + n])
+        offs = None if gmm_offs is None else gmm_offs[c]
+        e0, e1 = chunk[0][2], chunk[-1][2] + 1
+        if offs is not None:
+            du_cf = torch._grouped_mm(dy_nd[lo:hi], w2_efd[e0:e1].transpose(1, 2), offs=offs)
+        else:
+            du_cf = dy_nd.new_empty(hi - lo, f)
+            for s, n, e in chunk:
+                torch.mm(dy_nd[s : s + n], w2_efd[e].t(), out=du_cf[s - lo : s - lo + n])
         a, g = h_c2f[:, :f], h_c2f[:, f:]
         sa = F.silu(a)
         dh_c2f = dy_nd.new_empty(hi - lo, 2 * f)
         torch.mul(du_cf, sa, out=dh_c2f[:, f:])
         torch.ops.aten.silu_backward.grad_input(du_cf.mul_(g), a, grad_input=dh_c2f[:, :f])
         u_cf = sa.mul_(g)
+        if dx_nd is not None and offs is not None:
+            dx_nd[lo:hi] = torch._grouped_mm(dh_c2f, w1_ed2f[e0:e1].transpose(1, 2), offs=offs)
         for s, n, e in chunk:
             rows, crow = slice(s, s + n), slice(s - lo, s - lo + n)
-            if dx_nd is not None:
+            if dx_nd is not None and offs is None:
                 torch.mm(dh_c2f[crow], w1_ed2f[e].t(), out=dx_nd[rows])
             if dw1 is not None and dw2 is not None:
                 if e in written:
@@ -321,10 +397,10 @@ class _FusedLoop(torch.autograd.Function):
     unbind/stack of the weight stacks)."""
 
     @staticmethod
-    def forward(ctx, x_nd, w1_ed2f, w2_efd, chunks):  # type: ignore[override]
-        y_nd, hs = _fused_forward(x_nd, w1_ed2f, w2_efd, chunks, keep_h=True)
+    def forward(ctx, x_nd, w1_ed2f, w2_efd, chunks, gmm_offs):  # type: ignore[override]
+        y_nd, hs = _fused_forward(x_nd, w1_ed2f, w2_efd, chunks, keep_h=True, gmm_offs=gmm_offs)
         ctx.save_for_backward(x_nd, w1_ed2f, w2_efd, *hs)
-        ctx.chunks = chunks
+        ctx.chunks, ctx.gmm_offs = chunks, gmm_offs
         return y_nd
 
     @staticmethod
@@ -333,8 +409,8 @@ class _FusedLoop(torch.autograd.Function):
         x_nd, w1_ed2f, w2_efd, *hs = ctx.saved_tensors
         need_dx, need_w1, need_w2 = ctx.needs_input_grad[:3]
         dx, dw1, dw2 = _fused_backward(dy_nd.contiguous(), x_nd, hs, w1_ed2f, w2_efd, ctx.chunks, need_dx,
-                                       need_w1 or need_w2)  # fmt: skip
-        return dx, dw1 if need_w1 else None, dw2 if need_w2 else None, None
+                                       need_w1 or need_w2, ctx.gmm_offs)  # fmt: skip
+        return dx, dw1 if need_w1 else None, dw2 if need_w2 else None, None, None
 
 
 def grouped_swiglu_fused(
@@ -343,20 +419,24 @@ def grouped_swiglu_fused(
     w1_ed2f: torch.Tensor,
     w2_efd: torch.Tensor,
     weight_index: Sequence[int] | None = None,
+    use_grouped_mm: bool = True,
 ) -> torch.Tensor:
     """grouped_swiglu_loop's matmuls (one pair per non-empty segment, no padding), fused around them: outputs
     written in place, SiLU * gate once per chunk of segments (fused_chunks), and under autograd one op with a
-    hand-written backward writing the weight grads into stacked buffers. Same result as the loop up to fp32
-    rounding; deterministic (a pure function of the counts decides every shape)."""
+    hand-written backward writing the weight grads into stacked buffers. A chunk of several segments of increasing
+    experts runs its GEMMs as one torch._grouped_mm per matrix (use_grouped_mm, where it fits: the same mm calls
+    from C++, without the per-segment Python and slicing). Same result as the loop up to fp32 rounding (bit-equal
+    on this build); deterministic (a pure function of the counts decides every shape)."""
     _check(x_nd, counts, weight_index)
     chunks = fused_chunks(counts, weight_index)
     if not chunks:
         return _empty(x_nd, w1_ed2f, w2_efd)
     x_nd = x_nd.contiguous()
+    gmm_offs = _chunk_gmm_offs(chunks, use_grouped_mm and _grouped_mm_fits(x_nd, w1_ed2f, w2_efd), x_nd.device)
     if torch.is_grad_enabled() and (x_nd.requires_grad or w1_ed2f.requires_grad or w2_efd.requires_grad):
-        return _FusedLoop.apply(x_nd, w1_ed2f, w2_efd, chunks)
+        return _FusedLoop.apply(x_nd, w1_ed2f, w2_efd, chunks, gmm_offs)
     with torch.no_grad():
-        return _fused_forward(x_nd, w1_ed2f, w2_efd, chunks, keep_h=False)[0]
+        return _fused_forward(x_nd, w1_ed2f, w2_efd, chunks, keep_h=False, gmm_offs=gmm_offs)[0]
 
 
 def grouped_swiglu(
@@ -371,11 +451,15 @@ def grouped_swiglu(
     Rows are sorted by group; groups with zero rows are skipped; weight_index may repeat an expert (replicas: the
     gradients of its weights accumulate). Differentiable w.r.t. x and both weight stacks. Picks the padded batched
     path (grouped_swiglu_padded) when padding costs almost nothing, else the loop, fused (grouped_swiglu_fused:
-    grouped_swiglu_loop's matmuls with less around them), by path_rule; all give the loop's result up to fp32
+    grouped_swiglu_loop's matmuls with less around them), by path_rule; without autograd the fused forward runs
+    only at few rows per expert (fused_forward_wins), else the plain loop. All give the loop's result up to fp32
     rounding, and the choice is a pure function of the counts (same inputs, same bits).
     """
     if padded_is_faster(counts, weight_index):
         return grouped_swiglu_padded(x_nd, counts, w1_ed2f, w2_efd, weight_index)
+    autograd = torch.is_grad_enabled() and (x_nd.requires_grad or w1_ed2f.requires_grad or w2_efd.requires_grad)
+    if not autograd and not fused_forward_wins(counts, weight_index):
+        return grouped_swiglu_loop(x_nd, counts, w1_ed2f, w2_efd, weight_index)
     return grouped_swiglu_fused(x_nd, counts, w1_ed2f, w2_efd, weight_index)
 
 

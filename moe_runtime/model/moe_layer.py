@@ -85,18 +85,31 @@ class LocalDispatcher(nn.Module):
         """Dispatch and combine of ONE token without a plan (inference, a batch-1 decode step): each chosen
         expert's SwiGLU on x times its gate, summed in plan order (expert id, stable), the order combine's
         index_add adds them in, so the same numbers bit for bit; [1, d] -> [1, d]."""
-        w1, w2 = self.experts.w1, self.experts.w2
+        w1_views, w2_views = self._expert_views()
         dt = x_1d.dtype  # weights stored in another dtype (bf16) are converted per expert, as in _few_segments
         gates_k = (weights_1k if weights_1k.dtype == dt else weights_1k.to(dt)).view(-1).unbind(0)  # 0-dim each
         out = None
         for j in sorted(range(len(expert_ids)), key=expert_ids.__getitem__):
             e = expert_ids[j]
-            w1e, w2e = w1[e], w2[e]
+            w1e, w2e = w1_views[e], w2_views[e]
             if w1e.dtype != dt:
                 w1e, w2e = w1e.to(dt), w2e.to(dt)
             y = swiglu(x_1d, w1e, w2e).mul_(gates_k[j])
             out = y if out is None else out.add_(y)
         return x_1d.new_zeros(x_1d.shape) if out is None else out
+
+    def _expert_views(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """Each expert's w1 and w2 as views (w1[e] is the same memory), made once instead of two indexing ops per
+        expert per step; remade when a weight's storage changes (`.to()`, a replaced Parameter: the old views keep
+        the old storage alive, so an equal data_ptr means the same storage). In-place updates show through."""
+        params = self._modules["experts"]._parameters  # by dict: nn.Module attribute misses cost ~5k instr. each
+        w1, w2 = params["w1"], params["w2"]
+        key = (w1.data_ptr(), w2.data_ptr())
+        cached = self.__dict__.get("_views")
+        if cached is None or cached[0] != key:
+            with torch.inference_mode(False), torch.no_grad():  # normal views of the leaves, no autograd nodes
+                cached = self.__dict__["_views"] = (key, w1.detach().unbind(0), w2.detach().unbind(0))
+        return cached[1], cached[2]
 
 
 class MoELayer(nn.Module):
@@ -125,17 +138,22 @@ class MoELayer(nn.Module):
 
     def forward(self, x_bsd: torch.Tensor, ctx: StepContext | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x_td = x_bsd.reshape(-1, x_bsd.shape[-1])
-        routed = self.router(x_td)
-        if (x_td.shape[0] == 1 and routed.mask is None and isinstance(self.dispatcher, LocalDispatcher)
+        mods = self._modules  # by dict: each nn.Module attribute miss costs ~5k instructions (per decode step)
+        routed = mods["router"](x_td)
+        dispatcher = mods["dispatcher"]
+        if (x_td.shape[0] == 1 and routed.mask is None and isinstance(dispatcher, LocalDispatcher)
                 and not torch.is_grad_enabled()):
             # one token in process (batch-1 decode): no plan, gather or index_add (per-op overhead rules there)
-            out_td = self.dispatcher.one_token(x_td, routed.expert_ids.tolist()[0], routed.weights)
+            out_td = dispatcher.one_token(x_td, routed.expert_ids.tolist()[0], routed.weights)
             self.__dict__["_last_plan"], self.__dict__["last_router_output"] = None, routed
-            self.__dict__["_pending_plan"] = (routed.expert_ids, self.dispatcher.placement)
+            self.__dict__["_pending_plan"] = (routed.expert_ids, dispatcher.placement)
             return out_td.view_as(x_bsd), routed.aux_loss
         plan = DispatchPlan.build(routed.expert_ids, self.dispatcher.placement, self.layer_index, routed.mask)
-        y_nd = self.dispatcher(plan.gather(x_td), plan, ctx)
-        out_td = plan.combine(y_nd, routed.weights)
+        fused = getattr(self.dispatcher, "dispatch_combine", None)  # a remote dispatcher: combine from the replies
+        if fused is not None:
+            out_td = fused(plan.gather(x_td), plan, ctx, routed.weights)
+        else:
+            out_td = plan.combine(self.dispatcher(plan.gather(x_td), plan, ctx), routed.weights)
         # plain attributes (neither tensors nor modules): skip nn.Module.__setattr__'s registry checks, per step
         self.__dict__["_last_plan"], self.__dict__["last_router_output"] = plan, routed
         self.__dict__["_pending_plan"] = None

@@ -14,6 +14,7 @@ and combine are unchanged. Without a mask the plan is exactly the fixed top-k on
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from itertools import groupby
@@ -192,4 +193,25 @@ class DispatchPlan:
         if gate_n.dtype != y_nd.dtype:
             gate_n = gate_n.to(y_nd.dtype)
         out = y_nd.new_zeros(self.num_tokens, y_nd.shape[-1])
-        return out.index_add(0, self.token_index, y_nd * gate_n.unsqueeze(-1))
+        return out.index_add_(0, self.token_index, y_nd * gate_n.unsqueeze(-1))  # in place: `out` is fresh
+
+    def combine_parts(self, parts_nd: Iterable[torch.Tensor], weights_tk: torch.Tensor) -> torch.Tensor:
+        """`combine` of y_nd given as consecutive row blocks (e.g. one view per reply, in plan order; an iterator
+        may produce each as it arrives), without joining them first: the same products summed in the same order
+        (index_add runs over the rows in order), so bit-equal to combine(torch.cat(parts_nd), weights_tk) in fp32
+        (CPU index_add accumulates bf16/fp16 rows differently in pieces: close, not equal). For inference (no
+        graph through the parts); at least one part."""
+        gate_n = weights_tk.reshape(-1).index_select(0, self.order)
+        out = None
+        start = 0
+        for y in parts_nd:
+            if out is None:
+                out = y.new_zeros(self.num_tokens, y.shape[-1])
+                if gate_n.dtype != y.dtype:
+                    gate_n = gate_n.to(y.dtype)
+            stop = start + y.shape[0]
+            out.index_add_(0, self.token_index[start:stop], y * gate_n[start:stop].unsqueeze(-1))
+            start = stop
+        if out is None or start != self.num_copies:
+            raise ValueError(f"parts hold {start} rows: the plan has {self.num_copies} token copies")
+        return out

@@ -103,6 +103,14 @@ class _Router(nn.Module):
     def logits(self, x_td: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _zero_aux(self, device: torch.device) -> torch.Tensor:
+        """A scalar fp32 zero kept for inference forwards without an aux loss (read-only: callers add to it)."""
+        zero = self.__dict__.get("_zero")
+        if zero is None or zero.device != device:
+            with torch.inference_mode(False):  # a normal tensor: usable by later no_grad forwards too
+                zero = self.__dict__["_zero"] = torch.zeros((), dtype=torch.float32, device=device)
+        return zero
+
     def select(self, logits_te: torch.Tensor, probs_te: torch.Tensor) -> Selection:
         r = self.routing
         if r.kind == "grouped":
@@ -125,7 +133,10 @@ class _Router(nn.Module):
         if self.routing.kind == "topk":  # the original path, bit for bit
             expert_ids, gates = top_k_gates(logits_te, self.top_k)
             probs = torch.softmax(logits_te, dim=-1)
-            aux = switch_load_balancing_loss(probs, expert_ids, self.aux_loss_coeff)
+            if self.aux_loss_coeff == 0.0 and not torch.is_grad_enabled():
+                aux = self._zero_aux(probs.device)  # the loss's own zero, minus a new_zeros per layer per step
+            else:
+                aux = switch_load_balancing_loss(probs, expert_ids, self.aux_loss_coeff)
             return RouterOutput(expert_ids, gates if gates.dtype == x_td.dtype else gates.to(x_td.dtype), probs, aux)
         probs = torch.softmax(logits_te, dim=-1)
         sel = self.select(logits_te, probs)
@@ -144,10 +155,18 @@ class AttentionRouter(_Router):
         nn.init.normal_(self.wqkv, std=init_std)
 
     def logits(self, x_td: torch.Tensor) -> torch.Tensor:
-        q, k, v = F.linear(_as_fp32(x_td), _as_fp32(self.wqkv)).chunk(3, dim=-1)  # [T, E] each: x @ wqkv^T
+        wqkv = self._parameters["wqkv"]  # by dict: `self.wqkv` is an nn.Module attribute miss (~5k instructions)
+        qkv_t3e = F.linear(_as_fp32(x_td), _as_fp32(wqkv))  # x @ wqkv^T: a fresh contiguous [T, 3E]
+        if not torch.is_grad_enabled():  # a decode step is per-op overhead:
+            # q [T, E, 1], k [T, 1, E], v [T, E, 1] as strided views of the thirds (3 calls, not chunk + 3
+            # unsqueezes; the same numbers), then the bmm the einsum runs, without its Python planning
+            t, e, off = qkv_t3e.shape[0], self.num_experts, qkv_t3e.storage_offset()
+            q = qkv_t3e.as_strided((t, e, 1), (3 * e, 1, 1), off)
+            k = qkv_t3e.as_strided((t, 1, e), (3 * e, e, 1), off + e)
+            v = qkv_t3e.as_strided((t, e, 1), (3 * e, 1, 1), off + 2 * e)
+            return torch.bmm(torch.softmax(q * k, dim=-1), v).squeeze(-1)  # q * k: A[t, i, j] = q_i k_j
+        q, k, v = qkv_t3e.chunk(3, dim=-1)  # [T, E] each
         scores_tee = q.unsqueeze(-1) * k.unsqueeze(-2)  # A[t, i, j] = q_i k_j
-        if not torch.is_grad_enabled():  # the bmm einsum runs, without its Python planning (decode steps)
-            return torch.bmm(torch.softmax(scores_tee, dim=-1), v.unsqueeze(-1)).squeeze(-1)
         return torch.einsum("tij,tj->ti", torch.softmax(scores_tee, dim=-1), v)
 
 
@@ -159,7 +178,7 @@ class LinearRouter(_Router):
         nn.init.normal_(self.weight, std=init_std)
 
     def logits(self, x_td: torch.Tensor) -> torch.Tensor:
-        return F.linear(_as_fp32(x_td), _as_fp32(self.weight))
+        return F.linear(_as_fp32(x_td), _as_fp32(self._parameters["weight"]))  # by dict: no attribute miss
 
 
 def build_router(kind: str, hidden_size: int, num_experts: int, top_k: int, aux_loss_coeff: float,

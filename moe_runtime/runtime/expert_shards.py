@@ -230,7 +230,9 @@ class ExpertShards:
     def forward(self, layer: int, experts: Sequence[int], counts: Sequence[int], x_nd: torch.Tensor,
                 save_as: ActivationKey | None) -> torch.Tensor:  # fmt: skip
         weights = self._weights
-        x_nd = self._staging.to_device(x_nd).to(self.device.dtype)  # CPU fp32: x_nd itself
+        x_nd = self._staging.to_device(x_nd)  # CPU: x_nd itself
+        if x_nd.dtype != self.device.dtype:  # the compare, not a no-op .to(): this is every call's path
+            x_nd = x_nd.to(self.device.dtype)
         y, hs = self._compute_forward(self._compute_weights([weights[(layer, e)] for e in experts]), counts, x_nd)
         with self._lock:
             if save_as is not None:

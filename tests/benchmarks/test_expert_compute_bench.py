@@ -20,7 +20,7 @@ def test_quick_report_fields_and_spread(tmp_path):
         spread = r["grouped_vs_loop_spread"]
         assert lo <= r["grouped_vs_loop"] <= hi and spread["rounds"] == r["repeats"]
         assert (spread["min"], spread["max"]) == (lo, hi) and spread["median"] == r["grouped_vs_loop"]
-        assert r["path"] in ("padded", "loop")
+        assert r["path"] in ("padded", "fused", "loop")
     assert res["grouped_vs_loop_min"] == min(r["grouped_vs_loop"] for r in res["forward"])
     worst = min(res["forward"], key=lambda r: r["grouped_vs_loop"])
     assert res["grouped_vs_loop_min_tokens"] == worst["tokens"]

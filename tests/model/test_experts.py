@@ -4,6 +4,8 @@ input; the selection rule (padded without padding waste, else the fused loop); t
 determinism and partial gradients; the no-autograd forward / hand-written backward the expert server runs, against
 autograd."""
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,9 +16,11 @@ from moe_runtime.model.experts import (
     grouped_swiglu,
     grouped_swiglu_backward,
     fused_chunks,
+    fused_forward_wins,
     grouped_swiglu_forward_saving,
     grouped_swiglu_fused,
     grouped_swiglu_loop,
+    grouped_mm_offsets,
     grouped_swiglu_padded,
     padded_is_faster,
     path_rule,
@@ -183,18 +187,34 @@ def test_selection_rule():
 
 
 
-@pytest.mark.parametrize("counts", [[4] * 32, [150, 400, 220, 600] * 8])
-def test_grouped_swiglu_dispatches_by_the_rule(monkeypatch, counts):
+@pytest.mark.parametrize(
+    ("counts", "grad", "expected"),
+    [
+        ([4] * 32, False, "grouped_swiglu_padded"),
+        ([150, 400, 220, 600] * 8, True, "grouped_swiglu_fused"),  # autograd: the fused loop at any size
+        ([150, 400, 220, 600] * 8, False, "grouped_swiglu_loop"),  # forward, 342 rows per expert: the plain loop
+        ([1, 9, 0, 3] * 8, False, "grouped_swiglu_fused"),  # forward, 4.3 rows per expert: fused
+    ],
+)
+def test_grouped_swiglu_dispatches_by_the_rule(monkeypatch, counts, grad, expected):
     import moe_runtime.model.experts as mod
 
     called = []
     for name in ("grouped_swiglu_loop", "grouped_swiglu_padded", "grouped_swiglu_fused"):
         real = getattr(mod, name)
         monkeypatch.setattr(mod, name, lambda *a, _n=name, _f=real, **k: called.append(_n) or _f(*a, **k))
-    x = torch.randn(sum(counts), 4)
+    x = torch.randn(sum(counts), 4, requires_grad=grad)
     mod.grouped_swiglu(x, counts, torch.randn(32, 4, 8), torch.randn(32, 4, 4))
-    expected = "grouped_swiglu_padded" if counts[0] == 4 else "grouped_swiglu_fused"  # the loop, fused
     assert called == [expected]
+    assert mod.fused_forward_wins(counts) == (sum(counts) <= 8 * sum(1 for n in counts if n))
+
+
+def test_fused_forward_rule():
+    """Mean rows per used expert <= FUSED_FORWARD_MAX_MEAN_ROWS (8); replicas merged; nothing used: False."""
+    assert fused_forward_wins([8] * 4) and not fused_forward_wins([9] * 4)
+    assert fused_forward_wins([1, 0, 15]) and not fused_forward_wins([1, 0, 16])
+    assert not fused_forward_wins([6, 6], [0, 0])  # one expert with 12 rows
+    assert not fused_forward_wins([]) and not fused_forward_wins([0, 0])
 
 
 def test_handwritten_backward_matches_autograd():
@@ -301,3 +321,72 @@ def test_fused_partial_gradients(needs):
         assert (got is None) == (ref is None) == (name != needs and not (needs == "weights" and name != "x"))
         if ref is not None:
             assert_close(got, ref)
+
+
+def test_grouped_mm_offsets_rule():
+    """One group per expert in [first, last] of a chunk, ends relative to the chunk, an unused expert an empty group;
+    None for one segment (a plain mm) and for replicas or unsorted experts (the per-segment loop)."""
+    assert grouped_mm_offsets([(10, 3, 2), (13, 4, 3), (17, 1, 5)]) == [3, 7, 7, 8]
+    assert grouped_mm_offsets([(0, 2, 0), (2, 2, 1)]) == [2, 4]
+    assert grouped_mm_offsets([(0, 5, 4)]) is None
+    assert grouped_mm_offsets([(0, 2, 3), (2, 2, 1)]) is None
+    assert grouped_mm_offsets([(0, 2, 1), (2, 2, 1)]) is None
+
+
+def _counting_grouped_mm(monkeypatch):
+    calls = []
+    real = torch._grouped_mm
+
+    def counted(*args, **kwargs):
+        calls.append(args[1].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_grouped_mm", counted)
+    return calls
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_fused_grouped_mm_chunks_match_the_loop(monkeypatch, seed):
+    """Chunks of several segments run as torch._grouped_mm (forward, du, dx): output and every gradient bit-equal to
+    the same fused loop without it and to the plain loop up to rounding, no-grad forward included; zero-count
+    experts inside a chunk are empty groups."""
+    counts, x, w1, w2 = _skewed_setup(seed, tokens=160, experts=12, d=16, ffn=24)
+    counts[3] = 0  # an unused expert between used ones
+    x = x[: sum(counts)]
+    dy = torch.randn(sum(counts), x.shape[1], generator=torch.Generator().manual_seed(seed + 7))
+    calls = _counting_grouped_mm(monkeypatch)
+    with_gmm = _fwd_bwd(grouped_swiglu_fused, counts, x, w1, w2, dy)
+    assert len(calls) >= 4  # two in the forward and two in the backward per multi-segment chunk
+    calls.clear()
+    without = _fwd_bwd(partial(grouped_swiglu_fused, use_grouped_mm=False), counts, x, w1, w2, dy)
+    assert not calls
+    loop = _fwd_bwd(grouped_swiglu_loop, counts, x, w1, w2, dy)
+    for a, b, ref in zip(with_gmm, without, loop):
+        assert torch.equal(a, b)
+        assert_close(a, ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # gated in place in h: still the same bits
+        assert torch.equal(grouped_swiglu_fused(x, counts, w1, w2), with_gmm[0])
+        assert torch.equal(grouped_swiglu(x, counts, w1, w2), with_gmm[0])
+
+
+def test_fused_falls_back_where_grouped_mm_does_not_fit(monkeypatch):
+    """d = 6 (rows of 24 bytes, not a multiple of 16): no torch._grouped_mm call, the per-segment loop, same result."""
+    counts, x, w1, w2 = _skewed_setup(3, tokens=40, experts=6, d=6, ffn=10)
+    dy = torch.randn(sum(counts), 6, generator=torch.Generator().manual_seed(1))
+    calls = _counting_grouped_mm(monkeypatch)
+    got = _fwd_bwd(grouped_swiglu_fused, counts, x, w1, w2, dy)
+    assert not calls
+    for a, ref in zip(got, _fwd_bwd(grouped_swiglu_loop, counts, x, w1, w2, dy)):
+        assert_close(a, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_in_float64_falls_back_to_the_loop(monkeypatch):
+    """torch._grouped_mm refuses float64 (the tests' oracles run in it): the per-segment loop, same result."""
+    counts, x, w1, w2 = _skewed_setup(3, tokens=40, experts=6, d=8, ffn=16)
+    x, w1, w2 = (t.double() for t in (x, w1, w2))
+    dy = torch.randn(sum(counts), 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    calls = _counting_grouped_mm(monkeypatch)
+    got = _fwd_bwd(grouped_swiglu_fused, counts, x, w1, w2, dy)
+    assert not calls
+    for a, ref in zip(got, _fwd_bwd(grouped_swiglu_loop, counts, x, w1, w2, dy)):
+        assert_close(a, ref, rtol=1e-10, atol=1e-10)
