@@ -81,9 +81,13 @@ class Failover:
         with self._lock:
             self._down[actor] = why
 
-    def forward(self, disp: RemoteDispatcher, exchange: _Exchange, x_nd: torch.Tensor, plan: DispatchPlan
-                ) -> torch.Tensor:  # fmt: skip
-        """y_nd for an inference forward, around down actors (each found down at most once per call)."""
+    def forward(self, disp: RemoteDispatcher, exchange: _Exchange, x_nd: torch.Tensor, plan: DispatchPlan,
+                failed: ExpertCallError | None = None) -> torch.Tensor:  # fmt: skip
+        """y_nd for an inference forward, around down actors (each found down at most once per call). `failed`:
+        the error of a first attempt made elsewhere (RemoteDispatcher.dispatch_combine): its actor is marked down
+        first, so the stopped actor is not waited for a second time (raised as is when it is not a down code)."""
+        if failed is not None:
+            self._mark_failed(disp, failed, self.down)
         for _ in range(disp.placement.num_actors + 1):
             down = self.down
             try:
@@ -96,11 +100,15 @@ class Failover:
             except ExpertsUnavailable:
                 raise
             except ExpertCallError as err:
-                actor = _actor_of(disp, err.address)
-                if err.code not in DOWN_CODES or actor is None or actor in down:
-                    raise
-                self.mark_down(actor, f"{err.code.name if err.code else 'BAD_REPLY'}: {err.details}")
+                self._mark_failed(disp, err, down)
         raise AssertionError("unreachable: every actor was marked down once")
+
+    def _mark_failed(self, disp: RemoteDispatcher, err: ExpertCallError, down: dict[int, str]) -> None:
+        """Mark err's actor down, or raise err: not a down code, an unknown address, or an actor already down."""
+        actor = _actor_of(disp, err.address)
+        if err.code not in DOWN_CODES or actor is None or actor in down:
+            raise err
+        self.mark_down(actor, f"{err.code.name if err.code else 'BAD_REPLY'}: {err.details}")
 
     def _rerouted(self, disp: RemoteDispatcher, exchange: _Exchange, x_nd: torch.Tensor, plan: DispatchPlan,
                   down: dict[int, str]) -> torch.Tensor:  # fmt: skip

@@ -104,10 +104,10 @@ class RemoteDispatcher(nn.Module):
         exchange = self._exchange(x_nd, plan, ctx)
         try:
             out = self._fused_exchange(exchange, x_nd, plan, weights_tk)
-        except ExpertCallError:
+        except ExpertCallError as err:
             if self.failover is None:
                 raise
-            out = plan.combine(self.failover.forward(self, exchange, x_nd, plan), weights_tk)  # marks it down
+            out = plan.combine(self.failover.forward(self, exchange, x_nd, plan, failed=err), weights_tk)
         for hook in self._forward_hooks.values():
             hook(self, args, out)
         return out

@@ -44,7 +44,9 @@ class InProcessClient(ExpertClient):
     def _serve(self, method, message):
         self.calls += 1
         handler = self._server._rpc_dispatch if method == "Dispatch" else self._server._rpc_backward
-        reply = handler(message, _Ctx())
+        ctx = _Ctx()
+        reply = handler(message, ctx)
+        assert ctx.code is None, (ctx.code, ctx.details)  # the handler refused the request: say why
         return reply if self._rewrite is None else self._rewrite(reply)
 
     def call(self, method, frame, *, layer=None, step=None, wait=False, wrapped=False):
@@ -167,3 +169,36 @@ def test_with_failover_fused_equals_plain_and_a_down_actor_goes_through_failover
         with pytest.raises(ExpertsUnavailable, match="no live replica"):  # contiguous: actor 1's experts are lost
             disp.dispatch_combine(x_nd, plan, StepContext(0), gates)
         assert list(disp.failover.down) == [1]
+
+
+def test_a_failed_actor_with_replicas_is_called_once_then_routed_around():
+    """Every expert on both actors; actor 1 fails in the fused path: the answer comes from actor 0's replicas, equal
+    to the plain path, and actor 1 is not tried a second time (a stopped actor would cost its deadline twice: a
+    router worker answering after 2x transport.deadline_s is taken for hung)."""
+    from moe_runtime.dispatch.failover import Failover
+
+    g = torch.Generator().manual_seed(7)
+    placement = Placement.contiguous(1, E, ACTORS).with_replicas((tuple((0, 1) for _ in range(E)),))
+    w1, w2 = torch.randn(E, D, 2 * FF, generator=g) * 0.2, torch.randn(E, FF, D, generator=g) * 0.2
+    shards = [ExpertShards({(0, e): (w1[e], w2[e]) for e in range(E)}, placement.version) for _ in range(ACTORS)]
+    clients = [InProcessClient(ExpertServer(s, auth_token=TOKEN), f"in-process-{a}") for a, s in enumerate(shards)]
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    gates = torch.softmax(torch.randn(T, K, generator=g), -1)
+    plan = DispatchPlan.build(ids, placement, 0)
+    assert len(plan.destinations) == ACTORS
+    x_nd = plan.gather(torch.randn(T, D, generator=g))
+    with torch.no_grad():
+        want = plan.combine(RemoteDispatcher(0, placement, clients)(x_nd, plan, StepContext(0)), gates)
+    tried = []
+
+    async def fail(method, message):
+        tried.append(method)
+        raise _Unavailable()
+
+    disp = RemoteDispatcher(0, placement, clients)
+    disp.failover = Failover()
+    clients[1].call_async = fail
+    with torch.no_grad():
+        got = disp.dispatch_combine(x_nd, plan, StepContext(0), gates)
+    assert list(disp.failover.down) == [1] and tried == ["Dispatch"], tried
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
