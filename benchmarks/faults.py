@@ -19,12 +19,9 @@ Scenarios (each starts from the same step-0 state; kills hit only this cluster's
 - hang, data plane, serving: SIGSTOP an expert actor (router worker) while a forward is in flight: the request
   still answers (rows re-sent to a replica / to the other worker) after about one deadline; failed requests and
   time until status() is healthy again;
-- node loss (benchmarks/_faults_nodes.py): every expert on both nodes, the second node removed while serving
-  (failed requests, first answer, until healthy) and during training (steps re-run, losses equal; not with
-  --quick: the node_loss_training_* fields are then null). Full run: a child process with its own 2-node Ray.
-  --quick: the whole run is on a 2-node Ray (4 fake GPUs per node; the expert actors' placement group spreads
-  them 2 + 2) and the serving node loss is the last scenario, on the run's own cluster, restored to step 0 and
-  healthy first: one Python, Ray and cluster start-up less than with the child (docs/measurements.md);
+- node loss (a child process with its own 2-node Ray, benchmarks/_faults_nodes.py): every expert on both nodes,
+  the second node removed while serving (failed requests, first answer, until healthy) and during training
+  (steps re-run, losses equal; not with --quick: the node_loss_training_* fields are then null);
 - scale: 4 -> 6 -> 3 expert actors between training steps; losses compared with the clean run.
 
 Last stdout line (and runs/bench/faults.json): serving_failed_requests_with_replicas, serving_failover_s,
@@ -39,7 +36,6 @@ scale_down_s, and ratios against the clean forward / step times.
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import signal
@@ -247,19 +243,6 @@ def _node_loss(tmp: Path, steps: int, requests: int, quick: bool, log) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def _node_loss_here(c, sim, requests: int, log) -> dict:
-    """--quick: the serving node loss on this run's cluster (on a 2-node Ray since the start), from a healthy
-    cluster at step 0 like every other scenario; the removed node is the last one."""
-    from benchmarks._faults_nodes import _serving as node_serving
-
-    c.restore(c.init_dir)
-    _wait_healthy(c)
-    out = node_serving(c, sim, requests)
-    if not out["lost_actors"]:
-        log("  node loss: no expert actor was on the removed node (the placement group did not spread them)")
-    return {"serving": out}
-
-
 def _control_hang(c, tmp: Path) -> dict:
     import ray
 
@@ -317,18 +300,12 @@ def main(argv: list[str] | None = None) -> dict:
     log = console.log
     import torch
 
-    from moe_runtime.config import ClusterConfig
     from moe_runtime.runtime.cluster import Cluster
-    from moe_runtime.runtime.ray_env import start_ray
 
     torch.set_num_threads(1)
     steps = 4 if args.quick else 6
     requests = 4 if args.quick else 10
     t_start = time.perf_counter()
-    # --quick: one 2-node Ray for every scenario, node loss included (the full run's node loss: a child process)
-    env = start_ray(ClusterConfig(num_nodes=2, num_gpus=8, expert_actors=4)) if args.quick else None
-    if env is not None:
-        atexit.register(env.shutdown)  # a failed scenario must not leave the simulated nodes' processes behind
     with tempfile.TemporaryDirectory(prefix="moe-faults-") as tmpdir:
         tmp = Path(tmpdir)
         with Cluster.start(_config(tmp, steps)) as c:
@@ -360,14 +337,8 @@ def main(argv: list[str] | None = None) -> dict:
             serve_hang_w = _serving_hang(c, probe, "worker", log)
             log("scale 4 -> 6 -> 3 expert actors between steps")
             scaled = _scale(c, steps, clean.losses)
-            if env is not None:
-                log("node loss (this cluster, 2 simulated nodes): serving")
-                nodes = _node_loss_here(c, env._sim, requests, log)
-        if env is None:
-            log("node loss (child process, 2 simulated nodes): serving, then training")
-            nodes = _node_loss(tmp, steps, requests, args.quick, log)
-        else:
-            env.shutdown()
+        log("node loss (child process, 2 simulated nodes): serving" + ("" if args.quick else ", then training"))
+        nodes = _node_loss(tmp, steps, requests, args.quick, log)
     node_serve, node_train = nodes.get("serving", {}), nodes.get("training", {})
     node_equal = None
     if node_train:
