@@ -112,8 +112,14 @@ def _interrupt_up_mid_start(tmp_path: Path, attempt: int) -> tuple[subprocess.Po
     env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / f"state{attempt}")}
     name = f"intr-{uuid.uuid4().hex[:6]}"
     state = Path(env["XDG_STATE_HOME"]) / "moe-runtime" / f"{name}.json"
-    proc = subprocess.Popen([sys.executable, "-m", "moe_runtime.cli", "--name", name, "up", "--config",
-                             str(_config(tmp_path))], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    # a Ctrl-C from a terminal: SIGINT must reach `up` as KeyboardInterrupt even where this test runs with SIGINT
+    # ignored (a background job of a shell without job control, e.g. `bash .ci/run &`), which a child inherits
+    ours = signal.signal(signal.SIGINT, signal.default_int_handler)  # a handler: the child starts with SIG_DFL
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "moe_runtime.cli", "--name", name, "up", "--config",
+                                 str(_config(tmp_path))], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, ours)
     info: dict = {}
     try:
         deadline = time.monotonic() + 120
