@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -x --timeout=900 tests
+	$(BIN)/python -m pytest -q -x --timeout=900 --durations=25 tests
 
 demo: $(STAMP)
 	$(BIN)/python -m moe_runtime.demo --config cluster/local.yaml
