@@ -22,6 +22,21 @@ def _grads(model):
     return {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
 
 
+def _two_batch_matches(model, tokens, targets, loss, ce, **kw):
+    """two_batch_loss after model.loss's backward (`loss`, `ce`): the same loss, cross entropy and every gradient."""
+    ref = _grads(model)
+    model.zero_grad(set_to_none=True)
+    out = two_batch_loss(model, tokens, targets, **kw)
+    out.loss.backward()
+    assert_close(out.loss, loss)
+    assert_close(out.ce, ce)
+    got = _grads(model)
+    assert set(got) == set(ref)
+    for k in ref:
+        assert_close(got[k], ref[k], msg=k)
+    return out
+
+
 @pytest.mark.parametrize("model_kw", [
     {"aux_loss_coeff": 0.01},
     {"aux_loss_coeff": 0.01, "router": "linear"},
@@ -36,20 +51,10 @@ def test_two_batch_equals_whole_micro_batch(model_kw, rows):
     loss, ce = model.loss(tokens, targets)
     load = model.expert_load()
     loss.backward()
-    ref = _grads(model)
-    model.zero_grad(set_to_none=True)
-
-    out = two_batch_loss(model, tokens, targets)
-    out.loss.backward()
-    assert_close(out.loss, loss)
-    assert_close(out.ce, ce)
+    out = _two_batch_matches(model, tokens, targets, loss, ce)
     assert float((loss - ce).detach()) > 0  # the aux loss is on, so the whole-batch aux formula is exercised
     assert_close(out.loss - out.ce, loss - ce)
     assert torch.equal(out.load_le, load)
-    got = _grads(model)
-    assert set(got) == set(ref)
-    for k in ref:
-        assert_close(got[k], ref[k], msg=k)
 
 
 def test_one_row_runs_whole():
@@ -102,17 +107,7 @@ def test_two_batch_with_document_masks_equals_whole(rows, with_positions):
     plain, _ = model.loss(tokens, targets)
     assert not torch.allclose(loss, plain)  # the masks change the result: the test can tell them apart
     loss.backward()
-    ref = _grads(model)
-    model.zero_grad(set_to_none=True)
-
-    out = two_batch_loss(model, tokens, targets, **kw)
-    out.loss.backward()
-    assert_close(out.loss, loss)
-    assert_close(out.ce, ce)
-    got = _grads(model)
-    assert set(got) == set(ref)
-    for k in ref:
-        assert_close(got[k], ref[k], msg=k)
+    _two_batch_matches(model, tokens, targets, loss, ce, **kw)
 
 
 def test_bad_documents_name_the_problem():

@@ -40,6 +40,16 @@ def _oracle(cfg):
         torch.set_num_threads(threads)
 
 
+def assert_train_matches_oracle(result, cfg):
+    """The cluster's losses, aux losses and expert load equal the in-process run's; returns the oracle's result."""
+    oracle = _oracle(cfg)
+    torch.testing.assert_close(torch.tensor(result.losses), torch.tensor(oracle.losses), rtol=1e-4, atol=0)
+    torch.testing.assert_close(torch.tensor(result.aux_losses), torch.tensor(oracle.aux_losses), rtol=1e-4,
+                               atol=1e-7)  # fmt: skip
+    assert result.expert_load == oracle.expert_load  # same routing, token for token
+    return oracle
+
+
 @pytest.mark.slow
 def test_files_on_the_cluster_match_in_process(ray_session, runtime_tmp):
     from moe_runtime.runtime.cluster import Cluster
@@ -47,11 +57,7 @@ def test_files_on_the_cluster_match_in_process(ray_session, runtime_tmp):
     cfg = files_config(runtime_tmp)
     with Cluster.start(cfg) as c:
         result = c.train(STEPS)
-    oracle = _oracle(cfg)
-    torch.testing.assert_close(torch.tensor(result.losses), torch.tensor(oracle.losses), rtol=1e-4, atol=0)
-    torch.testing.assert_close(torch.tensor(result.aux_losses), torch.tensor(oracle.aux_losses), rtol=1e-4,
-                               atol=1e-7)
-    assert result.expert_load == oracle.expert_load  # same routing, token for token
+    oracle = assert_train_matches_oracle(result, cfg)
     torch.testing.assert_close(torch.tensor(result.val_loss), torch.tensor(oracle.val_loss), rtol=1e-4, atol=0)
     unmasked = cfg.model_copy(update={"data": cfg.data.model_copy(update={"reset_positions": False})})
     assert _oracle(unmasked).losses != oracle.losses  # the positions reached the model: the check can fail

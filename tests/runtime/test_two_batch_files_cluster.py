@@ -5,10 +5,9 @@ the tiny preset, the files of test_data_files_cluster.py, 2 expert actors, 3 ste
 from __future__ import annotations
 
 import pytest
-import torch
 
 from moe_runtime.config import parse_config
-from tests.runtime.test_data_files_cluster import STEPS, _oracle, files_config
+from tests.runtime.test_data_files_cluster import STEPS, assert_train_matches_oracle, files_config
 
 
 @pytest.mark.slow
@@ -20,8 +19,4 @@ def test_two_batch_with_files_matches_in_process(ray_session, runtime_tmp):
     cfg = parse_config(data)
     with Cluster.start(cfg) as c:
         result = c.train(STEPS)
-    oracle = _oracle(cfg)
-    torch.testing.assert_close(torch.tensor(result.losses), torch.tensor(oracle.losses), rtol=1e-4, atol=0)
-    torch.testing.assert_close(torch.tensor(result.aux_losses), torch.tensor(oracle.aux_losses), rtol=1e-4,
-                               atol=1e-7)  # fmt: skip
-    assert result.expert_load == oracle.expert_load  # same routing, token for token
+    assert_train_matches_oracle(result, cfg)
