@@ -200,7 +200,10 @@ def run(experts, placement, rounds, reps, quick) -> dict:
     echo = experts
     echo_ch = [grpc.insecure_channel(p.address, options=OPTS) for p in echo]
     echo_rpc = [WithToken(c.unary_unary(ECHO_METHOD, _registered_method=True)) for c in echo_ch]
-    clients = [ExpertClient(p.address, TOKEN, deadline_s=60.0, max_message_bytes=MAX_MSG) for p in experts]
+    # the runtime's data plane: Dispatch / Backward on the servers' TCP lanes (dispatch/lane.py, transport.lane "tcp");
+    # grpc_clients: the same calls on gRPC (transport.lane "grpc", the data plane before the lane)
+    clients = [ExpertClient(p.address, TOKEN, deadline_s=60.0, max_message_bytes=MAX_MSG, lane=True) for p in experts]
+    grpc_clients = [ExpertClient(p.address, TOKEN, deadline_s=60.0, max_message_bytes=MAX_MSG) for p in experts]
 
     # ---------------------------------------------------------------- 1. raw echo, one server, payload sizes
     sizes = [64 << 10, 1 << 20, 4 << 20] + ([] if quick else [16 << 20])
@@ -220,6 +223,7 @@ def run(experts, placement, rounds, reps, quick) -> dict:
     x_nd = plan.gather(x_td)
     batch_bytes = x_nd.nbytes
     disp = RemoteDispatcher(0, placement, clients)
+    disp_grpc = RemoteDispatcher(0, placement, grpc_clients)
     ctx = StepContext(0)
     per_server = [bytes((d.stop - d.start) * D * 4) for d in plan.destinations]
 
@@ -231,6 +235,10 @@ def run(experts, placement, rounds, reps, quick) -> dict:
     def dispatch_combine():  # what MoELayer runs in inference: combine straight from the replies
         with torch.no_grad():
             disp.dispatch_combine(x_nd, plan, ctx, gates)
+
+    def dispatch_combine_grpc():  # the same on gRPC
+        with torch.no_grad():
+            disp_grpc.dispatch_combine(x_nd, plan, ctx, gates)
 
     y_stack = torch.empty_like(x_nd)
 
@@ -259,13 +267,15 @@ def run(experts, placement, rounds, reps, quick) -> dict:
 
     set_identity(True)
     t = interleaved({"raw": raw_fanout, "dispatch": dispatch_combine, "stack_on_echo": stack_on_echo,
-                     "tcp": tcp_fanout}, rounds, reps)  # fmt: skip
+                     "tcp": tcp_fanout, "dispatch_grpc": dispatch_combine_grpc}, rounds, reps)  # fmt: skip
     res["raw_tcp_ms"] = round(t["tcp"] * 1e3, 3)
     res["raw_tcp_gbps"] = round(batch_bytes / t["tcp"] / 1e9, 3)
     res["raw_grpc_vs_raw_tcp"] = round(t["tcp"] / t["raw"], 3)
     res["raw_grpc_vs_raw_tcp_spread"] = spread_stats("tcp", "raw")
     res["dispatch_vs_raw_grpc_spread"] = spread_stats("raw", "dispatch")
     res["dispatch_vs_raw_grpc_range"] = spread("raw", "dispatch")  # before the next `interleaved` replaces the rounds
+    res["dispatch_vs_raw_tcp_spread"] = spread_stats("tcp", "dispatch")
+    res["dispatch_grpc_vs_raw_grpc_spread"] = spread_stats("raw", "dispatch_grpc")
     tcp.close()
     prof_id, calls_id = server_profile()
     set_identity(False)
@@ -277,6 +287,9 @@ def run(experts, placement, rounds, reps, quick) -> dict:
     res["raw_grpc_gbps"] = round(batch_bytes / t["raw"] / 1e9, 3)
     res["dispatch_gbps"] = round(batch_bytes / t["dispatch"] / 1e9, 3)
     res["dispatch_vs_raw_grpc"] = round(t["raw"] / t["dispatch"], 3)
+    res["dispatch_vs_raw_tcp"] = round(t["tcp"] / t["dispatch"], 3)  # the physical limit on loopback
+    res["dispatch_grpc_ms"] = round(t["dispatch_grpc"] * 1e3, 3)
+    res["dispatch_grpc_vs_raw_grpc"] = round(t["raw"] / t["dispatch_grpc"], 3)
     res["client_stack_on_echo_ms"] = round(t["stack_on_echo"] * 1e3, 3)
     res["dispatch_tiny_experts_ms"] = round(t_tiny["dispatch"] * 1e3, 3)
     res["dispatch_tiny_experts_vs_raw_grpc"] = round(t_tiny["raw"] / t_tiny["dispatch"], 3)
@@ -346,10 +359,16 @@ def run(experts, placement, rounds, reps, quick) -> dict:
         with torch.no_grad():
             disp(tiny_x, tiny_plan, ctx)
 
+    def ours_grpc():  # the same on gRPC
+        with torch.no_grad():
+            disp_grpc(tiny_x, tiny_plan, ctx)
+
     set_identity(True)  # the stack's overhead: zero-FLOP expert, everything else real
-    t = interleaved({"bare": lambda: echo_rpc[0](tiny, timeout=60), "ours": ours}, rounds, reps * 10)
+    t = interleaved({"bare": lambda: echo_rpc[0](tiny, timeout=60), "ours": ours, "ours_grpc": ours_grpc},
+                    rounds, reps * 10)  # fmt: skip
     res["call_overhead_vs_bare_rpc_range"] = spread("ours", "bare")
     res["call_overhead_vs_bare_rpc_spread"] = spread_stats("ours", "bare")
+    res["call_overhead_grpc_vs_bare_rpc_spread"] = spread_stats("ours_grpc", "bare")
     res["tiny_call_cpu_us"] = tiny_cpu(experts[0].pid, {"bare": lambda: echo_rpc[0](tiny, timeout=60), "ours": ours},
                                        calls=100 * reps)  # fmt: skip
     set_identity(False)
@@ -357,6 +376,8 @@ def run(experts, placement, rounds, reps, quick) -> dict:
     res["bare_rpc_ms"] = round(t["bare"] * 1e3, 3)
     res["tiny_call_ms"] = round(t["ours"] * 1e3, 3)
     res["call_overhead_vs_bare_rpc"] = round(t["ours"] / t["bare"], 3)
+    res["call_overhead_grpc_vs_bare_rpc"] = round(t["ours_grpc"] / t["bare"], 3)
+    res["tiny_call_grpc_ms"] = round(t["ours_grpc"] * 1e3, 3)
     res["tiny_call_with_expert_vs_bare_rpc"] = round(t_exp["ours"] / t_exp["bare"], 3)
     res["tiny_call_pieces_us"] = tiny_pieces(tiny_x)
 
@@ -378,7 +399,7 @@ def run(experts, placement, rounds, reps, quick) -> dict:
 
     for ch in echo_ch:
         ch.close()
-    for cl in clients:
+    for cl in clients + grpc_clients:
         cl.close()
     # ---------------------------------------------------------------- chunked frames vs one message
     res["chunked"] = chunked_compare(experts[0].address, rounds, reps)

@@ -196,7 +196,7 @@ class TrainConfig(_Strict):
 
 
 class TransportConfig(_Strict):
-    """Data plane (gRPC + msgpack frames)."""
+    """Data plane (msgpack frames over a TCP lane or gRPC; control calls over gRPC)."""
 
     host: str = "127.0.0.1"
     wire_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
@@ -216,6 +216,9 @@ class TransportConfig(_Strict):
     # size crosses gRPC, copying overlaps sending; None = one message per frame, except that a frame larger than
     # max_message_mb always streams (automatic chunks, never a failure: the limit bounds each message, not a frame)
     chunk_mb: float | None = Field(default=None, gt=0)
+    # tcp: Dispatch / Backward frames go over each expert server's TCP lane (dispatch/lane.py: the same frames, no
+    # gRPC copies or per-call gRPC cost; chunk_mb does not apply there); grpc: over gRPC (Health / EndStep always are)
+    lane: Literal["tcp", "grpc"] = "tcp"
 
 
 class ClusterConfig(_Strict):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from typing import Any
 
 import grpc
@@ -18,6 +19,7 @@ from typing_extensions import Self
 from moe_runtime.dispatch.chunks import ChunkError, FrameAssembler, chunk_messages
 from moe_runtime.dispatch.codec import FrameError, decode_frame
 from moe_runtime.dispatch.envelope import EnvelopeError, unwrap_frame, wrap_frame
+from moe_runtime.dispatch.lane import LaneClient, LaneError
 from moe_runtime.dispatch.proto import expert_pb2 as pb
 from moe_runtime.dispatch.service import (
     DEFAULT_MAX_FRAME_BYTES,
@@ -60,7 +62,7 @@ class ExpertCallError(RuntimeError):
 class ExpertFuture:
     """A Dispatch/Backward call. `result()` returns the reply's codec frame (a view, no copy) or raises
     ExpertCallError. Wraps a gRPC future, a chunked call's reply stream (`streamed`), or the outcome of a call
-    already made (a reply or the RpcError)."""
+    already made (a reply or the RpcError), or a TCP lane call (dispatch/lane.py)."""
 
     __slots__ = ("_call", "_client", "_layer", "_method", "_outcome", "_step", "_streamed")
 
@@ -82,6 +84,9 @@ class ExpertFuture:
                 reply = self._call.result()
         except grpc.RpcError as e:
             raise self._client._error(self._method, self._layer, self._step, e) from None
+        except LaneError as e:
+            raise ExpertCallError(self._client.address, self._method, self._layer, self._step, e.code,
+                                  e.details) from None  # fmt: skip
         except ChunkError as e:
             raise ExpertCallError(
                 self._client.address, self._method, self._layer, self._step, None, f"bad chunked reply: {e}"
@@ -110,8 +115,15 @@ class ExpertClient:
     A frame that does not fit one message of `max_message_bytes` goes as a chunked stream (DispatchStream /
     BackwardStream, dispatch/chunks.py) of `auto_chunk_bytes(max_message_bytes)` messages, and its reply comes
     back the same way: a frame of any size crosses, bounded only by `max_frame_bytes` in total. Frames that fit
-    stay one unary message (the fastest). `chunk_bytes`: also stream every frame larger than this, in messages of
-    this size (copying overlaps sending)."""
+    stay one unary message. `chunk_bytes`: also stream every frame larger than this, in messages of this size
+    (copying overlaps sending).
+
+    `lane=True`: Dispatch and Backward go over the server's TCP lane (dispatch/lane.py: no gRPC copies, no
+    message limit but `max_frame_bytes`) when its Health reply names one; gRPC otherwise. Errors are the same
+    ExpertCallErrors with the same status codes either way."""
+
+    _lane: LaneClient | None = None  # class defaults: a subclass that skips __init__ (a test's stand-in) has no lane
+    _lane_known = True
 
     def __init__(
         self,
@@ -121,6 +133,7 @@ class ExpertClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         chunk_bytes: int | None = None,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        lane: bool = False,
     ):
         if chunk_bytes is not None and chunk_bytes < 1 << 12:
             raise ValueError(f"chunk_bytes = {chunk_bytes}: expected None or >= 4096")
@@ -134,6 +147,11 @@ class ExpertClient:
         self._unary_limit = self.max_message_bytes - 16
         self._chunk = chunk_bytes if chunk_bytes is not None else auto_chunk_bytes(self.max_message_bytes)
         self._metadata = ((TOKEN_METADATA_KEY, auth_token),)
+        self._auth_token = auth_token
+        self.lane = lane
+        self._lane: LaneClient | None = None
+        self._lane_known = not lane  # the server's lane port is asked for (Health) at the first frame call
+        self._lane_lock = threading.Lock()
         self._channel = grpc.insecure_channel(address, options=channel_options(self.max_message_bytes))
         raw: dict[str, Any] = {"request_serializer": None, "response_deserializer": None}
         self._stubs = {name: self._unary(method, **raw) for name, method in _FRAME_METHODS.items()}
@@ -152,6 +170,25 @@ class ExpertClient:
             METHOD_END_STEP, request_serializer=pb.EndStepRequest.SerializeToString,
             response_deserializer=pb.EndStepReply.FromString,
         )  # fmt: skip
+
+    def uses_lane(self) -> bool:
+        """Whether `call` goes over the TCP lane (or may: the server has not been asked yet). Such a call is sent on
+        the caller's thread and read when its `result()` is asked for (fan_out does not hand it to the loop)."""
+        return self._lane is not None or not self._lane_known
+
+    def lane_client(self) -> LaneClient | None:
+        """The server's TCP lane, asked for once (a Health call; raises ExpertCallError if that fails, and asks
+        again next time); None when this client has `lane=False` or the server has no lane."""
+        if not self._lane_known:
+            with self._lane_lock:
+                if not self._lane_known:
+                    port = self.health().lane_port
+                    if port:
+                        host = self.address.rpartition(":")[0]
+                        self._lane = LaneClient(f"{host}:{port}", self._auth_token, self.deadline_s,
+                                                self.max_frame_bytes)  # fmt: skip
+                    self._lane_known = True
+        return self._lane
 
     def _unary(self, method: str, **kw: Any) -> grpc.UnaryUnaryMultiCallable:
         try:  # registered methods skip a per-call method lookup (grpcio >= 1.63)
@@ -174,12 +211,25 @@ class ExpertClient:
                 pass
         return layer, step
 
-    def call(self, method: str, frame: bytes, *, layer: int | None = None, step: int | None = None,
+    def call(self, method: str, frame: bytes | list, *, layer: int | None = None, step: int | None = None,
              wait: bool = False, wrapped: bool = False) -> ExpertFuture:  # fmt: skip
         """Send a codec frame to "Dispatch" or "Backward". layer/step name the call in errors (read from the frame
         when omitted). `wait=True` makes the call on this thread and returns it completed: for a lone call it saves
         the hand-off from gRPC's polling thread to this one. `wrapped`: `frame` already is a `Frame` message
-        (encode_frame(..., lead=envelope_prefix): no second copy for the envelope)."""
+        (encode_frame(..., lead=envelope_prefix): no second copy for the envelope); a list: that message as the
+        buffers that make it up (codec.encode_frame_parts, wrapped), sent on the lane without joining them."""
+        if self.uses_lane():
+            try:
+                lane = self.lane_client()
+            except ExpertCallError as e:  # the server's Health failed: this call fails the same way, named as itself
+                if layer is None or step is None:
+                    layer, step = self._context(unwrap_frame(frame) if wrapped else frame, layer, step)
+                return ExpertFuture(None, self, method, layer, step, ExpertCallError(
+                    self.address, method, layer, step, e.code, f"asking the server for its lane: {e.details}"))
+            if lane is not None:
+                return self._lane_call(lane, method, frame, layer, step, wait, wrapped)
+        if isinstance(frame, list):  # parts meant for a lane the server does not have
+            frame = b"".join(frame)
         stub = self._stubs[method]
         message = frame if wrapped else None
         streams = self.streams(frame, wrapped)
@@ -210,9 +260,29 @@ class ExpertClient:
             outcome = e
         return ExpertFuture(None, self, method, layer, step, outcome)
 
+    def _lane_call(self, lane: LaneClient, method: str, frame: bytes | list, layer: int | None, step: int | None,
+                   wait: bool, wrapped: bool) -> ExpertFuture:  # fmt: skip
+        if isinstance(frame, list):
+            if layer is None or step is None:
+                layer, step = self._context(unwrap_frame(b"".join(frame)), layer, step)
+            call = lane.call(method, None, parts=frame)
+        else:
+            if layer is None or step is None:
+                layer, step = self._context(unwrap_frame(frame) if wrapped else frame, layer, step)
+            call = lane.call(method, frame if wrapped else wrap_frame(frame))
+        if not wait:
+            return ExpertFuture(call, self, method, layer, step)
+        try:
+            outcome: bytes | memoryview | BaseException = call.result()
+        except LaneError as e:
+            outcome = e
+        return ExpertFuture(None, self, method, layer, step, outcome)
+
     def streams(self, frame: bytes | memoryview, wrapped: bool = False) -> bool:
         """Whether `frame` goes chunked: it does not fit one message, or is larger than chunk_bytes. `wrapped`:
-        `frame` is a `Frame` message (16 bytes of envelope in front)."""
+        `frame` is a `Frame` message (16 bytes of envelope in front). Never on the lane (no message limit)."""
+        if self._lane is not None:
+            return False
         n = len(frame) - (16 if wrapped else 0)
         return n > self._unary_limit or (self.chunk_bytes is not None and n > self.chunk_bytes)
 
@@ -273,6 +343,8 @@ class ExpertClient:
             raise self._error("EndStep", None, step, e) from None
 
     def close(self) -> None:
+        if self._lane is not None:
+            self._lane.close()
         self._channel.close()
         if self._aio_channel is not None:
             channel, loop, self._aio_channel = self._aio_channel, self._aio_loop, None

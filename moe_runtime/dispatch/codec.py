@@ -61,7 +61,9 @@ __all__ = [
     "decode_expected",
     "decode_frame",
     "encode_answer",
+    "encode_answer_parts",
     "encode_frame",
+    "encode_frame_parts",
     "expected_frame",
     "frame_header_nbytes",
     "frame_nbytes",
@@ -448,7 +450,8 @@ def encode_frame(
     validate: bool = True,
     lead: Callable[[int], bytes] | None = None,
 ) -> bytes:
-    """Build one frame as a single ``bytes`` object (what a gRPC ``bytes`` field takes).
+    """Build one frame as a single ``bytes`` object (what a gRPC ``bytes`` field takes): the join of
+    ``encode_frame_parts`` (same arguments).
 
     ``lead``: called with the frame's length, returns bytes written in front of it in the same join (the
     transport's envelope, dispatch/envelope.py `envelope_prefix`): the frame is then copied once in all, not
@@ -463,6 +466,29 @@ def encode_frame(
     bfloat16) when it is given; integer (index) tensors are sent as they are. Tensors are detached, moved
     to CPU and made contiguous. Raises ``FrameError`` for anything ``decode_frame`` would reject.
     """
+    return b"".join(encode_frame_parts(kind, layer=layer, step=step, mb=mb, pv=pv, experts=experts, counts=counts,
+                                       tensors=tensors, wire_dtype=wire_dtype, meta=meta, validate=validate,
+                                       lead=lead))  # fmt: skip
+
+
+def encode_frame_parts(
+    kind: str,
+    *,
+    layer: int,
+    step: int,
+    mb: int,
+    pv: int,
+    experts: Sequence[int],
+    counts: Sequence[int],
+    tensors: Mapping[str, torch.Tensor],
+    wire_dtype: torch.dtype | None = None,
+    meta: Mapping[str, Any] | None = None,
+    validate: bool = True,
+    lead: Callable[[int], bytes] | None = None,
+) -> list[Any]:
+    """``encode_frame``'s bytes as the buffers that make them up, in order (small bytes, then each tensor's own
+    memory as a numpy array): what a socket's ``sendmsg`` sends without joining them (the TCP lane,
+    dispatch/lane.py). The tensor buffers are views: send them before the tensors change."""
     if wire_dtype is not None and wire_dtype not in _FLOAT_DTYPES:
         raise FrameError(f"wire_dtype = {wire_dtype}: expected one of {[str(d) for d in _FLOAT_DTYPES]}")
     if not isinstance(tensors, Mapping):
@@ -506,7 +532,7 @@ def encode_frame(
         cursor = off + nbytes
     if lead is not None:
         parts.insert(0, lead(cursor))
-    return b"".join(parts)
+    return parts
 
 
 def encode_answer(kind: str, request: FrameHeader, name: str, tensor: torch.Tensor, wire_dtype: torch.dtype,
@@ -514,6 +540,12 @@ def encode_answer(kind: str, request: FrameHeader, name: str, tensor: torch.Tens
     """The frame answering `request` (a header that passed decode_frame): its layer, step, mb, pv, experts and
     counts, no meta, one float tensor `name` cast to `wire_dtype`. The same bytes as encode_frame with those
     arguments (validate=False), with less Python per call: an expert server's every reply."""
+    return b"".join(encode_answer_parts(kind, request, name, tensor, wire_dtype, lead))
+
+
+def encode_answer_parts(kind: str, request: FrameHeader, name: str, tensor: torch.Tensor, wire_dtype: torch.dtype,
+                        lead: Callable[[int], bytes] | None = None) -> list[Any]:  # fmt: skip
+    """``encode_answer``'s bytes as the buffers that make them up (as ``encode_frame_parts``)."""
     t = tensor.detach() if tensor.requires_grad else tensor
     if not t.is_cpu:
         t = t.cpu()
@@ -532,7 +564,7 @@ def encode_answer(kind: str, request: FrameHeader, name: str, tensor: torch.Tens
         parts.append((t.view(torch.int16) if wire_dtype == torch.bfloat16 else t).numpy())
     if lead is not None:
         parts.insert(0, lead(off + nbytes))
-    return b"".join(parts)
+    return parts
 
 
 # --------------------------------------------------------------------------------------------------

@@ -28,7 +28,15 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from moe_runtime.dispatch.codec import ExpectedFrame, FrameError, decode_expected, decode_frame, encode_frame, expected_frame
+from moe_runtime.dispatch.codec import (
+    ExpectedFrame,
+    FrameError,
+    decode_expected,
+    decode_frame,
+    encode_frame,
+    encode_frame_parts,
+    expected_frame,
+)
 from moe_runtime.dispatch.envelope import envelope_prefix
 from moe_runtime.dispatch.client import ExpertCallError, ExpertClient
 from moe_runtime.dispatch.failover import Failover
@@ -194,13 +202,15 @@ class _Exchange:
         for dest in plan.destinations:
             experts, counts, start, stop = dest.experts, dest.counts, dest.start, dest.stop
             rows = x_host if start == 0 and stop == n else x_host[start:stop]  # one destination: no slice
-            frame = encode_frame(
+            client = self.clients[dest.actor]
+            # on a TCP lane the frame is sent as its parts, the rows from their own memory (no copy at all)
+            frame = (encode_frame_parts if client.uses_lane() else encode_frame)(
                 send_kind, layer=self.layer, step=self.step, mb=self.mb, pv=plan.placement_version,
                 experts=experts, counts=counts, tensors={name: rows},
                 wire_dtype=self.wire_dtype, meta=meta, validate=False,  # plan-built header; the server validates
                 lead=envelope_prefix,  # the envelope in the same join: one copy of the rows
             )  # fmt: skip
-            requests.append(ExpertCall(self.clients[dest.actor], method, frame, self.layer, self.step, True))
+            requests.append(ExpertCall(client, method, frame, self.layer, self.step, True))
             if pipeline is not None:  # sent now: this server starts while the next frame is encoded
                 pipeline.send(requests[-1])
             # the reply's exact header: collect checks a reply by one comparison instead of a parse

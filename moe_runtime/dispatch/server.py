@@ -25,8 +25,9 @@ import torch
 from typing_extensions import Self
 
 from moe_runtime.dispatch.chunks import ChunkError, FrameAssembler, chunk_messages
-from moe_runtime.dispatch.codec import Frame, FrameError, FrameHeader, decode_frame, encode_answer
+from moe_runtime.dispatch.codec import Frame, FrameError, FrameHeader, decode_frame, encode_answer, encode_answer_parts
 from moe_runtime.dispatch.envelope import EnvelopeError, envelope_prefix, unwrap_frame
+from moe_runtime.dispatch.lane import LaneContext, LaneServer, init_compute_thread
 from moe_runtime.dispatch.proto import expert_pb2 as pb
 from moe_runtime.dispatch.service import (
     DEFAULT_MAX_FRAME_BYTES,
@@ -156,9 +157,17 @@ class _Reject(Exception):
         self.code = code
 
 
-def _reply(kind: str, h: FrameHeader, name: str, tensor: torch.Tensor, wire_dtype: torch.dtype) -> bytes:
-    """A result/grad frame answering request header `h`, wrapped for the wire."""
-    return encode_answer(kind, h, name, tensor, wire_dtype, lead=envelope_prefix)  # one copy, the envelope in it
+def _reply(kind: str, h: FrameHeader, name: str, tensor: torch.Tensor, wire_dtype: torch.dtype,
+           parts: bool) -> bytes | list[Any]:  # fmt: skip
+    """A result/grad frame answering request header `h`, wrapped for the wire: one bytes (one copy, the envelope
+    in it), or with `parts` the buffers that make it up (the lane sends them without a copy: dispatch/lane.py)."""
+    if parts:
+        return encode_answer_parts(kind, h, name, tensor, wire_dtype, lead=envelope_prefix)
+    return encode_answer(kind, h, name, tensor, wire_dtype, lead=envelope_prefix)
+
+
+def _nbytes(reply: bytes | list[Any]) -> int:
+    return len(reply) if isinstance(reply, bytes) else sum(memoryview(p).nbytes for p in reply)
 
 
 class ExpertServer:
@@ -179,6 +188,7 @@ class ExpertServer:
         check_finite: bool = False,
         threads: int = 4,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        lane: bool = True,
     ):
         if not auth_token:
             raise ValueError("auth_token is empty: the data plane needs a shared token")
@@ -189,6 +199,9 @@ class ExpertServer:
         self.max_frame_bytes = int(max_frame_bytes)  # one chunked frame in total (dispatch/chunks.py)
         self.check_finite = check_finite
         self.threads = threads
+        self.lane = lane  # also serve Dispatch / Backward on a TCP lane (dispatch/lane.py); its port is in Health
+        self._lane: LaneServer | None = None
+        self.lane_port = 0
         self._lock = threading.Lock()
         self._stats = _Stats()
         self._server: grpc.Server | None = None
@@ -201,7 +214,8 @@ class ExpertServer:
             raise RuntimeError(f"ExpertServer already started at {self.address}")
         tune_malloc()
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="expert-grpc"),
+            futures.ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="expert-grpc",
+                                       initializer=init_compute_thread),  # fmt: skip
             options=channel_options(self.max_message_bytes) + [("grpc.so_reuseport", 0)],
         )
         server.add_generic_rpc_handlers((_TokenGate(self, self._handlers()),))
@@ -211,6 +225,10 @@ class ExpertServer:
         server.start()
         self._server, self.port = server, port
         self.address = f"{self.host}:{port}"
+        if self.lane:
+            self._lane = LaneServer(self._serve_lane, self._lane_token_problem, self.host,
+                                    max_frame_bytes=self.max_frame_bytes, on_reject=self._count_reject)  # fmt: skip
+            self.lane_port = self._lane.port
         return self.address
 
     def _handlers(self) -> list[grpc.GenericRpcHandler]:
@@ -237,6 +255,9 @@ class ExpertServer:
         )]  # fmt: skip
 
     def stop(self, grace: float | None = None) -> None:
+        if self._lane is not None:
+            self._lane.stop()
+            self._lane, self.lane_port = None, 0
         if self._server is not None:
             self._server.stop(grace).wait(timeout=10)
             self._server = None
@@ -277,6 +298,16 @@ class ExpertServer:
                     return None
                 return f"metadata {TOKEN_METADATA_KEY!r} has a wrong token"
         return f"metadata {TOKEN_METADATA_KEY!r} is missing"
+
+    def _lane_token_problem(self, token: bytes) -> str | None:
+        """Why a lane connection's hello token does not authenticate it, or None when it does."""
+        return None if hmac.compare_digest(token, self._token) else "lane hello has a wrong token"
+
+    def _serve_lane(self, method: str, request: memoryview, context: LaneContext) -> bytes | list[Any]:
+        """A lane request (authenticated at the connection's hello), served by the unary handlers; a lane frame is
+        bounded by max_frame_bytes (it has no per-message limit) and arrives 64-byte aligned (no aligned copy)."""
+        serve = self._serve_dispatch if method == "Dispatch" else self._serve_backward
+        return serve(request, context, self.max_frame_bytes, parts=True)  # type: ignore[arg-type]
 
     def _check_token(self, context: grpc.ServicerContext) -> None:
         problem = self._token_problem(context.invocation_metadata())
@@ -353,7 +384,8 @@ class ExpertServer:
     def _rpc_backward(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         return self._serve_backward(request, context, self.max_message_bytes)
 
-    def _serve_dispatch(self, request: bytes | memoryview, context: grpc.ServicerContext, max_bytes: int) -> bytes:
+    def _serve_dispatch(self, request: bytes | memoryview, context: grpc.ServicerContext, max_bytes: int,
+                        parts: bool = False) -> Any:  # fmt: skip  # bytes, or a list of buffers with `parts`
         try:
             t0, h0 = time.perf_counter(), time.thread_time()
             frame, x, wire_dtype = self._decode(request, "dispatch", "x", max_bytes)
@@ -371,10 +403,10 @@ class ExpertServer:
             y = self.backend.forward(h.layer, h.experts, h.counts, x,
                                      ActivationKey(h.step, h.mb, h.layer, src) if save else None)  # fmt: skip
             c2, t2 = time.thread_time(), time.perf_counter()
-            reply = _reply("result", h, "y", y, wire_dtype)
+            reply = _reply("result", h, "y", y, wire_dtype, parts)
             t3 = time.perf_counter()
             with self._lock:
-                self._stats.count("dispatch", len(request), len(reply), t1 - t0, t2 - t1, t3 - t2, c2 - c1,
+                self._stats.count("dispatch", len(request), _nbytes(reply), t1 - t0, t2 - t1, t3 - t2, c2 - c1,
                                   time.thread_time() - h0)
             return reply
         except KeyError as e:  # a shard dropped between the hosted check and the compute
@@ -382,7 +414,8 @@ class ExpertServer:
         except _Reject as err:
             return self._reject(context, err)
 
-    def _serve_backward(self, request: bytes | memoryview, context: grpc.ServicerContext, max_bytes: int) -> bytes:
+    def _serve_backward(self, request: bytes | memoryview, context: grpc.ServicerContext, max_bytes: int,
+                        parts: bool = False) -> Any:  # fmt: skip  # as _serve_dispatch
         try:
             t0, h0 = time.perf_counter(), time.thread_time()
             frame, dy, wire_dtype = self._decode(request, "backward", "dy", max_bytes)
@@ -397,10 +430,10 @@ class ExpertServer:
             except SegmentsMismatch as e:
                 raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             c2, t2 = time.thread_time(), time.perf_counter()
-            reply = _reply("grad", h, "dx", dx, wire_dtype)
+            reply = _reply("grad", h, "dx", dx, wire_dtype, parts)
             t3 = time.perf_counter()
             with self._lock:
-                self._stats.count("backward", len(request), len(reply), t1 - t0, t2 - t1, t3 - t2, c2 - c1,
+                self._stats.count("backward", len(request), _nbytes(reply), t1 - t0, t2 - t1, t3 - t2, c2 - c1,
                                   time.thread_time() - h0)
             return reply
         except KeyError as e:
@@ -454,6 +487,7 @@ class ExpertServer:
             saved_bytes=b.saved_bytes,
             requests=requests,
             rejected=rejected,
+            lane_port=self.lane_port,
         )
 
     def _rpc_end_step(self, request: bytes, context: grpc.ServicerContext) -> pb.EndStepReply:

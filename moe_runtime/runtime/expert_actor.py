@@ -42,6 +42,7 @@ from moe_runtime.checkpoint import training_state as ckpt
 from moe_runtime.model.device import ComputeDevice, host_copy
 from moe_runtime.model.weight_storage import check_trainable, expert_storage_dtype
 from moe_runtime.runtime.expert_shards import ExpertShards
+from moe_runtime.runtime.party_args import current_args
 from moe_runtime.runtime.ray_env import pick_device
 from moe_runtime.training import make_adamw, set_lr
 
@@ -63,6 +64,7 @@ def _param_name(key: Key, which: str) -> str:
 
 class ExpertActor:
     def __init__(self, config: dict, index: int, auth_token: str, device: str | None = None):
+        config, auth_token = current_args(config, auth_token)  # a Ray restart after a relaunch: the latest ones
         self.cfg = RuntimeConfig.model_validate(config)
         self.index = index
         torch.set_num_threads(self.cfg.cluster.torch_threads)
@@ -246,3 +248,9 @@ class ExpertActor:
 
     def shutdown(self) -> None:
         self.server.stop(0)
+
+    def reset(self, config: dict, index: int, auth_token: str) -> None:
+        """Become a freshly started actor for `config` in this process (runtime/relaunch.py): no shard, optimizer
+        state or server kept (the new server listens on a new port)."""
+        self.server.stop(0)
+        self.__init__(config, index, auth_token)

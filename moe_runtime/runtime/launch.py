@@ -60,6 +60,7 @@ class Launched:
     placement: Placement
     token: str
     hf_load: Any = None  # hf_loading.LoadReport when the weights came from model.checkpoint
+    origin_token: str | None = None  # the token the processes were created with, when relaunch.py re-initialised them
 
 
 def _expert_bundle(cfg: RuntimeConfig) -> dict[str, float]:
@@ -159,25 +160,34 @@ def launch(cfg: RuntimeConfig) -> Launched:
         token = cfg.transport.auth_token or secrets.token_hex(16)
         pg = _placement_group(cfg)
         experts, workers = _start_actors(cfg, pg, token)
-        infos = get_within([a.info.remote() for a in experts], START_TIMEOUT_S, "expert actors starting")
-        log.info("%d expert actors up at %.1f s", len(experts), time.perf_counter() - t_start)
-        nodes = sorted({i.node_id for i in infos})
-        placement = Placement.contiguous(cfg.model.num_layers, cfg.model.num_experts, cfg.cluster.expert_actors,
-                                         tuple(nodes.index(i.node_id) for i in infos))
-        hf_load = None
-        if hf_ckpt is None:
-            _load_initial_weights(cfg, experts, workers, placement, infos)
-        else:  # streamed: each party reads its own tensors from the shard files
-            addresses = [i.address for i in infos]
-            get_within([w.set_placement.remote(placement.to_dict(), addresses) for w in workers], START_TIMEOUT_S,
-                       "wiring router workers")
-            hf_load = load_cluster(hf_ckpt, experts, workers, placement, START_TIMEOUT_S)
-            log.info("checkpoint loaded:\n%s", hf_load.describe())
-        log.info("%d router workers up at %.1f s", len(workers), time.perf_counter() - t_start)
-        return Launched(env, pg, experts, workers, infos, placement, token, hf_load)
+        return wire(cfg, Launched(env, pg, experts, workers, [], Placement.contiguous(1, 1, 1), token), hf_ckpt,
+                    t_start)
     except BaseException:
         release(Launched(env, pg, experts, workers, [], Placement.contiguous(1, 1, 1), ""), wait_free=False)
         raise
+
+
+def wire(cfg: RuntimeConfig, started: Launched, hf_ckpt: Any, t_start: float) -> Launched:
+    """Started (or re-initialised: relaunch.py) parties -> a Launched cluster: the actors' infos, the contiguous
+    placement, the initial weights (the oracle's, or streamed from `hf_ckpt`)."""
+    experts, workers = started.experts, started.workers
+    infos = get_within([a.info.remote() for a in experts], START_TIMEOUT_S, "expert actors starting")
+    log.info("%d expert actors up at %.1f s", len(experts), time.perf_counter() - t_start)
+    nodes = sorted({i.node_id for i in infos})
+    placement = Placement.contiguous(cfg.model.num_layers, cfg.model.num_experts, cfg.cluster.expert_actors,
+                                     tuple(nodes.index(i.node_id) for i in infos))
+    hf_load = None
+    if hf_ckpt is None:
+        _load_initial_weights(cfg, experts, workers, placement, infos)
+    else:  # streamed: each party reads its own tensors from the shard files
+        addresses = [i.address for i in infos]
+        get_within([w.set_placement.remote(placement.to_dict(), addresses) for w in workers], START_TIMEOUT_S,
+                   "wiring router workers")
+        hf_load = load_cluster(hf_ckpt, experts, workers, placement, START_TIMEOUT_S)
+        log.info("checkpoint loaded:\n%s", hf_load.describe())
+    log.info("%d router workers up at %.1f s", len(workers), time.perf_counter() - t_start)
+    return Launched(started.env, started.placement_group, experts, workers, infos, placement, started.token, hf_load,
+                    started.origin_token)
 
 
 def release(launched: Launched, wait_free: bool = True) -> None:

@@ -52,6 +52,7 @@ from moe_runtime.runtime.expert_mask import ExpertMask, MaskError, MaskingBacken
 from moe_runtime.runtime.generation_host import CacheHost
 from moe_runtime.placement import Placement
 from moe_runtime.runtime.ray_env import pick_device
+from moe_runtime.runtime.party_args import current_args
 from moe_runtime.training import chunk_rows, document_kwargs, make_adamw, set_lr
 
 
@@ -126,6 +127,7 @@ class RouterWorker:
     def __init__(self, config: dict, index: int, auth_token: str):
         """Loads the corpus; the model is built by the first `set_placement` (it needs the actors' addresses),
         so the driver can start workers and expert actors at the same time."""
+        config, auth_token = current_args(config, auth_token)  # a Ray restart after a relaunch: the latest ones
         self.cfg = cfg = RuntimeConfig.model_validate(config)
         self.index = index
         self.world = cfg.cluster.router_workers
@@ -170,8 +172,8 @@ class RouterWorker:
     def _clients(self, addresses: Sequence[str]) -> list[ExpertClient]:
         tc = self.cfg.transport
         chunk = None if tc.chunk_mb is None else max(1 << 12, int(tc.chunk_mb * (1 << 20)))  # chunked frames
-        return [ExpertClient(a, self._token, tc.deadline_s, max_message_bytes(self.cfg), chunk_bytes=chunk)
-                for a in addresses]  # fmt: skip
+        return [ExpertClient(a, self._token, tc.deadline_s, max_message_bytes(self.cfg), chunk_bytes=chunk,
+                             lane=tc.lane == "tcp") for a in addresses]  # fmt: skip
 
     def set_placement(self, placement: dict, addresses: Sequence[str] | None = None) -> None:
         """Switch every dispatcher to a new placement (and, after an actor restart, new server addresses).
@@ -452,3 +454,8 @@ class RouterWorker:
             c.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+    def reset(self, config: dict, index: int, auth_token: str) -> None:
+        """Become a freshly started worker for `config` in this process (runtime/relaunch.py): no state kept."""
+        self.shutdown()
+        self.__init__(config, index, auth_token)

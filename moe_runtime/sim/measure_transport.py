@@ -110,7 +110,7 @@ def measure_rpc(d: int, wire: torch.dtype, codec: dict[str, float], quick: bool 
         stretch0 = machine_state()["stretch"]
         tcp_rtt = median_time(ping, 5, inner=50)
         s.close()
-        client = ExpertClient(address, token)
+        client = ExpertClient(address, token, lane=True)  # the data plane the runtime runs (transport.lane "tcp")
         sizes, rtts = [], []
         step = [0]
         for rows in ([4, 256, 2048] if quick else [4, 64, 512, 2048, 4096]):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import grpc
+import pytest
 import torch
 
 from moe_runtime.dispatch.client import ExpertCallError, ExpertClient
@@ -13,11 +14,12 @@ from tests.dispatch.helpers import TOKEN, D, call_code, dispatch_frame, make_sha
 from tests.dispatch.servers import ServerProcess
 
 
-def test_killed_server_gives_a_clear_error_within_the_deadline():
+@pytest.mark.parametrize("lane", [False, True], ids=["grpc", "tcp"])
+def test_killed_server_gives_a_clear_error_within_the_deadline(lane):
     proc = ServerProcess(auth_token=TOKEN, shards=make_shards([(0, 0)]))
     try:
         address = proc.wait_ready()
-        with ExpertClient(address, TOKEN, deadline_s=3.0) as c:
+        with ExpertClient(address, TOKEN, deadline_s=3.0, lane=lane) as c:
             x = torch.randn(4, D)
             decode_frame(c.dispatch(dispatch_frame([0], [4], x, step=7, layer=0)).result())
             proc.kill()
@@ -31,22 +33,30 @@ def test_killed_server_gives_a_clear_error_within_the_deadline():
         proc.stop()
 
 
-def test_unresponsive_server_hits_the_deadline():
+@pytest.mark.parametrize("lane", [False, True], ids=["grpc", "tcp"])
+@pytest.mark.parametrize("first_call", [True, False], ids=["first-call", "after-a-call"])
+def test_unresponsive_server_hits_the_deadline(lane, first_call):
     proc = ServerProcess(auth_token=TOKEN, shards=make_shards([(0, 0)]))
     try:
         address = proc.wait_ready()
         import os
         import signal
 
-        os.kill(proc.pid, signal.SIGSTOP)  # alive, socket open, never answers
-        try:
-            with ExpertClient(address, TOKEN, deadline_s=1.0) as c:
+        with ExpertClient(address, TOKEN, deadline_s=1.0, lane=lane) as c:
+            if not first_call:  # the lane connection is open and idle when the server stops answering
+                decode_frame(c.dispatch(dispatch_frame([0], [4], torch.randn(4, D), step=4), wait=True).result())
+            os.kill(proc.pid, signal.SIGSTOP)  # alive, socket open, never answers
+            try:
                 t0 = time.monotonic()
                 err = call_code(lambda: c.dispatch(dispatch_frame([0], [4], torch.randn(4, D), step=5)).result())
                 assert time.monotonic() - t0 < 2.5  # 1 s deadline + slack for a loaded 2-core machine
+            finally:
+                os.kill(proc.pid, signal.SIGCONT)
             assert err.code == grpc.StatusCode.DEADLINE_EXCEEDED and "(layer 0, step 5)" in str(err)
-        finally:
-            os.kill(proc.pid, signal.SIGCONT)
+            # answering again: the next call gets its own reply (on the lane: a new connection, not the late one)
+            x = torch.randn(3, D)
+            reply = decode_frame(c.dispatch(dispatch_frame([0], [3], x, step=6), wait=True).result())
+            assert reply.header.step == 6 and reply.tensors["y"].shape == (3, D)
     finally:
         proc.stop()
 

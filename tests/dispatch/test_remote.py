@@ -1,5 +1,6 @@
 """RemoteDispatcher against the LocalDispatcher oracle, with four ExpertServers in separate OS processes.
 
+Every test runs twice: Dispatch / Backward over gRPC, and over the servers' TCP lanes (dispatch/lane.py).
 Distributed correctness = the remote path matches the local path: outputs, input grads, router grads and expert
 weight grads (read back from the servers), fp32 with assert_close's default fp32 tolerance, with and without
 replicated experts (replica grads summed with sum_replica_grads).
@@ -35,10 +36,11 @@ REPLICATED = CONTIGUOUS.with_replicas(
 )
 
 
-@pytest.fixture(scope="module")
-def servers():
+@pytest.fixture(scope="module", params=["grpc", "tcp"])
+def servers(request):
+    """Four server processes and a client of each, on gRPC or on the servers' TCP lanes (transport.lane)."""
     procs = start_servers(ACTORS, auth_token=TOKEN, threads=4, start_timeout=90)
-    clients = [ExpertClient(p.address, TOKEN, deadline_s=20.0) for p in procs]
+    clients = [ExpertClient(p.address, TOKEN, deadline_s=20.0, lane=request.param == "tcp") for p in procs]
     yield procs, clients
     for c in clients:
         c.close()

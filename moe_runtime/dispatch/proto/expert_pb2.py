@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x65xpert.proto\x12\x12moe_runtime.expert\"\"\n\x05\x46rame\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0b\n\x03pad\x18\x0f \x01(\x0c\"\x0f\n\rHealthRequest\"\x98\x01\n\x0bHealthReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x19\n\x11placement_version\x18\x02 \x01(\x03\x12\x12\n\nnum_shards\x18\x03 \x01(\x05\x12\x15\n\rsaved_entries\x18\x04 \x01(\x05\x12\x13\n\x0bsaved_bytes\x18\x05 \x01(\x03\x12\x10\n\x08requests\x18\x06 \x01(\x03\x12\x10\n\x08rejected\x18\x07 \x01(\x03\"-\n\x0e\x45ndStepRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\r\n\x05\x61\x62ort\x18\x02 \x01(\x08\":\n\x0c\x45ndStepReply\x12\x15\n\rfreed_entries\x18\x01 \x01(\x05\x12\x13\n\x0b\x66reed_bytes\x18\x02 \x01(\x03\x32\xca\x03\n\rExpertService\x12@\n\x08\x44ispatch\x12\x19.moe_runtime.expert.Frame\x1a\x19.moe_runtime.expert.Frame\x12@\n\x08\x42\x61\x63kward\x12\x19.moe_runtime.expert.Frame\x1a\x19.moe_runtime.expert.Frame\x12J\n\x0e\x44ispatchStream\x12\x19.moe_runtime.expert.Frame\x1a\x19.moe_runtime.expert.Frame(\x01\x30\x01\x12J\n\x0e\x42\x61\x63kwardStream\x12\x19.moe_runtime.expert.Frame\x1a\x19.moe_runtime.expert.Frame(\x01\x30\x01\x12L\n\x06Health\x12!.moe_runtime.expert.HealthRequest\x1a\x1f.moe_runtime.expert.HealthReply\x12O\n\x07\x45ndStep\x12\".moe_runtime.expert.EndStepRequest\x1a .moe_runtime.expert.EndStepReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x65xpert.proto\x12\x12moe_runtime.expert\"\"\n\x05\x46rame\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0b\n\x03pad\x18\x0f \x01(\x0c\"\x0f\n\rHealthRequest\"\xab\x01\n\x0bHealthReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x19\n\x11placement_version\x18\x02 \x01(\x03\x12\x12\n\nnum_shards\x18\x03 \x01(\x05\x12\x15\n\rsaved_entries\x18\x04 \x01(\x05\x12\x13\n\x0bsaved_bytes\x18\x05 \x01(\x03\x12\x10\n\x08requests\x18\x06 \x01(\x03\x12\x10\n\x08rejected\x18\x07 \x01(\x03\x12\x11\n\tlane_port\x18\x08 \x01(\x05\"-\n\x0e\x45ndStepRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\r\n\x05\x61\x62ort\x18\x02 \x01(\x08\":\n\x0c\x45ndStepReply\x12\x15\n\rfreed_entries\x18\x01 \x01(\x05\x12\x13\n\x0b\x66reed_bytes\x18\x02 \x01(\x03\x32\xca\x03\n\rExpertService\x12@\n\x08\x44ispatch\x12\x19.moe_runtime.expert.Frame\x1a\x19.moe_runtime.expert.Frame\x12@\n\x08\x42\x61\x63kward\x12\x19.moe_runtime.expert.Frame\x1a\x19.moe_runtime.expert.Frame\x12J\n\x0e\x44ispatchStream\x12\x19.moe_runtime.expert.Frame\x1a\x19.moe_runtime.expert.Frame(\x01\x30\x01\x12J\n\x0e\x42\x61\x63kwardStream\x12\x19.moe_runtime.expert.Frame\x1a\x19.moe_runtime.expert.Frame(\x01\x30\x01\x12L\n\x06Health\x12!.moe_runtime.expert.HealthRequest\x1a\x1f.moe_runtime.expert.HealthReply\x12O\n\x07\x45ndStep\x12\".moe_runtime.expert.EndStepRequest\x1a .moe_runtime.expert.EndStepReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,11 +36,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEALTHREQUEST']._serialized_start=72
   _globals['_HEALTHREQUEST']._serialized_end=87
   _globals['_HEALTHREPLY']._serialized_start=90
-  _globals['_HEALTHREPLY']._serialized_end=242
-  _globals['_ENDSTEPREQUEST']._serialized_start=244
-  _globals['_ENDSTEPREQUEST']._serialized_end=289
-  _globals['_ENDSTEPREPLY']._serialized_start=291
-  _globals['_ENDSTEPREPLY']._serialized_end=349
-  _globals['_EXPERTSERVICE']._serialized_start=352
-  _globals['_EXPERTSERVICE']._serialized_end=810
+  _globals['_HEALTHREPLY']._serialized_end=261
+  _globals['_ENDSTEPREQUEST']._serialized_start=263
+  _globals['_ENDSTEPREQUEST']._serialized_end=308
+  _globals['_ENDSTEPREPLY']._serialized_start=310
+  _globals['_ENDSTEPREPLY']._serialized_end=368
+  _globals['_EXPERTSERVICE']._serialized_start=371
+  _globals['_EXPERTSERVICE']._serialized_end=829
 # @@protoc_insertion_point(module_scope)
