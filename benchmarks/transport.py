@@ -7,7 +7,10 @@ Measured (medians, interleaved rounds so drift hits every variant alike):
 1. raw gRPC: Echo (no protobuf, no codec, no auth) at several payload sizes on one server: the loopback limit.
 2. dispatch: RemoteDispatcher.dispatch_combine (forward + plan.combine, as MoELayer calls it) of a 4 MB layer
    batch (fp32, d 512, 2048 token copies, 32 experts over the 4 servers, ~1 MB each) against the same traffic on
-   Echo (4 x ~1 MB echoed concurrently).
+   Echo (4 x ~1 MB echoed concurrently). `dispatch_*` is the runtime's data plane: the servers' TCP lanes
+   (dispatch/lane.py, transport.lane "tcp", the default); `dispatch_grpc_*` the same calls over gRPC (transport.lane
+   "grpc", the data plane before the lane); `lane_calls_ms` the lane's calls alone (prebuilt frames, no encode, no
+   combine); `dispatch_vs_raw_tcp` = raw TCP time / dispatch time (the physical limit on loopback).
    `dispatch_*` keys use zero-FLOP experts (y = x: everything else is the real path: auth, envelope, decode and
    validation, aligned copy, reply encode, fan-out, decode, assembly, combine), so they measure transport;
    `dispatch_tiny_experts_*` adds real SwiGLU experts with ffn 8 (per-expert op overhead, few FLOPs); full runs
@@ -15,7 +18,8 @@ Measured (medians, interleaved rounds so drift hits every variant alike):
 3. codec: encode_frame + decode_frame of the 4 MB batch against one memcpy of the same bytes into a fresh `bytes`
    (the allocation pattern the codec must have: gRPC wants one new bytes object per message).
 4. call overhead: a 1-row frame through the whole stack (encode, envelope, auth, decode, expert, encode, decode)
-   against a bare 16-byte unary call to the echo service.
+   against a bare 16-byte unary call to the echo service; on the lane (`call_overhead_vs_bare_rpc`, `tiny_call_ms`)
+   and on gRPC (`call_overhead_grpc_vs_bare_rpc`, `tiny_call_grpc_ms`).
 Also: fan-out with gRPC futures vs grpc.aio (the choice in dispatch/fanout.py), and the hand-written SwiGLU
 backward the expert shards run vs autograd on leaf weights (the choice in model/experts.py).
 
@@ -52,6 +56,7 @@ import torch
 from moe_runtime.dispatch.client import ExpertClient, ExpertFuture
 from moe_runtime.dispatch.codec import decode_expected, decode_frame, encode_answer, encode_frame, expected_frame
 from moe_runtime.dispatch.envelope import envelope_prefix, unwrap_frame, wrap_frame
+from moe_runtime.dispatch.fanout import ExpertCall, fan_out
 from moe_runtime.dispatch.remote import RemoteDispatcher
 from moe_runtime.dispatch.server import ExpertServer
 from moe_runtime.dispatch.service import TOKEN_METADATA_KEY
@@ -251,6 +256,13 @@ def run(experts, placement, rounds, reps, quick) -> dict:
         for d, f in futs:
             y_stack[d.start : d.stop].copy_(decode_frame(unwrap_frame(f.result()), out_dtype=None).tensors["x"])
 
+    lane_frames = [ExpertCall(c, "Dispatch", encode_frame(
+        "dispatch", layer=0, step=0, mb=0, pv=0, experts=d.experts, counts=d.counts, tensors={"x": x_nd[d.start : d.stop]},
+        meta={"src": 0, "save": False}, lead=envelope_prefix), 0, 0, True) for d, c in zip(plan.destinations, clients)]
+
+    def lane_calls():  # the lane's calls alone: prebuilt frames, replies read, no encode, no combine
+        fan_out(lane_frames)
+
     def set_identity(on):
         for p in experts:
             p.call("set_identity", on)
@@ -267,7 +279,8 @@ def run(experts, placement, rounds, reps, quick) -> dict:
 
     set_identity(True)
     t = interleaved({"raw": raw_fanout, "dispatch": dispatch_combine, "stack_on_echo": stack_on_echo,
-                     "tcp": tcp_fanout, "dispatch_grpc": dispatch_combine_grpc}, rounds, reps)  # fmt: skip
+                     "tcp": tcp_fanout, "dispatch_grpc": dispatch_combine_grpc, "lane_calls": lane_calls},
+                    rounds, reps)  # fmt: skip
     res["raw_tcp_ms"] = round(t["tcp"] * 1e3, 3)
     res["raw_tcp_gbps"] = round(batch_bytes / t["tcp"] / 1e9, 3)
     res["raw_grpc_vs_raw_tcp"] = round(t["tcp"] / t["raw"], 3)
@@ -289,6 +302,7 @@ def run(experts, placement, rounds, reps, quick) -> dict:
     res["dispatch_vs_raw_grpc"] = round(t["raw"] / t["dispatch"], 3)
     res["dispatch_vs_raw_tcp"] = round(t["tcp"] / t["dispatch"], 3)  # the physical limit on loopback
     res["dispatch_grpc_ms"] = round(t["dispatch_grpc"] * 1e3, 3)
+    res["lane_calls_ms"] = round(t["lane_calls"] * 1e3, 3)  # dispatch_ms less the client's encode and combine
     res["dispatch_grpc_vs_raw_grpc"] = round(t["raw"] / t["dispatch_grpc"], 3)
     res["client_stack_on_echo_ms"] = round(t["stack_on_echo"] * 1e3, 3)
     res["dispatch_tiny_experts_ms"] = round(t_tiny["dispatch"] * 1e3, 3)

@@ -132,13 +132,15 @@ class LaneServer:
     """Listens on `host` (port 0: any free one); one thread per connection runs `serve` for its requests in turn.
 
     `check_token(token) -> problem | None` authenticates each connection's hello; `max_frame_bytes` bounds a request
-    before its buffer is allocated; `on_reject(code)` counts rejections the lane itself makes."""
+    before its buffer is allocated; `max_connections` bounds the threads (one more is answered RESOURCE_EXHAUSTED);
+    `on_reject(code)` counts rejections the lane itself makes."""
 
     def __init__(self, serve: ServeFn, check_token: Callable[[bytes], str | None], host: str = "127.0.0.1",
                  port: int = 0, *, max_frame_bytes: int, on_reject: Callable[[grpc.StatusCode], None] | None = None,
-                 ) -> None:  # fmt: skip
+                 max_connections: int = 512) -> None:  # fmt: skip
         self._serve, self._check_token, self._on_reject = serve, check_token, on_reject or (lambda code: None)
         self.max_frame_bytes = int(max_frame_bytes)
+        self.max_connections = int(max_connections)
         self._listener = socket.create_server((host, port))
         self.host, self.port = host, self._listener.getsockname()[1]
         self._lock = threading.Lock()
@@ -175,8 +177,23 @@ class LaneServer:
                 if self._stopped:
                     conn.close()
                     return
-                self._conns.add(conn)
+                full = len(self._conns) >= self.max_connections
+                if not full:
+                    self._conns.add(conn)
+            if full:  # answered on its own thread: a slow peer must not stall the accept loop
+                threading.Thread(target=self._refuse_full, args=(conn,), name="expert-lane-full", daemon=True).start()
+                continue
             threading.Thread(target=self._connection, args=(conn,), name="expert-lane", daemon=True).start()
+
+    def _refuse_full(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(5.0)
+            self._refuse(conn, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f"this lane already serves {self.max_connections} connections (max_connections)")
+        except OSError:
+            pass
+        finally:
+            conn.close()
 
     def _connection(self, conn: socket.socket) -> None:
         init_compute_thread()

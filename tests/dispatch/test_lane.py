@@ -175,6 +175,30 @@ def test_unreadable_requests_get_a_named_error_then_the_connection_closes(server
         assert decode_frame(t.dispatch(frame(), wait=True).result()).header.kind == "result"
 
 
+def test_connections_over_the_limit_are_refused_by_name():
+    shards = ExpertShards()
+    shards.load(make_shards(KEYS))
+    srv = ExpertServer(shards, auth_token=TOKEN)
+    srv.start()
+    try:
+        srv._lane.max_connections = 2
+        with ExpertClient(srv.address, TOKEN, lane=True) as a, ExpertClient(srv.address, TOKEN, lane=True) as b:
+            a.dispatch(frame(), wait=True).result()
+            b.dispatch(frame(), wait=True).result()  # two connections held (each client keeps its idle one)
+            with ExpertClient(srv.address, TOKEN, lane=True) as c:
+                err = call_code(lambda: c.dispatch(frame(step=3), wait=True).result())
+                assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_connections" in err.details
+            a.close()  # a connection freed: a new client gets one
+            for _ in range(100):
+                if len(srv._lane._conns) < 2:
+                    break
+                threading.Event().wait(0.05)
+            with ExpertClient(srv.address, TOKEN, lane=True) as d:
+                assert decode_frame(d.dispatch(frame(), wait=True).result()).header.kind == "result"
+    finally:
+        srv.stop()
+
+
 def test_a_peer_that_hangs_up_mid_request_costs_nothing(server):
     s = raw_connection(server)
     read_reply(s)
