@@ -94,16 +94,31 @@ def aligned_buffer(nbytes: int) -> memoryview:
     return memoryview(base.numpy()).cast("B")[skip : skip + nbytes]
 
 
+_TIMEVAL = struct.Struct("@ll")  # struct timeval (Linux)
+
+
+def _kernel_deadline(sock: socket.socket, deadline: float, option: int) -> None:
+    """Bound the socket's next blocking send or recv (`option` SO_SNDTIMEO / SO_RCVTIMEO) by `deadline` in the
+    kernel: the socket stays blocking, so a whole message is one recv (MSG_WAITALL) or one sendmsg instead of a poll
+    and a syscall per chunk that arrives (Python's own timeouts poll)."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise socket.timeout("deadline passed")
+    sec = int(left)
+    sock.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(sec, max(1, int((left - sec) * 1e6))))  # 0 = none
+
+
 def _recv_exact(sock: socket.socket, view: memoryview, deadline: float | None) -> None:
-    """Fill `view` from `sock`; raises ConnectionError on EOF, socket.timeout past `deadline` (monotonic)."""
+    """Fill `view` from `sock` (blocking, or with Python's timeout when it has one); raises ConnectionError on EOF,
+    socket.timeout past `deadline` (monotonic)."""
     got, n = 0, len(view)
     while got < n:
         if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise socket.timeout("deadline passed")
-            sock.settimeout(left)
-        k = sock.recv_into(view[got:])
+            _kernel_deadline(sock, deadline, socket.SO_RCVTIMEO)
+        try:
+            k = sock.recv_into(view[got:], n - got, socket.MSG_WAITALL)
+        except BlockingIOError:  # EAGAIN: the kernel's receive timeout passed
+            raise socket.timeout("deadline passed") from None
         if k == 0:
             raise ConnectionError("connection closed by the peer")
         got += k
@@ -113,7 +128,10 @@ def _send_all(sock: socket.socket, parts: list[Any]) -> None:
     """Send every byte of `parts` (bytes-like) with as few `sendmsg` calls as the kernel allows (no joining copy)."""
     views = [memoryview(p).cast("B") for p in parts if len(p)]
     while views:
-        sent = sock.sendmsg(views)
+        try:
+            sent = sock.sendmsg(views)
+        except BlockingIOError:  # EAGAIN: the kernel's send timeout passed
+            raise socket.timeout("deadline passed") from None
         while sent and views:
             n = len(views[0])
             if sent >= n:
@@ -338,7 +356,7 @@ class LaneClient:
         except LaneError as e:
             return LaneCall(self, None, deadline, e)
         try:
-            sock.settimeout(max(1e-3, deadline - time.monotonic()))
+            _kernel_deadline(sock, deadline, socket.SO_SNDTIMEO)
             _send_all(sock, [_PREFIX.pack(_REQUEST_MAGIC, METHODS[method], nbytes), *body])
         except (OSError, ConnectionError) as e:
             self._discard(sock)
@@ -372,6 +390,8 @@ class LaneClient:
             raise self._os_error(e, "connecting") from None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(None)  # blocking: each call bounds its own sends and recvs in the kernel (_kernel_deadline)
+            _kernel_deadline(sock, deadline, socket.SO_SNDTIMEO)
             _send_all(sock, [_HELLO.pack(_HELLO_MAGIC, LANE_VERSION, len(self._token), 0), self._token])
             code, body = self._read_reply(sock, deadline, limit=_MAX_ERROR_BYTES)
         except LaneError:

@@ -49,7 +49,7 @@ def test_unresponsive_server_hits_the_deadline(lane, first_call):
             try:
                 t0 = time.monotonic()
                 err = call_code(lambda: c.dispatch(dispatch_frame([0], [4], torch.randn(4, D), step=5)).result())
-                assert time.monotonic() - t0 < 2.5  # 1 s deadline + slack for a loaded 2-core machine
+                assert time.monotonic() - t0 < 4.0  # 1 s deadline + slack for a loaded 2-core machine
             finally:
                 os.kill(proc.pid, signal.SIGCONT)
             assert err.code == grpc.StatusCode.DEADLINE_EXCEEDED and "(layer 0, step 5)" in str(err)

@@ -3,8 +3,11 @@ concurrent calls, and every bad input the lane can meet answered with a named er
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 
 import grpc
@@ -229,3 +232,34 @@ def test_a_server_without_a_lane_is_reached_over_grpc():
         assert srv.lane_port == 0
         assert decode_frame(t.dispatch(frame(), wait=True).result()).header.kind == "result"
         assert t._lane is None and not t.uses_lane()
+
+
+_OMP_PROBE = """
+import os, threading, torch
+torch.set_num_threads(1)
+from moe_runtime.dispatch.lane import init_compute_thread
+a, b = torch.randn(512, 512), torch.randn(512, 512)
+grown = {}
+def run(init):
+    if init:
+        init_compute_thread()
+    before = len(os.listdir("/proc/self/task"))
+    a @ b  # a thread's first op an MKL sgemm, as in a lane connection or gRPC worker thread
+    grown[init] = len(os.listdir("/proc/self/task")) - before
+for init in (True, False):
+    t = threading.Thread(target=run, args=(init,))
+    t.start()
+    t.join()
+print(grown[True], grown[False])
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc (Linux)")
+def test_a_fresh_compute_thread_keeps_the_process_thread_count():
+    """Without init_compute_thread, a new thread's first matmul starts an OpenMP team of one thread per core (the
+    60x slowdown of tiny experts on the lane before the fix); with it, no thread is started."""
+    out = subprocess.run([sys.executable, "-c", _OMP_PROBE], capture_output=True, text=True, timeout=120, check=True)
+    with_init, without = map(int, out.stdout.split())
+    assert with_init == 0
+    if (os.cpu_count() or 1) > 1:  # the probe can see the problem here: the uninitialised thread grew a team
+        assert without >= 1
