@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from moe_runtime.checkpoint.hf_config import ARCHITECTURE_FIELDS, CheckpointError, SpecialTokens
 from moe_runtime.checkpoint.hf_layout import all_rules, dense_rules
@@ -81,22 +82,26 @@ def load_model(checkpoint: str | Path | HFCheckpoint, *, seed: int = 0,
     return model
 
 
-_INIT_FUNCTIONS = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_", "trunc_normal_")
+class _SkipRandomInit(TorchFunctionMode):
+    """torch.nn.init's random fillers return their tensor untouched, in this thread only (a torch function mode is
+    thread-local: another thread building a model meanwhile still gets its random weights)."""
+
+    _SKIPPED = frozenset((torch.nn.init.normal_, torch.nn.init.uniform_, torch.nn.init.kaiming_uniform_))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self._SKIPPED:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
 
 
 @contextmanager
 def _no_random_init() -> Iterator[None]:
-    """Parameters allocated but not initialised (torch.nn.init's fillers do nothing): drawing the random weights of
+    """Parameters allocated but not drawn (torch.nn.init's random fillers skipped): drawing the random weights of
     a real-width model only to overwrite them costs minutes here (3.2G expert values at ~30 ns each for 2 layers
-    of 32 experts) and touches every page once more. Buffers (e.g. rotary tables) are computed, not drawn: kept."""
-    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
-    try:
-        for name in _INIT_FUNCTIONS:
-            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    of 32 experts) and touches every page once more. Buffers (e.g. rotary tables) are computed, not drawn: kept;
+    zeros_/ones_ still fill (cheap). Only this thread is affected (`_SkipRandomInit`)."""
+    with _SkipRandomInit():
         yield
-    finally:
-        for name, fn in saved.items():
-            setattr(torch.nn.init, name, fn)
 
 
 def model_hf_tensors(model: MoETransformer) -> Iterator[tuple[str, torch.Tensor]]:

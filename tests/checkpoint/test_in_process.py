@@ -104,3 +104,25 @@ def test_model_hf_tensors_walks_the_model_without_copies() -> None:
     assert len(items) == 1 + 2 * (14 + 2 * cfg.num_experts) + 1
     view = items["model.layers.1.mlp.experts.5.w1.weight"]
     assert view.shape == (2 * cfg.ffn_hidden_size, cfg.hidden_size) and view.data_ptr() == w1[5].data_ptr()
+
+
+def test_skipping_random_init_while_loading_leaves_other_threads_alone():
+    """load_model skips drawing weights it overwrites; a model built meanwhile on another thread still gets its
+    random weights (the skip is a thread-local torch function mode, not a patch of torch.nn.init)."""
+    import threading
+
+    from moe_runtime.checkpoint.in_process import _no_random_init
+
+    drawn: dict[str, torch.Tensor] = {}
+
+    def other_thread():
+        drawn["other"] = torch.nn.init.normal_(torch.zeros(64))
+
+    with _no_random_init():
+        drawn["here"] = torch.nn.init.normal_(torch.zeros(64))
+        t = threading.Thread(target=other_thread)
+        t.start()
+        t.join()
+    assert torch.count_nonzero(drawn["here"]) == 0  # skipped in the loading thread
+    assert torch.count_nonzero(drawn["other"]) == 64  # drawn in the other one
+    assert torch.count_nonzero(torch.nn.init.normal_(torch.zeros(8))) == 8  # and again here once done
