@@ -159,7 +159,8 @@ class LaneServer:
         self._serve, self._check_token, self._on_reject = serve, check_token, on_reject or (lambda code: None)
         self.max_frame_bytes = int(max_frame_bytes)
         self.max_connections = int(max_connections)
-        self._listener = socket.create_server((host, port))
+        bare = host.strip("[]")  # an IPv6 host as gRPC spells it, "[::1]"
+        self._listener = socket.create_server((bare, port), family=socket.AF_INET6 if ":" in bare else socket.AF_INET)
         self.host, self.port = host, self._listener.getsockname()[1]
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
