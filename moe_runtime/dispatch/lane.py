@@ -124,10 +124,13 @@ def _recv_exact(sock: socket.socket, view: memoryview, deadline: float | None) -
         got += k
 
 
-def _send_all(sock: socket.socket, parts: list[Any]) -> None:
-    """Send every byte of `parts` (bytes-like) with as few `sendmsg` calls as the kernel allows (no joining copy)."""
+def _send_all(sock: socket.socket, parts: list[Any], deadline: float | None = None) -> None:
+    """Send every byte of `parts` (bytes-like) with as few `sendmsg` calls as the kernel allows (no joining copy);
+    with `deadline`, each sendmsg is bounded by the time left (a partial send restarts the kernel's timer)."""
     views = [memoryview(p).cast("B") for p in parts if len(p)]
     while views:
+        if deadline is not None:
+            _kernel_deadline(sock, deadline, socket.SO_SNDTIMEO)
         try:
             sent = sock.sendmsg(views)
         except BlockingIOError:  # EAGAIN: the kernel's send timeout passed
@@ -357,8 +360,7 @@ class LaneClient:
         except LaneError as e:
             return LaneCall(self, None, deadline, e)
         try:
-            _kernel_deadline(sock, deadline, socket.SO_SNDTIMEO)
-            _send_all(sock, [_PREFIX.pack(_REQUEST_MAGIC, METHODS[method], nbytes), *body])
+            _send_all(sock, [_PREFIX.pack(_REQUEST_MAGIC, METHODS[method], nbytes), *body], deadline)
         except (OSError, ConnectionError) as e:
             self._discard(sock)
             return LaneCall(self, None, deadline, self._os_error(e, "sending the request"))
@@ -392,8 +394,7 @@ class LaneClient:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(None)  # blocking: each call bounds its own sends and recvs in the kernel (_kernel_deadline)
-            _kernel_deadline(sock, deadline, socket.SO_SNDTIMEO)
-            _send_all(sock, [_HELLO.pack(_HELLO_MAGIC, LANE_VERSION, len(self._token), 0), self._token])
+            _send_all(sock, [_HELLO.pack(_HELLO_MAGIC, LANE_VERSION, len(self._token), 0), self._token], deadline)
             code, body = self._read_reply(sock, deadline, limit=_MAX_ERROR_BYTES)
         except LaneError:
             sock.close()
