@@ -1,7 +1,7 @@
 """The Yuan 2.0-M32 slice at its real width (cluster/yuan-m32-slice.yaml) through the cluster, against its limits.
 
 A random-weight checkpoint of the slice (bf16 on disk, moe_runtime.checkpoint.synthetic) is written to a temporary
-directory (or --checkpoint names one), loaded onto the cluster, and one prefill of --tokens tokens is timed; then the
+directory (--quick: kept in runs/cache between runs, benchmarks/_checkpoint_cache.py; or --checkpoint names one), loaded onto the cluster, and one prefill of --tokens tokens is timed; then the
 cluster is shut down and the same checkpoint is loaded in this process and timed the same way (one heavy party at a
 time: this machine has 24 GB). Measured, each against its baseline or limit:
 1. prefill tokens/s, cluster vs in-process (same tokens; the in-process model runs with every core);
@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 import torch
 import yaml
 
+from benchmarks._checkpoint_cache import cached_random_checkpoint
 from benchmarks._common import emit, int_list, make_parser, stderr_console
 from benchmarks._real_width_decode import compare, decode_rows
 from moe_runtime.checkpoint.run_config import resolve_checkpoint, run_overrides
@@ -105,14 +106,23 @@ def run(args: Any) -> dict[str, Any]:
     m = model
     with tempfile.TemporaryDirectory(prefix="real_width_") as tmp:
         if args.checkpoint is not None:
-            directory = Path(args.checkpoint)
+            directory, source = Path(args.checkpoint), "given"
+        elif args.quick:  # the same checkpoint every quick run: kept in runs/cache (benchmarks/_checkpoint_cache.py)
+            t0 = time.perf_counter()
+            directory, reused = cached_random_checkpoint("real_width_quick", model, dtype=torch.bfloat16,
+                                                         max_shard_bytes=1 << 30)
+            source = "cached" if reused else "written"
+            con.print(f"{source} a random {m.num_layers}-layer x {m.num_experts}-expert checkpoint in "
+                      f"{time.perf_counter() - t0:.1f} s: {directory}")
         else:
             t0 = time.perf_counter()
-            directory = write_random_checkpoint(Path(tmp) / "ck", model, dtype=torch.bfloat16,
-                                                max_shard_bytes=1 << 30)
+            directory, source = write_random_checkpoint(Path(tmp) / "ck", model, dtype=torch.bfloat16,
+                                                        max_shard_bytes=1 << 30), "written"
             con.print(f"wrote a random {m.num_layers}-layer x {m.num_experts}-expert checkpoint in "
                       f"{time.perf_counter() - t0:.1f} s")
         cfg = resolve_checkpoint(data, str(args.config), directory)
+        if source == "cached":  # the limit is a read from the page cache, as right after a write: warm it first
+            _read_files(directory)
         read_s, disk_bytes = _read_files(directory)
         ids = torch.randint(0, m.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
         wire = torch.finfo(getattr(torch, cfg.transport.wire_dtype)).bits // 8
@@ -184,6 +194,7 @@ def run(args: Any) -> dict[str, Any]:
         "logits_max_rel_diff": diff,
         "wire_bytes_per_token": wire_per_token, "wire_bytes_per_token_min": min_wire_per_token,
         "wire_vs_min": wire_per_token / min_wire_per_token,
+        "checkpoint_source": source,  # written now, cached (an earlier quick run wrote it), or given
         "checkpoint_bytes": disk_bytes, "checkpoint_load_s": load.seconds, "disk_read_s": read_s,
         "load_vs_disk_read": load.seconds / read_s,
         "in_process_load_s": local_load_s, "load_vs_in_process_load": load.seconds / local_load_s,

@@ -12,7 +12,8 @@ L*E*3*d parameters), so it is reported rather than hidden: `params` and `trainin
 are in the JSON and the table (tiny preset: +0.44% parameters, +1.2% training FLOPs for the attention router).
 
 Variants (tiny preset, cluster/local.yaml's layout: 4 expert actors, 2 router workers, scheduler off so the
-placement is the same everywhere):
+placement is the same everywhere; one set of party processes for the whole run, re-initialised for every run by
+Cluster.restart: each run starts from its config's initial weights at step 0, as a new cluster would):
 - attention / topk (the baseline of the ratios), linear / topk;
 - attention / grouped (G = 2 groups of 4 experts, top-1 in each: 2 experts per token);
 - attention / top_p (p = 0.4, k_max = 4, dynamic entropy loss 1e-4: the "Harder Tasks" paper's p and beta).
@@ -35,6 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._cluster_reuse import ClusterReuse  # noqa: E402
 from benchmarks._common import emit, make_parser, stderr_console  # noqa: E402
 from moe_runtime.config import RuntimeConfig, load_config  # noqa: E402
 
@@ -67,13 +69,14 @@ def training_flops(m, seq_len: int, experts_per_token: float) -> float:
     return at[1] + (experts_per_token - 1) * (at[2] - at[1])
 
 
-def run_one(cfg: RuntimeConfig) -> dict:
+def run_one(cfg: RuntimeConfig, reuse: ClusterReuse) -> dict:
+    """One training run on a fresh cluster state for `cfg`: the run's processes re-initialised (Cluster.restart),
+    so every run, the first too, starts from the same footing (warm processes, step 0, cfg's initial weights)."""
     from moe_runtime.model.accounting import count_params
-    from moe_runtime.runtime.cluster import Cluster
 
     t0 = time.perf_counter()
-    with Cluster.start(cfg) as c:
-        r = c.train(cfg.train.steps)
+    c = reuse.start(cfg)
+    r = c.train(cfg.train.steps)
     m, t = cfg.model, cfg.train
     tokens = t.steps * t.batch_size * t.seq_len
     actor = r.extra["actor_load"]
@@ -136,16 +139,19 @@ def main() -> None:
 
     t_start = time.perf_counter()
     base = variant_config(VARIANTS[names[0]], 0, steps, max_files)
-    env = start_ray(base.cluster, log_to_driver=False)  # one Ray for every run (each run its own actors)
+    env = start_ray(base.cluster, log_to_driver=False)  # one Ray for every run
     runs: dict[str, list[dict]] = {n: [] for n in names}
+    reuse = ClusterReuse()  # one set of processes for every run (same layout), re-initialised per run
     try:
+        reuse.start(base)
         for seed in range(seeds):  # seeds outermost: machine drift spreads over the variants alike
             for name in names:
-                r = run_one(variant_config(VARIANTS[name], seed, steps, max_files))
+                r = run_one(variant_config(VARIANTS[name], seed, steps, max_files), reuse)
                 runs[name].append({"seed": seed, **r})
                 console.print(f"{name:18s} seed {seed}: val {r['val_loss']:.4f}, {r['tokens_per_s']:,.0f} tok/s, "
                               f"{r['experts_per_token']:.2f} experts/token, {r['wall_s']:.0f} s")
     finally:
+        reuse.close()
         env.shutdown()
     wall = time.perf_counter() - t_start
 

@@ -7,7 +7,9 @@
    The live-cluster helpers (CPU seconds of the run's processes, the Ray round trip) are
    moe_runtime.runtime.calibrate_cluster's, the same ones `simulate --calibrate --against-cluster` uses.
 2. For each set-up (expert actors x router workers x routing), start the real cluster
-   (moe_runtime.runtime.cluster.Cluster, one local Ray for the whole run), train 2 warm-up steps (dropped), 2
+   (moe_runtime.runtime.cluster.Cluster, one local Ray for the whole run; set-ups with the same expert actors run
+   one after the other on one set of processes, re-initialised by Cluster.restart: a fresh cluster at step 0 with
+   the oracle's initial weights, router workers started or killed to the set-up's count), train 2 warm-up steps (dropped), 2
    calibration steps and 6 measured steps; record each step's routing per worker and micro-batch
    (StepReport.worker_loads) as a routing trace and the step time (StepReport.timings.step_s, the driver's
    wall time of the step).
@@ -70,6 +72,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np
 import torch
 
+from benchmarks._cluster_reuse import ClusterReuse
 from benchmarks._common import emit, make_parser, stderr_console
 from benchmarks._sim_overlap import OVERLAP_SETUP, measure_overlap, simulate_overlap
 from moe_runtime.config import ModelConfig, RuntimeConfig, parse_config
@@ -161,40 +164,39 @@ def table_for(table: HardwareTable, cores: float, cpu_inflation: float, overhead
     return dataclasses.replace(scale_host_table(table, cpu_inflation), host_cores=cores, step_overhead_s=overhead)
 
 
-def measure_setup(setup: dict, warmup: int, calib: int, steps: int, tmp: Path, log) -> dict[str, Any]:
+def measure_setup(setup: dict, warmup: int, calib: int, steps: int, tmp: Path, log,
+                  reuse: ClusterReuse) -> dict[str, Any]:  # fmt: skip
     """Run the real cluster: per measured step its routing (the trace), wall time, timings, the cores other
     tenants left to it and the CPU its processes used; the same for `calib` steps before them (calibration_steps,
-    never predicted); the Ray round trip. `warmup` steps before those are dropped."""
+    never predicted); the Ray round trip. `warmup` steps before those are dropped. The cluster is a fresh one at
+    step 0 (reuse.start: the previous set-up's processes re-initialised when the expert actors are the same)."""
     import ray
-
-    from moe_runtime.runtime.cluster import Cluster
 
     cfg = base_config(setup["expert_actors"], setup["router_workers"], tmp / setup["name"].replace(" ", ""))
     t0 = time.perf_counter()
-    with Cluster.start(cfg) as c:
-        if setup["skew"]:
-            ref = ray.put(skew_dense_state(cfg, setup["skew"]))
-            ray.get([w.load_model_state.remote(ref) for w in c.workers])
-        rtt = ray_round_trip(c)
-        meter = CpuShare()
-        real, counts, shares, timings = [], [], [], []
-        calibration = []
-        for i in range(warmup + calib + steps):
-            meter.start()
-            rep = c.train_step()
-            share = meter.stop()
-            step_counts = np.stack([x.numpy().astype(np.int64) for x in rep.worker_loads])  # [W * M, L, E]
-            if i < warmup:
-                continue
-            if i < warmup + calib:  # the machine's speed (cpu_scale)
-                calibration.append({"counts": step_counts.tolist(), "cluster_cpu_s": share["ours_cpu_s"],
-                                    "timings": rep.timings.as_dict()})
-                continue
-            real.append(rep.timings.step_s)
-            timings.append(rep.timings.as_dict())
-            shares.append(share)
-            counts.append(step_counts)
-    _wait_for_gpus(cfg.cluster.expert_actors)
+    c = reuse.start(cfg)
+    if setup["skew"]:
+        ref = ray.put(skew_dense_state(cfg, setup["skew"]))
+        ray.get([w.load_model_state.remote(ref) for w in c.workers])
+    rtt = ray_round_trip(c)
+    meter = CpuShare()
+    real, counts, shares, timings = [], [], [], []
+    calibration = []
+    for i in range(warmup + calib + steps):
+        meter.start()
+        rep = c.train_step()
+        share = meter.stop()
+        step_counts = np.stack([x.numpy().astype(np.int64) for x in rep.worker_loads])  # [W * M, L, E]
+        if i < warmup:
+            continue
+        if i < warmup + calib:  # the machine's speed (cpu_scale)
+            calibration.append({"counts": step_counts.tolist(), "cluster_cpu_s": share["ours_cpu_s"],
+                                "timings": rep.timings.as_dict()})
+            continue
+        real.append(rep.timings.step_s)
+        timings.append(rep.timings.as_dict())
+        shares.append(share)
+        counts.append(step_counts)
     log(f"  {setup['name']}: cluster up + {warmup + calib + steps} steps in {time.perf_counter() - t0:.1f} s")
     return {"setup": setup, "counts": np.stack(counts).tolist(),
             "real_steps_s": real, "timings": timings, "shares": shares, "ray_round_trip_s": rtt,
@@ -335,15 +337,21 @@ def main() -> None:
         records, overlap_rec = replayed["runs"], replayed.get("overlap")
     else:
         env = start_ray(ClusterConfig(num_gpus=8, expert_actors=4), log_to_driver=False)
-        records = []
+        by_index: dict[int, dict] = {}
+        reuse = ClusterReuse()  # set-ups with the same expert actors run on one set of processes, re-initialised
         try:
-            for s in setups:
-                log(f"set-up: {s['name']}")
-                records.append(measure_setup(s, warmup, calib, steps, tmp, log))
+            # grouped by expert actors (stable): a change of router workers only starts or kills workers
+            for i in sorted(range(len(setups)), key=lambda i: setups[i]["expert_actors"]):
+                log(f"set-up: {setups[i]['name']}")
+                by_index[i] = measure_setup(setups[i], warmup, calib, steps, tmp, log, reuse)
+            reuse.close()  # the overlap set-up's own cluster (1 actor) starts in measure_overlap
+            _wait_for_gpus(8)
+            records = [by_index[i] for i in range(len(setups))]  # in SETUPS order, as before
             if overlap_rounds > 0:
                 log(f"set-up: {OVERLAP_SETUP['name']}")
                 overlap_rec = measure_overlap(overlap_rounds, tmp, CpuShare, ray_round_trip, log)
         finally:
+            reuse.close()
             env.shutdown()
         runs_path.parent.mkdir(parents=True, exist_ok=True)
         kept = runs_path.with_suffix(".table.yaml")  # the table these runs were measured against (a later

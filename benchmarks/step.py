@@ -27,7 +27,9 @@ forward+backward wall are reported (CPU busy vs waiting), and overlap_limit_vs_n
 forward+backward shrank to the busier party's CPU or to all parties' CPU over the cores (a rough physical limit
 of overlap on this layout, on an otherwise idle machine).
 The full run adds the `small` preset at batch 16 x 128 tokens, where compute dominates the fixed per-call costs.
-Every cluster of the run (tiny, one_per_core, local_yaml; small in the full run) attaches to one local Ray.
+Every cluster of the run (tiny, one_per_core, local_yaml; small in the full run) attaches to one local Ray; those
+of local.yaml's layout (tiny, small, local_yaml) run on one set of party processes, re-initialised for each
+(Cluster.restart: a fresh cluster's state and the config's initial weights), then one_per_core's start.
 Writes runs/bench/step.json and prints it as the last stdout line.
 """
 
@@ -44,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from benchmarks._cluster_reuse import ClusterReuse  # noqa: E402
 from benchmarks._common import emit, make_parser, ratio_spread, stderr_console  # noqa: E402
 from moe_runtime.config import RuntimeConfig, load_config  # noqa: E402
 
@@ -84,8 +87,7 @@ def one_ray():
     return start_ray(widest)
 
 
-def run_case(name: str, cfg: RuntimeConfig, rounds: int, console) -> dict:
-    from moe_runtime.runtime.cluster import Cluster
+def run_case(name: str, cfg: RuntimeConfig, rounds: int, console, reuse: ClusterReuse) -> dict:
     from moe_runtime.training import InProcessTrainer
 
     threads = sorted({1, os.cpu_count() or 1})
@@ -94,21 +96,21 @@ def run_case(name: str, cfg: RuntimeConfig, rounds: int, console) -> dict:
     remote: list[float] = []
     timings: list[dict] = []
     default_threads = torch.get_num_threads()
-    with Cluster.start(cfg) as cluster:
-        for r in range(rounds + 1):
-            for n in threads:
-                torch.set_num_threads(n)
-                t0 = time.perf_counter()
-                oracle.train_step(r)
-                if r:
-                    inproc[n].append(time.perf_counter() - t0)
-            torch.set_num_threads(default_threads)
+    cluster = reuse.start(cfg)
+    for r in range(rounds + 1):
+        for n in threads:
+            torch.set_num_threads(n)
             t0 = time.perf_counter()
-            rep = cluster.train_step(r)
+            oracle.train_step(r)
             if r:
-                remote.append(time.perf_counter() - t0)
-                timings.append(rep.timings.as_dict())
-            console.print(f"[{name}] round {r}: cluster {remote[-1] if r else 0:.3f} s", highlight=False)
+                inproc[n].append(time.perf_counter() - t0)
+        torch.set_num_threads(default_threads)
+        t0 = time.perf_counter()
+        rep = cluster.train_step(r)
+        if r:
+            remote.append(time.perf_counter() - t0)
+            timings.append(rep.timings.as_dict())
+        console.print(f"[{name}] round {r}: cluster {remote[-1] if r else 0:.3f} s", highlight=False)
     med = {n: statistics.median(v) for n, v in inproc.items()}
     best = min(med, key=med.get)
     remote_s = statistics.median(remote)
@@ -133,7 +135,7 @@ def run_case(name: str, cfg: RuntimeConfig, rounds: int, console) -> dict:
     }
 
 
-def run_overlap(cfg: RuntimeConfig, rounds: int, console, label: str = "overlap") -> dict:
+def run_overlap(cfg: RuntimeConfig, rounds: int, console, reuse: ClusterReuse, label: str = "overlap") -> dict:
     """transport.overlap two_batch vs none on ONE cluster, switched between steps (RouterWorker.set_overlap), the
     order alternating per round (none, tbo, tbo, none, ...) so drift hits both alike; round 0 is a warm-up of
     both. Ratio per round = two_batch step / none step (ratio_spread: median, [min, max], sign test), and where
@@ -141,26 +143,24 @@ def run_overlap(cfg: RuntimeConfig, rounds: int, console, label: str = "overlap"
     forward+backward wall, and the expert actors' handler CPU."""
     import ray
 
-    from moe_runtime.runtime.cluster import Cluster
-
     steps: dict[str, list[float]] = {"none": [], "two_batch": []}
     parts: dict[str, list[dict]] = {"none": [], "two_batch": []}
     step = 0
-    with Cluster.start(cfg) as cluster:
-        for r in range(rounds + 1):
-            order = ("none", "two_batch") if r % 2 == 0 else ("two_batch", "none")
-            this: dict[str, float] = {}
-            for mode in order:
-                ray.get([w.set_overlap.remote(mode) for w in cluster.workers], timeout=60)
-                t0 = time.perf_counter()
-                rep = cluster.train_step(step)
-                this[mode] = time.perf_counter() - t0
-                step += 1
-                if r:
-                    steps[mode].append(this[mode])
-                    parts[mode].append(rep.timings.as_dict())
-            console.print(f"[{label}] round {r}: none {this['none']:.3f} s, two_batch {this['two_batch']:.3f} s",
-                          highlight=False)
+    cluster = reuse.start(cfg)
+    for r in range(rounds + 1):
+        order = ("none", "two_batch") if r % 2 == 0 else ("two_batch", "none")
+        this: dict[str, float] = {}
+        for mode in order:
+            ray.get([w.set_overlap.remote(mode) for w in cluster.workers], timeout=60)
+            t0 = time.perf_counter()
+            rep = cluster.train_step(step)
+            this[mode] = time.perf_counter() - t0
+            step += 1
+            if r:
+                steps[mode].append(this[mode])
+                parts[mode].append(rep.timings.as_dict())
+        console.print(f"[{label}] round {r}: none {this['none']:.3f} s, two_batch {this['two_batch']:.3f} s",
+                      highlight=False)
     return summarize_overlap(cfg, steps, parts)
 
 
@@ -216,14 +216,16 @@ def main() -> None:
                     "loadavg_start": os.getloadavg()[0]}
     overlap_rounds = args.overlap_rounds or (8 if args.quick else 16)
     env = one_ray()
+    reuse = ClusterReuse()  # local.yaml, small and local_yaml share a layout: one set of processes, re-initialised
     try:
-        local = run_case("local.yaml", bench_config(None, None, None), rounds, console)
+        local = run_case("local.yaml", bench_config(None, None, None), rounds, console, reuse)
         if not args.quick:
-            result["small"] = run_case("small", bench_config("small", 16, 128), max(3, rounds // 2), console)
-        overlap = run_overlap(overlap_config("one_per_core"), overlap_rounds, console, "overlap one_per_core")
-        legacy = run_overlap(overlap_config("local_yaml"), max(3, overlap_rounds // 2), console,
+            result["small"] = run_case("small", bench_config("small", 16, 128), max(3, rounds // 2), console, reuse)
+        legacy = run_overlap(overlap_config("local_yaml"), max(3, overlap_rounds // 2), console, reuse,
                              "overlap local_yaml")
+        overlap = run_overlap(overlap_config("one_per_core"), overlap_rounds, console, reuse, "overlap one_per_core")
     finally:
+        reuse.close()
         env.shutdown()
     result.update({k: local[k] for k in ("remote_vs_inprocess_step_time", "inprocess_step_s", "remote_step_s",
                                          "inprocess_threads")})

@@ -141,15 +141,19 @@ class Cluster:
     def restart(self, config: RuntimeConfig | str | Path) -> Cluster:
         """A fresh cluster for `config` on this cluster's processes (runtime/relaunch.py): what `Cluster.start`
         returns (the oracle's initial weights, step 0), ~0.1 instead of ~3 CPU-s per party. The layout
-        (relaunch.LAYOUT_FIELDS) must be the same, else ClusterStartError and this cluster is untouched; after
-        that this object is closed and the returned one owns the processes and Ray."""
+        (relaunch.LAYOUT_FIELDS: expert actors, resources) must be the same, else ClusterStartError and this
+        cluster is untouched; cluster.router_workers may differ (workers started or killed). After that this
+        object is closed and the returned one owns the processes and Ray."""
         cfg = config if isinstance(config, RuntimeConfig) else load_config(config)
         if self._closed:
             raise ClusterStartError("restart: this cluster is shut down")
+        if getattr(self, "_bundles", None) is not None:
+            raise ClusterStartError("restart: this cluster was scaled (scale.py); start a new cluster instead")
+        relaunch.check_layout(self._launched, self.cfg, cfg)  # nothing touched yet: this cluster stays usable
         if self._healer is not None:
             self._healer.join()  # a background heal must not touch the parties while they re-initialise
+        self._closed = True  # from here the processes and Ray belong to the new cluster (or are released)
         launched = relaunch.relaunch(self._launched, self.cfg, cfg)
-        self._closed = True  # its processes and Ray now belong to the new cluster
         cluster = type(self)(cfg, launched)
         try:
             cluster._init_collective()

@@ -112,13 +112,21 @@ def _start_actors(cfg: RuntimeConfig, pg: Any, token: str) -> tuple[list[Any], l
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 placement_group=pg, placement_group_bundle_index=i)
         experts.append(actor_cls.options(**opts).remote(conf, i, token))
+    return experts, start_workers(cfg, token, range(c.router_workers))
+
+
+def start_workers(cfg: RuntimeConfig, token: str, indices: range) -> list[Any]:
+    """RouterWorker handles of these indices (not waited for)."""
+    import ray
+
+    c, conf = cfg.cluster, cfg.model_dump(mode="json")
     worker_cls = ray.remote(RouterWorker)
-    workers = [
+    where = worker_options(c.router_workers, c.cpus_per_actor)
+    return [
         worker_cls.options(num_gpus=c.gpus_per_router_worker, max_restarts=c.max_restarts, max_task_retries=0,
-                           **where).remote(conf, w, token)  # spread over nodes: a lost node leaves a worker
-        for w, where in enumerate(worker_options(c.router_workers, c.cpus_per_actor))
+                           **where[w]).remote(conf, w, token)  # spread over nodes: a lost node leaves a worker
+        for w in indices
     ]  # fmt: skip
-    return experts, workers
 
 
 def _load_initial_weights(cfg: RuntimeConfig, experts: list[Any], workers: list[Any], placement: Placement,

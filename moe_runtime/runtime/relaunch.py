@@ -1,4 +1,5 @@
-"""Relaunch: a fresh cluster for a new config on the processes of a running one (same layout), instead of killing
+"""Relaunch: a fresh cluster for a new config on the processes of a running one (same expert actors and resources,
+LAYOUT_FIELDS; the number of router workers may change: extra ones are started, surplus ones killed), instead of killing
 every party and starting new ones. Starting a party (a Ray worker process, `import torch`, torch._dynamo through
 torch.optim, the gRPC server) costs ~3 CPU-s on this machine (docs/measurements.md); re-initialising one costs
 ~0.1 CPU-s. Used where a run trains or serves several configurations of one layout one after the other (seeds,
@@ -24,13 +25,14 @@ import time
 from moe_runtime.config import ClusterConfig, RuntimeConfig
 from moe_runtime.runtime.calls import START_TIMEOUT_S, get_within
 from moe_runtime.runtime.hf_loading import open_checkpoint
-from moe_runtime.runtime.launch import Launched, check_config, release, wire
+from moe_runtime.runtime.launch import Launched, check_config, release, start_workers, wire
 from moe_runtime.runtime.party_args import kv_key
 from moe_runtime.runtime.ray_env import ClusterStartError
 
 # cluster fields that fix the processes, their resources and Ray's restart policy: a relaunch must keep them
-LAYOUT_FIELDS = ("expert_actors", "router_workers", "num_gpus", "num_nodes", "gpus_per_expert_actor",
-                 "gpus_per_router_worker", "cpus_per_actor", "placement_strategy", "max_restarts", "ray_address")
+# (router_workers may change: workers hold no placement-group bundle; extra ones are started, surplus ones killed)
+LAYOUT_FIELDS = ("expert_actors", "num_gpus", "num_nodes", "gpus_per_expert_actor", "gpus_per_router_worker",
+                 "cpus_per_actor", "placement_strategy", "max_restarts", "ray_address")
 
 
 def layout_changes(old: ClusterConfig, new: ClusterConfig) -> list[str]:
@@ -49,12 +51,8 @@ def forget(launched: Launched) -> None:
         internal_kv._internal_kv_del(kv_key(launched.origin_token))
 
 
-def relaunch(launched: Launched, old: RuntimeConfig, cfg: RuntimeConfig) -> Launched:
-    """Re-initialise every party of `launched` (started for `old`) for `cfg` and wire them: what `launch(cfg)`
-    returns, on the same processes. Raises ClusterStartError when the layouts differ (nothing is touched then);
-    on any later failure every party is killed (as a failed `launch` leaves nothing behind)."""
-    from ray.experimental import internal_kv
-
+def check_layout(launched: Launched, old: RuntimeConfig, cfg: RuntimeConfig) -> None:
+    """ClusterStartError unless `cfg` is a valid config with the layout `launched` (started for `old`) runs."""
     check_config(cfg)
     problems = layout_changes(old.cluster, cfg.cluster)
     if len(launched.experts) != cfg.cluster.expert_actors:  # scaled since its start (scale.py)
@@ -63,18 +61,35 @@ def relaunch(launched: Launched, old: RuntimeConfig, cfg: RuntimeConfig) -> Laun
     if problems:
         raise ClusterStartError("relaunch needs the same layout (start a new cluster instead):\n"
                                 + "\n".join(problems))
+
+
+def relaunch(launched: Launched, old: RuntimeConfig, cfg: RuntimeConfig) -> Launched:
+    """Re-initialise every party of `launched` (started for `old`) for `cfg` and wire them: what `launch(cfg)`
+    returns, on the same processes. Raises ClusterStartError when the layouts differ (nothing is touched then);
+    on any later failure every party is killed (as a failed `launch` leaves nothing behind)."""
+    import ray
+    from ray.experimental import internal_kv
+
+    check_layout(launched, old, cfg)
     hf_ckpt = open_checkpoint(cfg.model)  # a bad checkpoint fails here, before any party is touched
     t_start = time.perf_counter()
     origin = launched.origin_token or launched.token
     token = cfg.transport.auth_token or secrets.token_hex(16)
     conf = cfg.model_dump(mode="json")
-    started = Launched(launched.env, launched.placement_group, launched.experts, launched.workers, [],
+    n = cfg.cluster.router_workers
+    kept, surplus = launched.workers[:n], launched.workers[n:]
+    started = Launched(launched.env, launched.placement_group, launched.experts, list(kept), [],
                        launched.placement, token, None, origin)
     try:
         internal_kv._internal_kv_put(kv_key(origin), pickle.dumps((conf, token)), overwrite=True)
-        get_within([a.reset.remote(conf, i, token) for i, a in enumerate(launched.experts)]
-                   + [w.reset.remote(conf, i, token) for i, w in enumerate(launched.workers)],
-                   START_TIMEOUT_S, "re-initialising parties")  # fmt: skip
+        for h in surplus:
+            ray.kill(h, no_restart=True)
+        resets = [a.reset.remote(conf, i, token) for i, a in enumerate(launched.experts)]
+        resets += [w.reset.remote(conf, i, token) for i, w in enumerate(kept)]
+        # extra workers get the origin token as their argument: they read (conf, token) from the KV like a restarted
+        # party, so a later relaunch reaches them too
+        started.workers += start_workers(cfg, origin, range(len(kept), n))
+        get_within(resets + [w.ping.remote() for w in started.workers], START_TIMEOUT_S, "re-initialising parties")
         return wire(cfg, started, hf_ckpt, t_start)
     except BaseException:
         forget(started)
@@ -82,4 +97,4 @@ def relaunch(launched: Launched, old: RuntimeConfig, cfg: RuntimeConfig) -> Laun
         raise
 
 
-__all__ = ["LAYOUT_FIELDS", "forget", "layout_changes", "relaunch"]
+__all__ = ["LAYOUT_FIELDS", "check_layout", "forget", "layout_changes", "relaunch"]
