@@ -112,7 +112,11 @@ class Cluster:
     def start(cls, config: RuntimeConfig | str | Path) -> Cluster:
         """Start (or join) Ray, place and start every actor, load the oracle's initial weights."""
         cfg = config if isinstance(config, RuntimeConfig) else load_config(config)
-        launched = launch(cfg)
+        return cls._owning(cfg, launch(cfg))
+
+    @classmethod
+    def _owning(cls, cfg: RuntimeConfig, launched: Launched) -> Cluster:
+        """The cluster over `launched` parties, its collective group up; the parties are released if that fails."""
         cluster = cls(cfg, launched)
         try:
             cluster._init_collective()
@@ -153,14 +157,7 @@ class Cluster:
         if self._healer is not None:
             self._healer.join()  # a background heal must not touch the parties while they re-initialise
         self._closed = True  # from here the processes and Ray belong to the new cluster (or are released)
-        launched = relaunch.relaunch(self._launched, self.cfg, cfg)
-        cluster = type(self)(cfg, launched)
-        try:
-            cluster._init_collective()
-        except BaseException:
-            release(launched, wait_free=False)
-            raise
-        return cluster
+        return type(self)._owning(cfg, relaunch.relaunch(self._launched, self.cfg, cfg))
 
     def __enter__(self) -> Cluster:  # noqa: PYI034
         return self
