@@ -13,11 +13,13 @@ Protocol (all integers little-endian):
   The server answers one reply prefix (status 0, or UNAUTHENTICATED and a message, then it closes).
 - Request: b"MOEQ", uint8 method (1 Dispatch, 2 Backward), 3 zero bytes, uint64 length L, then the L-byte
   `Frame` message.
-- Reply: b"MOER", uint8 status (a gRPC status code; 0 = OK), 3 zero bytes, uint64 length L, then L bytes: the
-  reply `Frame` message when OK, else a UTF-8 message naming the problem.
-One call at a time per connection; a client holds a pool of connections (one per call in flight). A request the
-server cannot read (bad magic, unknown method, over the frame limit) is answered and the connection closed (the
-stream cannot be resynchronised); a frame the handler rejects is answered and the connection kept.
+- Reply: b"MOER", uint8 status (a gRPC status code; 0 = OK), uint8 closing (1: the server closes the connection
+  after this reply), 2 zero bytes, uint64 length L, then L bytes: the reply `Frame` message when OK, else a UTF-8
+  message naming the problem.
+One call at a time per connection; a client holds a pool of connections (one per call in flight; an idle one the
+server has closed meanwhile is dropped, not used). A request the server cannot read (bad magic, unknown method,
+over the frame limit) is answered "closing" and the connection closed (the stream cannot be resynchronised); a
+frame the handler rejects is answered and the connection kept.
 
 Failures map onto the gRPC status codes the rest of the runtime already handles (dispatch/failover.py): refused,
 reset or closed connections are UNAVAILABLE, a reply not back by the call's deadline is DEADLINE_EXCEEDED (the
@@ -40,7 +42,7 @@ __all__ = ["LANE_VERSION", "LaneCall", "LaneClient", "LaneError", "LaneServer", 
 
 LANE_VERSION = 1
 _HELLO = struct.Struct("<4sIII")
-_PREFIX = struct.Struct("<4sB3xQ")
+_PREFIX = struct.Struct("<4sBB2xQ")  # magic, method (request) / status (reply), closing (reply), length
 _HELLO_MAGIC, _REQUEST_MAGIC, _REPLY_MAGIC = b"MOEH", b"MOEQ", b"MOER"
 METHODS = {"Dispatch": 1, "Backward": 2}
 _METHOD_NAMES = {v: k for k, v in METHODS.items()}
@@ -145,8 +147,20 @@ def _send_all(sock: socket.socket, parts: list[Any], deadline: float | None = No
                 sent = 0
 
 
-def _reply_prefix(code: int, nbytes: int) -> bytes:
-    return _PREFIX.pack(_REPLY_MAGIC, code, nbytes)
+def _still_open(sock: socket.socket) -> bool:
+    """Whether an idle connection is still open: between calls nothing may arrive on it, so a readable socket is a
+    closed (or broken) one. One non-blocking peek."""
+    try:
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)  # b"": closed; bytes between calls: out of step
+    except BlockingIOError:
+        return True  # nothing to read: open and idle
+    except OSError:
+        pass
+    return False
+
+
+def _reply_prefix(code: int, nbytes: int, closing: bool = False) -> bytes:
+    return _PREFIX.pack(_REPLY_MAGIC, code, int(closing), nbytes)
 
 
 class LaneServer:
@@ -234,7 +248,7 @@ class LaneServer:
         """Answer a request the lane cannot read, then close (returns False: the connection ends)."""
         self._on_reject(code)
         body = details.encode()[:_MAX_ERROR_BYTES]
-        _send_all(conn, [_reply_prefix(code.value[0], len(body)), body])
+        _send_all(conn, [_reply_prefix(code.value[0], len(body), closing=True), body])
         # end our side, then read what the peer still sends for a moment: closing with unread bytes would reset the
         # connection, and a reset can discard the answer before the peer has read it
         conn.shutdown(socket.SHUT_WR)
@@ -273,7 +287,7 @@ class LaneServer:
     def _one_request(self, conn: socket.socket) -> bool:
         head = bytearray(_PREFIX.size)
         _recv_exact(conn, memoryview(head), None)
-        magic, method_id, nbytes = _PREFIX.unpack(head)
+        magic, method_id, _, nbytes = _PREFIX.unpack(head)
         if magic != _REQUEST_MAGIC:
             return self._refuse(conn, grpc.StatusCode.INVALID_ARGUMENT,
                                 f"request magic {bytes(magic)!r}: expected {_REQUEST_MAGIC!r}")
@@ -360,7 +374,7 @@ class LaneClient:
         except LaneError as e:
             return LaneCall(self, None, deadline, e)
         try:
-            _send_all(sock, [_PREFIX.pack(_REQUEST_MAGIC, METHODS[method], nbytes), *body], deadline)
+            _send_all(sock, [_PREFIX.pack(_REQUEST_MAGIC, METHODS[method], 0, nbytes), *body], deadline)
         except (OSError, ConnectionError) as e:
             self._discard(sock)
             return LaneCall(self, None, deadline, self._os_error(e, "sending the request"))
@@ -385,8 +399,11 @@ class LaneClient:
         with self._lock:
             if self._closed:
                 raise LaneError(grpc.StatusCode.CANCELLED, f"lane client of {self.address} is closed")
-            if self._idle:
-                return self._idle.pop()
+            while self._idle:
+                sock = self._idle.pop()
+                if _still_open(sock):
+                    return sock
+                sock.close()  # the server closed it while it was idle: a new one below
         try:
             sock = socket.create_connection((self._host, self._port), timeout=max(1e-3, deadline - time.monotonic()))
         except (OSError, ConnectionError) as e:
@@ -395,7 +412,7 @@ class LaneClient:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(None)  # blocking: each call bounds its own sends and recvs in the kernel (_kernel_deadline)
             _send_all(sock, [_HELLO.pack(_HELLO_MAGIC, LANE_VERSION, len(self._token), 0), self._token], deadline)
-            code, body = self._read_reply(sock, deadline, limit=_MAX_ERROR_BYTES)
+            code, body, _ = self._read_reply(sock, deadline, limit=_MAX_ERROR_BYTES)
         except LaneError:
             sock.close()
             raise
@@ -407,10 +424,10 @@ class LaneClient:
             raise LaneError(_CODES.get(code, grpc.StatusCode.UNKNOWN), bytes(body).decode(errors="replace"))
         return sock
 
-    def _read_reply(self, sock: socket.socket, deadline: float, limit: int) -> tuple[int, memoryview]:
+    def _read_reply(self, sock: socket.socket, deadline: float, limit: int) -> tuple[int, memoryview, bool]:
         head = bytearray(_PREFIX.size)
         _recv_exact(sock, memoryview(head), deadline)
-        magic, code, nbytes = _PREFIX.unpack(head)
+        magic, code, closing, nbytes = _PREFIX.unpack(head)
         if magic != _REPLY_MAGIC:
             raise LaneError(grpc.StatusCode.INTERNAL, f"lane {self.address}: reply magic {bytes(magic)!r}: "
                             f"expected {_REPLY_MAGIC!r}")  # fmt: skip
@@ -419,20 +436,23 @@ class LaneClient:
                             f"lane {self.address}: reply of {nbytes} bytes: over the limit {limit}")
         body = aligned_buffer(nbytes)
         _recv_exact(sock, body, deadline)
-        return code, body
+        return code, body, bool(closing)
 
     def _receive(self, sock: socket.socket | None, deadline: float) -> memoryview | LaneError:
         if sock is None:
             return LaneError(grpc.StatusCode.CANCELLED, "cancelled")
         try:
-            code, body = self._read_reply(sock, deadline, limit=self.max_frame_bytes)
+            code, body, closing = self._read_reply(sock, deadline, limit=self.max_frame_bytes)
         except LaneError as e:
             self._discard(sock)
             return e
         except (OSError, ConnectionError) as e:
             self._discard(sock)
             return self._os_error(e, "waiting for the reply")
-        self._release(sock)
+        if closing:  # the server answered a request it could not read and closes this connection
+            self._discard(sock)
+        else:
+            self._release(sock)
         if code != 0:
             return LaneError(_CODES.get(code, grpc.StatusCode.UNKNOWN), bytes(body).decode(errors="replace"))
         return body

@@ -46,6 +46,7 @@ def test_unresponsive_server_hits_the_deadline(lane, first_call):
             if not first_call:  # the lane connection is open and idle when the server stops answering
                 decode_frame(c.dispatch(dispatch_frame([0], [4], torch.randn(4, D), step=4), wait=True).result())
             os.kill(proc.pid, signal.SIGSTOP)  # alive, socket open, never answers
+            wait_stopped(proc.pid)  # the signal lands a moment later: a lane call is fast enough to beat it
             try:
                 t0 = time.monotonic()
                 err = call_code(lambda: c.dispatch(dispatch_frame([0], [4], torch.randn(4, D), step=5)).result())
@@ -59,6 +60,25 @@ def test_unresponsive_server_hits_the_deadline(lane, first_call):
             assert reply.header.step == 6 and reply.tensors["y"].shape == (3, D)
     finally:
         proc.stop()
+
+
+def wait_stopped(pid: int, timeout_s: float = 5.0) -> None:
+    """Until every thread of process `pid` is stopped (state T in /proc); bounded."""
+    import os
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        states = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+            except FileNotFoundError:
+                continue
+        if states and all(s in ("T", "t") for s in states):
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"process {pid} did not stop within {timeout_s} s")
 
 
 def test_expert_call_error_survives_pickling():

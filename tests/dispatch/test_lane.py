@@ -202,6 +202,19 @@ def test_connections_over_the_limit_are_refused_by_name():
         srv.stop()
 
 
+def test_an_idle_connection_the_server_closed_is_replaced_not_failed(server):
+    with ExpertClient(server.address, TOKEN, lane=True) as t:
+        t.dispatch(frame(), wait=True).result()
+        for conn in list(server._lane._conns):  # the server side of the idle pooled connection goes away
+            conn.shutdown(socket.SHUT_RDWR)
+        for _ in range(100):
+            if not server._lane._conns:
+                break
+            threading.Event().wait(0.02)
+        assert decode_frame(t.dispatch(frame(step=2), wait=True).result()).header.step == 2  # a new connection
+    assert server.stats()["rejected"] == {}
+
+
 def test_a_peer_that_hangs_up_mid_request_costs_nothing(server):
     s = raw_connection(server)
     read_reply(s)
@@ -263,3 +276,14 @@ def test_a_fresh_compute_thread_keeps_the_process_thread_count():
     assert with_init == 0
     if (os.cpu_count() or 1) > 1:  # the probe can see the problem here: the uninitialised thread grew a team
         assert without >= 1
+
+
+def test_a_frame_over_the_lane_limit_is_named_and_the_next_call_gets_a_fresh_connection():
+    shards = ExpertShards()
+    shards.load(make_shards(KEYS))
+    with ExpertServer(shards, auth_token=TOKEN, max_frame_bytes=4096) as srv, \
+            ExpertClient(srv.address, TOKEN, lane=True) as t:
+        err = call_code(lambda: t.dispatch(frame((100,)), wait=True).result())  # 6.4 KB of rows
+        assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_frame_bytes 4096" in err.details
+        assert t._lane._idle == []  # the server closed that connection: not kept for the next call
+        assert decode_frame(t.dispatch(frame((2,)), wait=True).result()).header.kind == "result"
