@@ -202,12 +202,16 @@ class ExpertClient:
         return ExpertCallError(self.address, method, layer, step, code, details or "")
 
     @staticmethod
-    def _context(frame: bytes, layer: int | None, step: int | None) -> tuple[int | None, int | None]:
+    def _context(frame: bytes | memoryview | list, layer: int | None, step: int | None,
+                 wrapped: bool = False) -> tuple[int | None, int | None]:  # fmt: skip
+        """layer/step as given, else read from the frame (`wrapped`: a `Frame` message, or its parts: a list)."""
         if layer is None or step is None:
+            if isinstance(frame, list):
+                frame = b"".join(frame)
             try:
-                h = decode_frame(frame, out_dtype=None).header
+                h = decode_frame(unwrap_frame(frame) if wrapped else frame, out_dtype=None).header
                 return h.layer, h.step
-            except FrameError:
+            except (FrameError, EnvelopeError):
                 pass
         return layer, step
 
@@ -222,8 +226,7 @@ class ExpertClient:
             try:
                 lane = self.lane_client()
             except ExpertCallError as e:  # the server's Health failed: this call fails the same way, named as itself
-                if layer is None or step is None:
-                    layer, step = self._context(unwrap_frame(frame) if wrapped else frame, layer, step)
+                layer, step = self._context(frame, layer, step, wrapped)
                 return ExpertFuture(None, self, method, layer, step, ExpertCallError(
                     self.address, method, layer, step, e.code, f"asking the server for its lane: {e.details}"))
             if lane is not None:
@@ -262,13 +265,10 @@ class ExpertClient:
 
     def _lane_call(self, lane: LaneClient, method: str, frame: bytes | list, layer: int | None, step: int | None,
                    wait: bool, wrapped: bool) -> ExpertFuture:  # fmt: skip
+        layer, step = self._context(frame, layer, step, wrapped)
         if isinstance(frame, list):
-            if layer is None or step is None:
-                layer, step = self._context(unwrap_frame(b"".join(frame)), layer, step)
             call = lane.call(method, None, parts=frame)
         else:
-            if layer is None or step is None:
-                layer, step = self._context(unwrap_frame(frame) if wrapped else frame, layer, step)
             call = lane.call(method, frame if wrapped else wrap_frame(frame))
         if not wait:
             return ExpertFuture(call, self, method, layer, step)

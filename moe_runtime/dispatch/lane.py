@@ -126,10 +126,15 @@ def _recv_exact(sock: socket.socket, view: memoryview, deadline: float | None) -
         got += k
 
 
+def _nbytes(parts: list[Any]) -> int:
+    """Bytes in `parts` (bytes-likes; a numpy array's nbytes, not its len)."""
+    return sum(memoryview(p).nbytes for p in parts)
+
+
 def _send_all(sock: socket.socket, parts: list[Any], deadline: float | None = None) -> None:
     """Send every byte of `parts` (bytes-like) with as few `sendmsg` calls as the kernel allows (no joining copy);
     with `deadline`, each sendmsg is bounded by the time left (a partial send restarts the kernel's timer)."""
-    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    views = [v for v in (memoryview(p).cast("B") for p in parts) if len(v)]
     while views:
         if deadline is not None:
             _kernel_deadline(sock, deadline, socket.SO_SNDTIMEO)
@@ -315,8 +320,7 @@ class LaneServer:
             _send_all(conn, [_reply_prefix(ctx.code.value[0], len(body)), body])
         else:
             parts = [reply] if isinstance(reply, (bytes, bytearray, memoryview)) else reply
-            views = [memoryview(p).cast("B") for p in parts]
-            _send_all(conn, [_reply_prefix(0, sum(len(v) for v in views)), *views])
+            _send_all(conn, [_reply_prefix(0, _nbytes(parts)), *parts])
         return True
 
 
@@ -341,7 +345,7 @@ class LaneCall:
         self._sock, self._outcome = None, LaneError(grpc.StatusCode.CANCELLED, "cancelled")
         return True
 
-    def result(self, timeout: float | None = None) -> memoryview:
+    def result(self) -> memoryview:
         if self._outcome is None:
             self._outcome = self._client._receive(self._sock, self._deadline)
             self._sock = None
@@ -367,14 +371,13 @@ class LaneClient:
         """Send `message` (a `Frame` message; or `parts`, bytes-likes that make it up, sent without joining) to
         `method`; returns at once with the call in flight (its reply waits in the socket until `result()`)."""
         deadline = time.monotonic() + self.deadline_s
-        body = [memoryview(p).cast("B") for p in ([message] if parts is None else parts)]
-        nbytes = sum(len(v) for v in body)
+        body = [message] if parts is None else parts
         try:
             sock = self._connection(deadline)
         except LaneError as e:
             return LaneCall(self, None, deadline, e)
         try:
-            _send_all(sock, [_PREFIX.pack(_REQUEST_MAGIC, METHODS[method], 0, nbytes), *body], deadline)
+            _send_all(sock, [_PREFIX.pack(_REQUEST_MAGIC, METHODS[method], 0, _nbytes(body)), *body], deadline)
         except (OSError, ConnectionError) as e:
             self._discard(sock)
             return LaneCall(self, None, deadline, self._os_error(e, "sending the request"))

@@ -287,3 +287,19 @@ def test_a_frame_over_the_lane_limit_is_named_and_the_next_call_gets_a_fresh_con
         assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_frame_bytes 4096" in err.details
         assert t._lane._idle == []  # the server closed that connection: not kept for the next call
         assert decode_frame(t.dispatch(frame((2,)), wait=True).result()).header.kind == "result"
+
+
+def test_a_call_without_layer_and_step_is_named_from_its_frame_parts():
+    """RemoteDispatcher sends lane frames as parts (codec.encode_frame_parts); an error names the frame's own layer
+    and step when the caller gave none, also when the server cannot be asked for its lane at all."""
+    from moe_runtime.dispatch.codec import encode_frame_parts
+    from moe_runtime.dispatch.envelope import envelope_prefix
+
+    parts = encode_frame_parts("dispatch", layer=0, step=9, mb=0, pv=7, experts=[0], counts=[2],
+                               tensors={"x": torch.randn(2, D)}, lead=envelope_prefix)  # fmt: skip
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"  # nothing listens here
+    with ExpertClient(dead, TOKEN, deadline_s=2.0, lane=True) as t:
+        err = call_code(lambda: t.call("Dispatch", parts, wrapped=True, wait=True).result())
+    assert err.code == grpc.StatusCode.UNAVAILABLE and "(layer 0, step 9)" in str(err)
