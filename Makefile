@@ -31,7 +31,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check moe_runtime tests benchmarks
 
 bench: $(STAMP)
-	for b in benchmarks/[!_]*.py; do $(BIN)/python $$b --quick --json || exit 1; done
+	$(BIN)/python benchmarks/_suite.py --quick --json
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs/*.png

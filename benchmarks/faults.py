@@ -57,18 +57,25 @@ HANG_TIMEOUT_S = 2.0  # the control-call hang scenario
 DEADLINE_S = 3.0  # data plane (transport.deadline_s)
 DATA_HANG_TIMEOUT_S = 5.0  # cluster.hang_timeout_s elsewhere: above the data-plane deadline (a worker waiting on
 # a stopped expert actor must fail its exchange before the driver counts the worker itself as hung)
+QUICK_DEADLINE_S, QUICK_DATA_HANG_TIMEOUT_S = 1.5, 3.0  # --quick: half; a clean step is ~0.16 s, a call ~ms
 
 
-def _config(tmp: Path, steps: int):
+def timeouts(quick: bool) -> tuple[float, float]:
+    """(transport.deadline_s, cluster.hang_timeout_s) of the run."""
+    return (QUICK_DEADLINE_S, QUICK_DATA_HANG_TIMEOUT_S) if quick else (DEADLINE_S, DATA_HANG_TIMEOUT_S)
+
+
+def _config(tmp: Path, steps: int, quick: bool = False):
     from moe_runtime.config import parse_config
 
+    deadline_s, hang_timeout_s = timeouts(quick)
     return parse_config({
         "model": {"preset": "tiny"},
         "data": {"max_files": 40},
         "train": {"steps": steps, "batch_size": 8, "seq_len": 32, "micro_batches": 2, "warmup_steps": 2,
                   "checkpoint_every": 2, "checkpoint_dir": str(tmp / "auto")},
-        "transport": {"deadline_s": DEADLINE_S},
-        "cluster": {"num_gpus": 6, "expert_actors": 4, "router_workers": 2, "hang_timeout_s": DATA_HANG_TIMEOUT_S,
+        "transport": {"deadline_s": deadline_s},
+        "cluster": {"num_gpus": 6, "expert_actors": 4, "router_workers": 2, "hang_timeout_s": hang_timeout_s,
                     "max_restarts": 10},  # every scenario kills an actor again
     })  # fmt: skip
 
@@ -320,12 +327,13 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="moe-faults-") as tmpdir:
         tmp = Path(tmpdir)
-        with Cluster.start(_config(tmp, steps)) as c:
+        with Cluster.start(_config(tmp, steps, args.quick)) as c:
             c.init_dir = c.checkpoint(tmp / "init")
             c.serve_dir = tmp / "serve"
             probe = torch.randint(0, c.cfg.model.vocab_size, (4, 32),
                                                    generator=torch.Generator().manual_seed(0))  # fmt: skip
             log("clean training run (baseline)")
+            c.prepare_training()  # the optimizers built now, not in the clean run's first step
             c.restore(c.init_dir)
             t0 = time.perf_counter()
             clean = c.train(steps)
@@ -377,11 +385,11 @@ def main(argv: list[str] | None = None) -> dict:
         "hang_named_the_actor": hang["named"],
         "hang_recovered_s": hang["recovered_s"],
         "data_plane_hang_detected_s": hang_dp["detected_s"],
-        "data_plane_hang_deadline_s": DEADLINE_S,
+        "data_plane_hang_deadline_s": timeouts(args.quick)[0],
         "data_plane_hang_recovered_s": hang_dp["recovery_s"],
         "data_plane_hang_losses_equal": hang_dp["losses_equal"],
         "worker_hang_detected_s": hang_w["detected_s"],
-        "worker_hang_timeout_s": DATA_HANG_TIMEOUT_S,
+        "worker_hang_timeout_s": timeouts(args.quick)[1],
         "worker_hang_recovered_s": hang_w["recovery_s"],
         "worker_hang_steps_rerun": hang_w["steps_rerun"],
         "worker_hang_losses_equal": hang_w["losses_equal"],

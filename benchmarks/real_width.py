@@ -98,6 +98,8 @@ def run(args: Any) -> dict[str, Any]:
     # quick: 4 new tokens (3 decode steps per row; the steps' rate varied ~3% over reps at 8): decode was ~60% of
     # the quick wall time
     decode_batches, decode_new = ([1, 4], 4) if args.quick else (args.decode_batches, args.decode_tokens)
+    if args.reps is None:  # quick: 2 (a rep is ~10 s of the quick run: 2 prefills, 4 generations)
+        args.reps = 2 if args.quick else 3
     if layers is not None:
         data["model"]["num_layers"] = layers
     if experts is not None:
@@ -253,7 +255,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=None, help="model.num_layers (default: the config's)")
     p.add_argument("--experts", type=int, default=None, help="model.num_experts (default: the config's)")
     p.add_argument("--tokens", type=int, default=512, help="prefill length")
-    p.add_argument("--reps", type=int, default=3, help="timed prefills (and generations) per variant")
+    p.add_argument("--reps", type=int, default=None,
+                   help="timed prefills (and generations) per variant (default 3; --quick 2)")
     p.add_argument("--decode-batches", type=int_list, default=[1, 4], help="decode batch sizes, e.g. 1,4,16")
     p.add_argument("--decode-tokens", type=int, default=8, help="new tokens per decode run")
     args = p.parse_args()

@@ -76,6 +76,7 @@ from benchmarks._cluster_reuse import ClusterReuse
 from benchmarks._common import emit, make_parser, stderr_console
 from benchmarks._sim_overlap import OVERLAP_SETUP, measure_overlap, simulate_overlap
 from moe_runtime.config import ModelConfig, RuntimeConfig, parse_config
+from moe_runtime.runtime import party_pool
 from moe_runtime.runtime.calibrate_cluster import CONTROL_ROUNDS, processes_cpu_s, ray_round_trip
 from moe_runtime.sim.calibrate import calibrate, write_table
 from moe_runtime.sim.gpu_cost import GpuCostModel
@@ -345,6 +346,7 @@ def main() -> None:
                 log(f"set-up: {setups[i]['name']}")
                 by_index[i] = measure_setup(setups[i], warmup, calib, steps, tmp, log, reuse)
             reuse.close()  # the overlap set-up's own cluster (1 actor) starts in measure_overlap
+            party_pool.release_parked()  # under benchmarks/_suite.py the closed cluster is parked, holding GPUs
             _wait_for_gpus(8)
             records = [by_index[i] for i in range(len(setups))]  # in SETUPS order, as before
             if overlap_rounds > 0:

@@ -341,11 +341,11 @@ def read_expert_shards(manifest: Manifest, keys: Iterable[Key]) -> dict[Key, dic
 # ------------------------------------------------------------------------------------------------ optimizer state
 
 
-def optimizer_tensors(opt: torch.optim.Optimizer, names: Mapping[int, str]) -> dict[str, torch.Tensor]:
+def optimizer_tensors(opt: torch.optim.Optimizer | None, names: Mapping[int, str]) -> dict[str, torch.Tensor]:
     """AdamW state as flat tensors ``{name}.{exp_avg|exp_avg_sq|step}`` of the parameters named in `names`
-    (id(param) -> name); parameters not in `names` are skipped."""
-    out = {}
-    for p, st in opt.state.items():
+    (id(param) -> name); parameters not in `names` are skipped. None (an optimizer not built yet): no state."""
+    out: dict[str, torch.Tensor] = {}
+    for p, st in (opt.state.items() if opt is not None else ()):
         if not st or id(p) not in names:
             continue
         name = names[id(p)]
@@ -384,15 +384,17 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, params: Mapping[str, torc
 # ------------------------------------------------------------------------------------------------ dense state
 
 
-def dense_tensors(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+def dense_tensors(model: nn.Module, opt: torch.optim.Optimizer | None) -> dict[str, torch.Tensor]:
     out = {f"model.{k}": v for k, v in model.state_dict().items()}
     names = {id(p): n for n, p in model.named_parameters()}
     out.update({f"opt.{k}": v for k, v in optimizer_tensors(opt, names).items()})
     return out
 
 
-def load_dense_tensors(model: nn.Module, opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Strict: every model key must be present and nothing else."""
+def load_dense_tensors(model: nn.Module, opt: torch.optim.Optimizer | None,
+                       tensors: Mapping[str, torch.Tensor]) -> None:
+    """Strict: every model key must be present and nothing else. `opt` None: `tensors` must hold no optimizer
+    state (the caller's optimizer, not built yet, starts fresh)."""
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     other = [k for k in tensors if not k.startswith(("model.", "opt."))]
     if other:
@@ -401,9 +403,12 @@ def load_dense_tensors(model: nn.Module, opt: torch.optim.Optimizer, tensors: Ma
     missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or extra:
         raise CheckpointError(f"dense state does not fit the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    opt_state = {k[len("opt."):]: v for k, v in tensors.items() if k.startswith("opt.")}
+    if opt is None and opt_state:
+        raise CheckpointError(f"dense state has optimizer state ({len(opt_state)} tensors) but no optimizer to load it")
     model.load_state_dict(state, strict=True)
-    load_optimizer_tensors(opt, dict(model.named_parameters()),
-                           {k[len("opt."):]: v for k, v in tensors.items() if k.startswith("opt.")})
+    if opt is not None:
+        load_optimizer_tensors(opt, dict(model.named_parameters()), opt_state)
 
 
 def read_dense(manifest: Manifest) -> dict[str, torch.Tensor]:

@@ -46,7 +46,7 @@ from moe_runtime.placement import Placement, ShardKey, split_over_replicas
 from moe_runtime.records import TimingMeans
 from moe_runtime.checkpoint import training_state as ckpt
 from moe_runtime.runtime.calls import COLLECTIVE_TIMEOUT_S, CONTROL_TIMEOUT_S, START_TIMEOUT_S, get_within
-from moe_runtime.runtime import cluster_mask, failover, nodes, relaunch
+from moe_runtime.runtime import cluster_mask, failover, nodes, party_pool, relaunch
 from moe_runtime.runtime import scale as scaling
 from moe_runtime.runtime.failover import HealReport
 from moe_runtime.runtime.fleet import RayExpertFleet
@@ -112,7 +112,8 @@ class Cluster:
     def start(cls, config: RuntimeConfig | str | Path) -> Cluster:
         """Start (or join) Ray, place and start every actor, load the oracle's initial weights."""
         cfg = config if isinstance(config, RuntimeConfig) else load_config(config)
-        return cls._owning(cfg, launch(cfg))
+        reused = party_pool.take(cfg)  # inside party_pool.keep_parties(): a parked cluster's processes, same layout
+        return cls._owning(cfg, reused if reused is not None else launch(cfg))
 
     @classmethod
     def _owning(cls, cfg: RuntimeConfig, launched: Launched) -> Cluster:
@@ -138,6 +139,9 @@ class Cluster:
         if self._closed:
             return
         self._closed = True
+        healing = self._healer is not None and self._healer.is_alive()  # a heal in flight: parties not settled
+        if not healing and getattr(self, "_bundles", None) is None and party_pool.park(self._launched, self.cfg):
+            return  # kept for the next start of this layout (party_pool.keep_parties)
         relaunch.forget(self._launched)
         release(self._launched)  # every actor, scaled-up ones too (the experts list is shared)
         scaling.release_scaled_groups(self)
@@ -219,6 +223,13 @@ class Cluster:
 
         self._healer = threading.Thread(target=run, name="cluster-heal", daemon=True)
         self._healer.start()
+
+    def prepare_training(self) -> None:
+        """Have every party build its optimizer now (they do at their first step otherwise: ~0.9 CPU-s each, the
+        torch._dynamo import, which a serving cluster never pays), e.g. so a timed first step costs what the others
+        do."""
+        get_within([p.prepare_training.remote() for p in self.workers + self.experts], CONTROL_TIMEOUT_S,
+                   "building optimizers", names(self.experts, self.workers))  # fmt: skip
 
     def wait_healed(self, timeout: float | None = None) -> None:
         """Wait for a background heal started by forward() (train, checkpoint and status do this first)."""

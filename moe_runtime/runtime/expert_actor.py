@@ -83,6 +83,7 @@ class ExpertActor:
         self.address = self.server.start()
         self._params: dict[Key, tuple[nn.Parameter, nn.Parameter]] = {}
         self._opt: torch.optim.AdamW | None = None
+        self._named: list[tuple[str, nn.Parameter]] = []
         self._last_stats: dict[str, float] = {}
         self._rebuild({})
 
@@ -111,12 +112,25 @@ class ExpertActor:
             assert p1.data_ptr() == weights[k][0].data_ptr() and p2.data_ptr() == weights[k][1].data_ptr()
             params[k] = (p1, p2)
         self._params = params
-        named = [(_param_name(k, w), p) for k, ps in params.items() for w, p in zip(("w1", "w2"), ps)]
-        self._opt = make_adamw(named, self.cfg.train)
-        ckpt.load_optimizer_tensors(self._opt, dict(named), carried)
+        self._named = [(_param_name(k, w), p) for k, ps in params.items() for w, p in zip(("w1", "w2"), ps)]
+        self._opt = None  # built at the first step (or now, to hold carried state): serving never needs one
+        if carried:
+            ckpt.load_optimizer_tensors(self._optimizer(), dict(self._named), carried)
+
+    def _optimizer(self) -> torch.optim.AdamW:
+        """AdamW over the hosted shards, built on first use: constructing one imports torch._dynamo, ~0.9 CPU-s,
+        a third of a party's start (docs/measurements.md)."""
+        if self._opt is None:
+            self._opt = make_adamw(self._named, self.cfg.train)
+        return self._opt
+
+    def prepare_training(self) -> None:
+        """Build the optimizer now rather than in the first step (Cluster.prepare_training)."""
+        self._optimizer()
 
     def _opt_state(self, keys: Iterable[Key]) -> dict[str, torch.Tensor]:
-        assert self._opt is not None
+        if self._opt is None:  # not built yet: no state (as a fresh AdamW has none)
+            return {}
         names = {id(p): _param_name(k, w) for k in keys for w, p in zip(("w1", "w2"), self._params[k])}
         return ckpt.optimizer_tensors(self._opt, names)
 
@@ -184,8 +198,8 @@ class ExpertActor:
     def apply(self, coef: float, lr: float, step: int) -> ActorStepStats:
         """Scale grads by the global clip coefficient, AdamW step at `lr`, zero grads, free the step."""
         t0, c0 = time.perf_counter(), time.thread_time()
-        assert self._opt is not None
         check_trainable(self.cfg.model)
+        opt = self._optimizer()
         grads = self.shards.grads()  # the live buffers (zeros for shards no token reached)
         for k, (p1, p2) in self._params.items():
             p1.grad, p2.grad = grads[k]
@@ -193,8 +207,8 @@ class ExpertActor:
             for p1, p2 in self._params.values():
                 p1.grad.mul_(coef)
                 p2.grad.mul_(coef)
-        set_lr(self._opt, lr)
-        self._opt.step()
+        set_lr(opt, lr)
+        opt.step()
         self.shards.zero_grads()
         self.shards.end_step(step)
         st = self.server.stats()

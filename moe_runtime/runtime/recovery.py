@@ -88,6 +88,29 @@ def _kill(p: Party, local: bool) -> None:
             pass
 
 
+_RESEND_S = 0.25  # how often a restarting party is pinged again
+_MAX_PINGS = 8  # pings kept in flight per party (older ones are dropped, their answers not needed)
+_RAY_FAILS_S = 3.0  # a ping to a party Ray is restarting fails within this (measured 1.5-2.0 s, Ray 2.5x)
+
+
+def _poll(refs: list[Any], done: set[str]) -> tuple[str, str]:
+    """('alive' | 'died' (for good, the error) | 'failed' (every finished ping failed: Ray is restarting the party;
+    those pings are removed from `refs`) | 'waiting', detail)."""
+    import ray
+
+    failed = False
+    for ref in [r for r in refs if r.hex() in done]:
+        try:
+            ray.get(ref)
+            return "alive", ""
+        except ray.exceptions.ActorDiedError as err:
+            return "died", str(err)
+        except ray.exceptions.RayActorError:
+            refs.remove(ref)
+            failed = True
+    return ("failed" if failed else "waiting"), ""
+
+
 def wait_alive(experts: list[Any], workers: list[Any], timeout: float = START_TIMEOUT_S, *,
                hang_timeout_s: float = CONTROL_TIMEOUT_S, local: bool = False,
                expert_pids: Sequence[int | None] = (), worker_pids: Sequence[int | None] = (),
@@ -105,31 +128,40 @@ def wait_alive(experts: list[Any], workers: list[Any], timeout: float = START_TI
     deadline = t0 + timeout
     todo = parties(experts, workers, expert_pids, worker_pids)
     killed: set[str] = set()
-    since: dict[str, float] = {p.name: t0 for p in todo}  # when each party's current ping was sent
-    refs = {p.name: p.handle.ping.remote() for p in todo}
+    restarting: set[str] = set()  # a ping of theirs failed: Ray is restarting them
+    since: dict[str, float] = {p.name: t0 for p in todo}  # when each was first asked, or last seen failing
+    sent: dict[str, float] = {p.name: t0 for p in todo}  # when its newest ping was sent
+    refs = {p.name: [p.handle.ping.remote()] for p in todo}  # its pings in flight, oldest first
     dead: list[str] = []
     last_check = t0
     while todo:
-        ready, _ = ray.wait([refs[p.name] for p in todo], num_returns=len(todo), timeout=0.2)
+        flying = [r for p in todo for r in refs[p.name]]
+        ready, _ = ray.wait(flying, num_returns=len(flying), timeout=0.2)
         done = {r.hex() for r in ready}
         now = time.monotonic()
         left = []
         for p in todo:
-            ref = refs[p.name]
-            if ref.hex() in done:
-                try:
-                    ray.get(ref)
-                    continue  # alive and answering
-                except ray.exceptions.ActorDiedError as err:
-                    dead.append(f"{p.name}: {err}")
-                    continue
-                except ray.exceptions.RayActorError:  # restarting: ask again
-                    refs[p.name], since[p.name] = p.handle.ping.remote(), now
-            elif now - since[p.name] > hang_timeout_s and p.name not in killed:
+            state, detail = _poll(refs[p.name], done)
+            if state == "alive":
+                continue
+            if state == "died":
+                dead.append(f"{p.name}: {detail}")
+                continue
+            if state == "failed":
+                restarting.add(p.name)
+                since[p.name] = now
+            if p.name in restarting and (not refs[p.name] or now - sent[p.name] >= _RESEND_S):
+                # a ping sent while Ray restarts a party waits out Ray's own ~2 s before it fails, even when the
+                # party is back sooner: ask again every _RESEND_S, the first answer counts
+                refs[p.name] = [*refs[p.name][1 - _MAX_PINGS:], p.handle.ping.remote()]
+                sent[p.name] = now
+            quiet_s = max(hang_timeout_s, _RAY_FAILS_S) if p.name in restarting else hang_timeout_s
+            if now - since[p.name] > quiet_s and p.name not in killed:  # neither answered nor failed: hung
                 log.warning("%s did not answer a ping within %.3g s: hung, killing it", p.name, hang_timeout_s)
                 _kill(p, local)
                 killed.add(p.name)
-                refs[p.name], since[p.name] = p.handle.ping.remote(), now
+                restarting.add(p.name)
+                since[p.name] = now
             left.append(p)
         todo = left
         if todo and check is not None and now - last_check >= 1.0:

@@ -35,9 +35,12 @@ LAYOUT_FIELDS = ("expert_actors", "num_gpus", "num_nodes", "gpus_per_expert_acto
                  "cpus_per_actor", "placement_strategy", "max_restarts", "ray_address")
 
 
-def layout_changes(old: ClusterConfig, new: ClusterConfig) -> list[str]:
-    """'field: old -> new' for every layout field that differs (empty: the processes can be reused)."""
-    return [f"cluster.{f}: {getattr(old, f)!r} -> {getattr(new, f)!r}" for f in LAYOUT_FIELDS
+def layout_changes(old: ClusterConfig, new: ClusterConfig, *, ray_owned: bool = True) -> list[str]:
+    """'field: old -> new' for every layout field that differs (empty: the processes can be reused). `ray_owned`
+    False: the processes run on a Ray the cluster did not start (RayEnv.owned), whose GPUs cluster.num_gpus did
+    not set, so it is not compared."""
+    fields = LAYOUT_FIELDS if ray_owned else tuple(f for f in LAYOUT_FIELDS if f != "num_gpus")
+    return [f"cluster.{f}: {getattr(old, f)!r} -> {getattr(new, f)!r}" for f in fields
             if getattr(old, f) != getattr(new, f)]
 
 
@@ -54,7 +57,7 @@ def forget(launched: Launched) -> None:
 def check_layout(launched: Launched, old: RuntimeConfig, cfg: RuntimeConfig) -> None:
     """ClusterStartError unless `cfg` is a valid config with the layout `launched` (started for `old`) runs."""
     check_config(cfg)
-    problems = layout_changes(old.cluster, cfg.cluster)
+    problems = layout_changes(old.cluster, cfg.cluster, ray_owned=launched.env.owned)
     if len(launched.experts) != cfg.cluster.expert_actors:  # scaled since its start (scale.py)
         problems.append(f"the cluster runs {len(launched.experts)} expert actors (scaled), the config asks for "
                         f"cluster.expert_actors = {cfg.cluster.expert_actors}")

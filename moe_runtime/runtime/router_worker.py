@@ -163,7 +163,7 @@ class RouterWorker:
         self.model = build_model(cfg.model, t.seed, dispatcher_factory=factory).to(self.device)
         self.mask = ExpertMask(self.model, self.failover, lambda: self.placement,
                                cfg.transport.on_expert_failure == "mask")
-        self.opt = make_adamw(self.model.named_parameters(), t)
+        self._opt: torch.optim.AdamW | None = None  # built at the first step: serving never needs one (`opt`)
         self.timer = _Timer(self.model)
         self._params = [p for p in self.model.parameters() if p.requires_grad]
 
@@ -208,6 +208,24 @@ class RouterWorker:
 
     def ping(self) -> int:
         return os.getpid()
+
+    @property
+    def opt(self) -> torch.optim.AdamW:
+        """AdamW over the dense parameters, built on first use: constructing one imports torch._dynamo, ~0.9 CPU-s,
+        a third of a party's start (docs/measurements.md)."""
+        if self._opt is None:
+            self._opt = make_adamw(self.model.named_parameters(), self.cfg.train)
+        return self._opt
+
+    def prepare_training(self) -> None:
+        """Build the optimizer now rather than in the first step (Cluster.prepare_training)."""
+        _ = self.opt
+
+    def _fresh_optimizer(self) -> None:
+        """No optimizer state, no grads (a built optimizer keeps its parameter groups)."""
+        if self._opt is not None:
+            self._opt.state.clear()
+        self.model.zero_grad(set_to_none=True)
 
     def _require_dense(self) -> None:
         if self.model is None or not self.dense_loaded:
@@ -256,7 +274,7 @@ class RouterWorker:
         n = self.world * t.micro_batches
         self.mask.clear()  # training never masks: a lost expert fails the step (rollback / re-run as always)
         self.model.train()
-        self.opt.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)  # what the optimizer's zero_grad does: it holds every parameter
         self.timer.reset()
         inputs, targets = self.loader.batch(step)
         docs = self.loader.corpus.documents(inputs)  # packed documents (data.source files), else None
@@ -274,7 +292,7 @@ class RouterWorker:
                 aux += (loss - ce).item() / n
                 loads.append(load_le)
         except ExpertCallError as err:
-            self.opt.zero_grad(set_to_none=True)
+            self.model.zero_grad(set_to_none=True)
             raise DataPlaneError(f"router worker {self.index}, step {step}: {err}") from None
         tm = self.timer.reset()
         return WorkerPass(
@@ -363,7 +381,7 @@ class RouterWorker:
         return {"optimizer_s": time.perf_counter() - t0}
 
     def abort(self) -> None:
-        self.opt.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
 
     @torch.no_grad()
     def generation(self, op: str, *args: Any) -> Any:
@@ -406,7 +424,7 @@ class RouterWorker:
 
     def dense_state(self) -> dict[str, torch.Tensor]:
         """Model tensors + AdamW state, flat (checkpoint format)."""
-        return {k: v.detach().to("cpu").clone() for k, v in ckpt.dense_tensors(self.model, self.opt).items()}
+        return {k: v.detach().to("cpu").clone() for k, v in ckpt.dense_tensors(self.model, self._opt).items()}
 
     def save(self, step_dir: str) -> dict:
         return ckpt.write_tensor_file(Path(step_dir) / ckpt.DENSE_FILE, self.dense_state(), kind="dense").to_dict()
@@ -420,13 +438,14 @@ class RouterWorker:
             raise KeyError(f"dense state does not fit the remote model: missing {missing}, unexpected {extra}")
         self.model.load_state_dict(state, strict=True)
         self.dense_loaded = True
-        self.opt.state.clear()
-        self.opt.zero_grad(set_to_none=True)
+        self._fresh_optimizer()
 
     def load_dense(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        ckpt.load_dense_tensors(self.model, self.opt, tensors)
+        has_state = any(k.startswith("opt.") for k in tensors)  # else the optimizer starts fresh: no need to build it
+        self._fresh_optimizer()
+        ckpt.load_dense_tensors(self.model, self.opt if has_state else None, tensors)
         self.dense_loaded = True
-        self.opt.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
 
     def load_hf(self, checkpoint: Any, party: str) -> Any:
         """The dense tensors straight from an HF checkpoint's shard files (runtime/hf_loading.py); fresh optimizer
@@ -435,8 +454,7 @@ class RouterWorker:
 
         report = read_dense_into(self.model, checkpoint, party)
         self.dense_loaded = True
-        self.opt.state.clear()
-        self.opt.zero_grad(set_to_none=True)
+        self._fresh_optimizer()
         return report
 
     def write_hf(self, directory: str, plan: Any, party: str) -> Any:

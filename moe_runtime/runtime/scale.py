@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from moe_runtime.placement import Placement
+from moe_runtime.runtime import party_pool
 from moe_runtime.runtime.calls import START_TIMEOUT_S, get_within
 from moe_runtime.runtime.ray_env import ClusterStartError
 from moe_runtime.scheduler.migrate import apply_decision
@@ -78,6 +79,7 @@ def _start(cluster: Cluster, first: int, count: int) -> list[Any]:
         slots.append(b.free.pop(0))
     more = count - len(slots)
     if more and bundle:
+        party_pool.release_parked()  # a parked cluster's bundles (party_pool.keep_parties) are not in use
         free = ray.available_resources()
         short = {k: v * more for k, v in bundle.items() if v * more > free.get(k, 0.0) + 1e-9}
         if short:

@@ -32,6 +32,9 @@ def test_layout_changes_names_each_field():
     b = a.model_copy(update={"expert_actors": 4, "torch_threads": 2, "router_workers": 1})  # set per party
     assert layout_changes(a, b) == ["cluster.expert_actors: 2 -> 4"]
     assert layout_changes(a, a) == []
+    c = a.model_copy(update={"num_gpus": a.num_gpus + 2})  # the GPUs of a Ray the cluster started (its own)
+    assert layout_changes(a, c) == [f"cluster.num_gpus: {a.num_gpus} -> {a.num_gpus + 2}"]
+    assert layout_changes(a, c, ray_owned=False) == []  # a Ray it attached to: num_gpus did not set it
 
 
 @pytest.mark.slow
