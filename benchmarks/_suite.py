@@ -31,10 +31,10 @@ from benchmarks._common import BENCH_DIR, write_result  # noqa: E402
 
 SUITE_GPUS = 8  # fake GPUs of the one Ray: the widest benchmark layout (sim_accuracy's calibration) fits
 # run order: a benchmark whose first cluster has the layout of the one before's last cluster re-uses its
-# processes (expert actors; router workers may differ): rebalance_cluster (2 actors) -> sim_accuracy (2 ... 1)
-# -> step (1 ... 4) -> router_experiment (4) -> generate (4); benchmarks not named here run last, in name order
+# processes (expert actors; router workers may differ): rebalance_cluster (2 actors) -> sim_accuracy (2 ... 4)
+# -> router_experiment (4) -> generate (4) -> step (4 ... 1); benchmarks not named here run last, in name order
 ORDER = ("expert_compute", "gpu_check", "rebalance", "rebalance_recorded", "rebalance_synthetic", "transport",
-         "faults", "real_width", "rebalance_cluster", "sim_accuracy", "step", "router_experiment", "generate")
+         "faults", "real_width", "rebalance_cluster", "sim_accuracy", "router_experiment", "generate", "step")
 
 
 def benchmark_names() -> list[str]:

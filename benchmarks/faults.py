@@ -53,7 +53,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._common import emit, make_parser, stderr_console  # noqa: E402
 
 NAME = "faults"
-HANG_TIMEOUT_S = 2.0  # the control-call hang scenario
+HANG_TIMEOUT_S = 2.0  # the control-call hang scenario (--quick: QUICK_HANG_TIMEOUT_S)
+QUICK_HANG_TIMEOUT_S = 1.0  # a checkpoint of the tiny model takes ~50 ms
 DEADLINE_S = 3.0  # data plane (transport.deadline_s)
 DATA_HANG_TIMEOUT_S = 5.0  # cluster.hang_timeout_s elsewhere: above the data-plane deadline (a worker waiting on
 # a stopped expert actor must fail its exchange before the driver counts the worker itself as hung)
@@ -262,14 +263,14 @@ def _node_loss(tmp: Path, steps: int, requests: int, quick: bool, log) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def _control_hang(c, tmp: Path) -> dict:
+def _control_hang(c, tmp: Path, timeout_s: float) -> dict:
     import ray
 
     c.restore(c.init_dir)
     pid = _pid(c.experts[1])
-    old = (c.cfg, c.fleet.timeout_s)  # this scenario's deadline: HANG_TIMEOUT_S
-    c.cfg = c.cfg.model_copy(update={"cluster": c.cfg.cluster.model_copy(update={"hang_timeout_s": HANG_TIMEOUT_S})})
-    c.fleet.timeout_s = HANG_TIMEOUT_S
+    old = (c.cfg, c.fleet.timeout_s)  # this scenario's deadline: timeout_s
+    c.cfg = c.cfg.model_copy(update={"cluster": c.cfg.cluster.model_copy(update={"hang_timeout_s": timeout_s})})
+    c.fleet.timeout_s = timeout_s
     os.kill(pid, signal.SIGSTOP)
     try:
         t0 = time.perf_counter()
@@ -324,6 +325,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     steps = 4 if args.quick else 6
     requests = 4 if args.quick else 10
+    control_timeout_s = QUICK_HANG_TIMEOUT_S if args.quick else HANG_TIMEOUT_S
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="moe-faults-") as tmpdir:
         tmp = Path(tmpdir)
@@ -347,7 +349,7 @@ def main(argv: list[str] | None = None) -> dict:
             log("training without replicas: kill actor 2 in step 3 (rollback)")
             train_rb = _training(c, steps, clean.losses, clean_s, False)
             log("hang in a control call: SIGSTOP actor 1, checkpoint")
-            hang = _control_hang(c, tmp)
+            hang = _control_hang(c, tmp, control_timeout_s)
             log("hang in the data plane: SIGSTOP actor 2 in step 3 (replicas)")
             hang_dp = _training(c, steps, clean.losses, clean_s, True, hang=True)
             log("hang in the data plane: SIGSTOP router worker 1 in step 3")
@@ -380,8 +382,8 @@ def main(argv: list[str] | None = None) -> dict:
         "steps_rerun_rollback": train_rb["steps_rerun"],
         "training_losses_equal_rollback": train_rb["losses_equal"],
         "hang_detected_s": hang["detected_s"],
-        "hang_timeout_s": HANG_TIMEOUT_S,
-        "hang_detected_vs_timeout": hang["detected_s"] / HANG_TIMEOUT_S,
+        "hang_timeout_s": control_timeout_s,
+        "hang_detected_vs_timeout": hang["detected_s"] / control_timeout_s,
         "hang_named_the_actor": hang["named"],
         "hang_recovered_s": hang["recovered_s"],
         "data_plane_hang_detected_s": hang_dp["detected_s"],

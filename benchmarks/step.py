@@ -207,7 +207,7 @@ def main() -> None:
     p = make_parser("step", __doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per case (default 5 quick, 8 full)")
     p.add_argument("--overlap-rounds", type=int, default=None,
-                   help="paired overlap rounds on the one_per_core layout (default 8 quick, 16 full; local_yaml: half)")
+                   help="paired overlap rounds on the one_per_core layout (default 8 quick, 16 full; local_yaml: half, 3 quick)")
     args = p.parse_args()
     console = stderr_console()
     rounds = args.rounds or (5 if args.quick else 8)
@@ -218,13 +218,12 @@ def main() -> None:
     env = one_ray()
     reuse = ClusterReuse()  # local.yaml, small and local_yaml share a layout: one set of processes, re-initialised
     try:
-        # one_per_core first: under benchmarks/_suite.py it follows sim_accuracy, whose last cluster has its layout
-        overlap = run_overlap(overlap_config("one_per_core"), overlap_rounds, console, reuse, "overlap one_per_core")
         local = run_case("local.yaml", bench_config(None, None, None), rounds, console, reuse)
         if not args.quick:
             result["small"] = run_case("small", bench_config("small", 16, 128), max(3, rounds // 2), console, reuse)
-        legacy = run_overlap(overlap_config("local_yaml"), max(3, overlap_rounds // 2), console, reuse,
-                             "overlap local_yaml")
+        legacy_rounds = 3 if args.quick else max(3, overlap_rounds // 2)  # informational: 4 actors on 2 cores
+        legacy = run_overlap(overlap_config("local_yaml"), legacy_rounds, console, reuse, "overlap local_yaml")
+        overlap = run_overlap(overlap_config("one_per_core"), overlap_rounds, console, reuse, "overlap one_per_core")
     finally:
         reuse.close()
         env.shutdown()

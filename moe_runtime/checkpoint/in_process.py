@@ -76,7 +76,7 @@ def load_model(checkpoint: str | Path | HFCheckpoint, *, seed: int = 0,
         ckpt = checkpoint
     else:
         ckpt = HFCheckpoint(checkpoint, dtype=dtype, **overrides)
-    with _no_random_init():  # every parameter is then overwritten (load_state fails on any it does not cover)
+    with no_random_init():  # every parameter is then overwritten (load_state fails on any it does not cover)
         model = build_model(ckpt.config, seed, dispatcher_factory)
     load_state(model, ckpt, progress)
     return model
@@ -95,7 +95,7 @@ class _SkipRandomInit(TorchFunctionMode):
 
 
 @contextmanager
-def _no_random_init() -> Iterator[None]:
+def no_random_init() -> Iterator[None]:
     """Parameters allocated but not drawn (torch.nn.init's random fillers skipped): drawing the random weights of
     a real-width model only to overwrite them costs minutes here (3.2G expert values at ~30 ns each for 2 layers
     of 32 experts) and touches every page once more. Buffers (e.g. rotary tables) are computed, not drawn: kept;

@@ -111,14 +111,14 @@ def test_skipping_random_init_while_loading_leaves_other_threads_alone():
     random weights (the skip is a thread-local torch function mode, not a patch of torch.nn.init)."""
     import threading
 
-    from moe_runtime.checkpoint.in_process import _no_random_init
+    from moe_runtime.checkpoint.in_process import no_random_init
 
     drawn: dict[str, torch.Tensor] = {}
 
     def other_thread():
         drawn["other"] = torch.nn.init.normal_(torch.zeros(64))
 
-    with _no_random_init():
+    with no_random_init():
         drawn["here"] = torch.nn.init.normal_(torch.zeros(64))
         t = threading.Thread(target=other_thread)
         t.start()
