@@ -43,6 +43,23 @@ def benchmark_names() -> list[str]:
     return [n for n in ORDER if n in found] + sorted(found - set(ORDER))
 
 
+def machine_busy() -> tuple[float, float] | None:
+    """(busy, total) CPU jiffies of the whole machine so far (/proc/stat; None elsewhere): a benchmark's busy
+    share says how much of its wall time was CPU work and how much waiting (timeouts, sleeps)."""
+    try:
+        fields = [float(x) for x in open("/proc/stat").readline().split()[1:]]
+    except OSError:
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def _busy_share(a: tuple[float, float] | None, b: tuple[float, float] | None) -> float | None:
+    if a is None or b is None or b[1] <= a[1]:
+        return None
+    return round((b[0] - a[0]) / (b[1] - a[1]), 3)
+
+
 def _run_one(name: str, args: list[str]) -> int:
     """Run benchmarks/<name>.py's main as its script would be run; its exit status."""
     mod = importlib.import_module(f"benchmarks.{name}")
@@ -88,19 +105,22 @@ def main(argv: list[str] | None = None) -> int:
     env = start_ray(ClusterConfig(num_gpus=SUITE_GPUS, expert_actors=1), log_to_driver=False)
     ray_start_s = time.perf_counter() - t0
     walls: dict[str, float] = {}
+    busy: dict[str, float | None] = {}  # share of the machine's CPU time busy (all processes) while each ran
     status = 0
     reuse: dict = {"starts": 0, "reuses": 0, "layouts": []}
     try:
         with party_pool.keep_parties() as pool:
             for name in names:
-                t = time.perf_counter()
+                t, cpu0 = time.perf_counter(), machine_busy()
                 try:
                     status = _run_one(name, passed)
                 except Exception:
                     traceback.print_exc()
                     status = 1
                 walls[name] = round(time.perf_counter() - t, 2)
-                print(f"suite: {name} {'ok' if status == 0 else f'FAILED ({status})'} in {walls[name]:.1f} s",
+                busy[name] = _busy_share(cpu0, machine_busy())
+                print(f"suite: {name} {'ok' if status == 0 else f'FAILED ({status})'} in {walls[name]:.1f} s"
+                      + (f", machine CPU busy {busy[name]:.0%}" if busy[name] is not None else ""),
                       file=sys.stderr)  # fmt: skip
                 if status:
                     break
@@ -108,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         env.shutdown()
     total = time.perf_counter() - t0
-    result = {"bench": "suite", "quick": args.quick, "benchmarks": walls, "total_s": round(total, 2),
+    result = {"bench": "suite", "quick": args.quick, "benchmarks": walls, "cpu_busy": busy, "total_s": round(total, 2),
               "ray_start_s": round(ray_start_s, 2), "clusters": reuse, "failed": None if status == 0 else names[len(walls) - 1]}
     write_result(result, args.out)
     print(f"suite: {len(walls)} benchmark(s) in {total:.1f} s; clusters started {reuse['starts']}, "

@@ -163,6 +163,7 @@ def _training(c, steps: int, clean_losses, clean_s: float, replicas: bool, hang:
     c.restore(c.init_dir)
     if replicas:
         c.rebalance(_replicate(c, 2))
+    c.prepare_training()  # parties restarted by an earlier scenario build their optimizers now, not in the timed run
     victim = _pid(c.experts[2]) if party == "expert" else c.worker_pids[1]
     failed_at: list[float] = []
     step_fn = c.train_step
