@@ -1,7 +1,9 @@
 """One set of cluster processes for the runs of a benchmark that share a layout: `ClusterReuse.start(cfg)` starts a
 cluster, or re-initialises the previous one for `cfg` (Cluster.restart, runtime/relaunch.py: a fresh cluster's
 state, the oracle's initial weights of `cfg`, on the same processes) when the layout is the same. A party start
-costs ~3 CPU-s here, a re-initialisation ~0.1 (docs/measurements.md, `make bench` wall time, wave 5).
+costs ~1.6-2.5 CPU-s here, a re-initialisation ~0.1 (docs/measurements.md, `make bench` in one process, wave 6).
+A fresh cluster builds its optimizers at once (Cluster.prepare_training), as re-initialised processes that trained
+before have them ready: the first run's first step then costs what every other run's does.
 
     reuse = ClusterReuse()
     try:

@@ -4,7 +4,7 @@ Each benchmark runs as `python benchmarks/<name>.py <args>` would (its own `main
 runs/bench/<name>.json and JSON line), but the Python start, `import torch` and the Ray start (~1.5 + ~3.5 s
 here) are paid once instead of once a benchmark, and clusters of one layout started one after the other re-use
 their processes (runtime/party_pool.py: Cluster.restart on a shut-down cluster's parties instead of a new party
-start, ~3 CPU-s a party). What a benchmark measures is unchanged: its ratios are taken within its own run.
+start, ~1.6-2.5 CPU-s a party). What a benchmark measures is unchanged: its ratios are taken within its own run.
 
 Between benchmarks the torch thread count, the environment and the working directory are put back. A benchmark
 that raises or exits non-zero stops the suite with its exit status, as the shell loop did. Wall time per

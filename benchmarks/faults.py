@@ -22,7 +22,9 @@ Scenarios (each starts from the same step-0 state; kills hit only this cluster's
   requests, both request times, and time until status() is healthy again;
 - node loss (a child process with its own 2-node Ray, benchmarks/_faults_nodes.py): every expert on both nodes,
   the second node removed while serving (failed requests, first answer, until healthy) and during training
-  (steps re-run, losses equal; not with --quick: the node_loss_training_* fields are then null);
+  (steps re-run, losses equal; not with --quick: the node_loss_training_* fields are then null). --quick runs
+  the child beside the hang scenarios, which mostly wait on their timeouts (node_loss_beside_hangs: true; both
+  then share the machine); the full run after them;
 - scale: 4 -> 6 -> 3 expert actors between training steps; losses compared with the clean run.
 
 Last stdout line (and runs/bench/faults.json): serving_failed_requests_with_replicas, serving_failover_s,
@@ -252,14 +254,31 @@ def _serving_hang(c, probe, party: str, log) -> dict:
     return {"failed_requests": failed, "answered_s": answered, "healthy_s": healthy, "request_s": times}
 
 
-def _node_loss(tmp: Path, steps: int, requests: int, quick: bool, log) -> dict:
-    """benchmarks/_faults_nodes.py in a child process (its own simulated 2-node Ray); --quick: serving only."""
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "_faults_nodes.py"), str(tmp / "nodes"),
-                           str(steps), str(requests), *(["quick"] if quick else [])], capture_output=True, text=True, timeout=400, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)  # fmt: skip
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+def _start_node_loss(tmp: Path, steps: int, requests: int, quick: bool) -> subprocess.Popen:
+    """benchmarks/_faults_nodes.py in a child process (its own simulated 2-node Ray); --quick: serving only. Its
+    output goes to files (a pipe nobody reads until the end could fill and stall the child mid-scenario)."""
+    (tmp / "nodes").mkdir(parents=True, exist_ok=True)
+    out, err = open(tmp / "nodes" / "stdout", "w"), open(tmp / "nodes" / "stderr", "w")  # noqa: SIM115
+    try:
+        return subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "_faults_nodes.py"), str(tmp / "nodes"),
+                                 str(steps), str(requests), *(["quick"] if quick else [])], stdout=out, stderr=err,
+                                text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    finally:
+        out.close()
+        err.close()
+
+
+def _finish_node_loss(proc: subprocess.Popen, tmp: Path, log) -> dict:
+    """Wait for the child (bounded) and read its RESULT line."""
+    try:
+        proc.wait(timeout=400)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    out = (tmp / "nodes" / "stdout").read_text()
+    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
-        log(f"  node-loss child failed (rc {proc.returncode}): {proc.stderr[-2000:]}")
+        log(f"  node-loss child failed (rc {proc.returncode}): {(tmp / 'nodes' / 'stderr').read_text()[-2000:]}")
         return {}
     return json.loads(lines[-1][len("RESULT "):])
 
@@ -330,38 +349,51 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="moe-faults-") as tmpdir:
         tmp = Path(tmpdir)
-        with Cluster.start(_config(tmp, steps, args.quick)) as c:
-            c.init_dir = c.checkpoint(tmp / "init")
-            c.serve_dir = tmp / "serve"
-            probe = torch.randint(0, c.cfg.model.vocab_size, (4, 32),
-                                                   generator=torch.Generator().manual_seed(0))  # fmt: skip
-            log("clean training run (baseline)")
-            c.prepare_training()  # the optimizers built now, not in the clean run's first step
-            c.restore(c.init_dir)
-            t0 = time.perf_counter()
-            clean = c.train(steps)
-            clean_s = time.perf_counter() - t0
-            log("serving with replicas: kill actor 2")
-            serve_rep = _serving(c, probe, requests, True, log)
-            log("serving without a replica: kill actor 1")
-            serve_none = _serving(c, probe, 2, False, log)
-            log("training with replicas: kill actor 2 in step 3")
-            train_rep = _training(c, steps, clean.losses, clean_s, True)
-            log("training without replicas: kill actor 2 in step 3 (rollback)")
-            train_rb = _training(c, steps, clean.losses, clean_s, False)
-            log("hang in a control call: SIGSTOP actor 1, checkpoint")
-            hang = _control_hang(c, tmp, control_timeout_s)
-            log("hang in the data plane: SIGSTOP actor 2 in step 3 (replicas)")
-            hang_dp = _training(c, steps, clean.losses, clean_s, True, hang=True)
-            log("hang in the data plane: SIGSTOP router worker 1 in step 3")
-            hang_w = _training(c, steps, clean.losses, clean_s, True, hang=True, party="worker")
-            log("hang in the data plane while serving: SIGSTOP actor 2, then router worker 1, mid-forward")
-            serve_hang_e = _serving_hang(c, probe, "expert", log)
-            serve_hang_w = _serving_hang(c, probe, "worker", log)
-            log("scale 4 -> 6 -> 3 expert actors between steps")
-            scaled = _scale(c, steps, clean.losses)
-        log("node loss (child process, 2 simulated nodes): serving" + ("" if args.quick else ", then training"))
-        nodes = _node_loss(tmp, steps, requests, args.quick, log)
+        child = None  # the node-loss child process, once started
+        try:
+            with Cluster.start(_config(tmp, steps, args.quick)) as c:
+                c.init_dir = c.checkpoint(tmp / "init")
+                c.serve_dir = tmp / "serve"
+                probe = torch.randint(0, c.cfg.model.vocab_size, (4, 32),
+                                                       generator=torch.Generator().manual_seed(0))  # fmt: skip
+                log("clean training run (baseline)")
+                c.prepare_training()  # the optimizers built now, not in the clean run's first step
+                c.restore(c.init_dir)
+                t0 = time.perf_counter()
+                clean = c.train(steps)
+                clean_s = time.perf_counter() - t0
+                log("serving with replicas: kill actor 2")
+                serve_rep = _serving(c, probe, requests, True, log)
+                log("serving without a replica: kill actor 1")
+                serve_none = _serving(c, probe, 2, False, log)
+                log("training with replicas: kill actor 2 in step 3")
+                train_rep = _training(c, steps, clean.losses, clean_s, True)
+                log("training without replicas: kill actor 2 in step 3 (rollback)")
+                train_rb = _training(c, steps, clean.losses, clean_s, False)
+                if args.quick:  # the hang scenarios below mostly wait on their timeouts (~half the machine idle):
+                    # the node-loss child runs beside them (its numbers, and these scenarios' recovery times, are then
+                    # taken on a shared machine: node_loss_beside_hangs in the result); the full run keeps them apart
+                    log("node loss (child process, 2 simulated nodes): serving, beside the hang scenarios")
+                    child = _start_node_loss(tmp, steps, requests, True)
+                log("hang in a control call: SIGSTOP actor 1, checkpoint")
+                hang = _control_hang(c, tmp, control_timeout_s)
+                log("hang in the data plane: SIGSTOP actor 2 in step 3 (replicas)")
+                hang_dp = _training(c, steps, clean.losses, clean_s, True, hang=True)
+                log("hang in the data plane: SIGSTOP router worker 1 in step 3")
+                hang_w = _training(c, steps, clean.losses, clean_s, True, hang=True, party="worker")
+                log("hang in the data plane while serving: SIGSTOP actor 2, then router worker 1, mid-forward")
+                serve_hang_e = _serving_hang(c, probe, "expert", log)
+                serve_hang_w = _serving_hang(c, probe, "worker", log)
+                log("scale 4 -> 6 -> 3 expert actors between steps")
+                scaled = _scale(c, steps, clean.losses)
+        except BaseException:
+            if child is not None:  # let it finish: killed, its own Ray's processes would be left behind
+                _finish_node_loss(child, tmp, log)
+            raise
+        if child is None:
+            log("node loss (child process, 2 simulated nodes): serving, then training")
+            child = _start_node_loss(tmp, steps, requests, False)
+        nodes = _finish_node_loss(child, tmp, log)
     node_serve, node_train = nodes.get("serving", {}), nodes.get("training", {})
     node_equal = None
     if node_train:
@@ -370,6 +402,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "bench": NAME,
         "quick": args.quick,
+        "node_loss_beside_hangs": args.quick,  # the node-loss child ran beside the hang scenarios (--quick)
         "serving_failed_requests_with_replicas": serve_rep["failed_requests"],
         "serving_failover_s": serve_rep["first_ok_after_kill_s"],
         "serving_failover_vs_clean_forward": serve_rep["first_request_vs_clean"],

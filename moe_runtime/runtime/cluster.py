@@ -148,7 +148,7 @@ class Cluster:
 
     def restart(self, config: RuntimeConfig | str | Path) -> Cluster:
         """A fresh cluster for `config` on this cluster's processes (runtime/relaunch.py): what `Cluster.start`
-        returns (the oracle's initial weights, step 0), ~0.1 instead of ~3 CPU-s per party. The layout
+        returns (the oracle's initial weights, step 0), ~0.1 instead of ~1.6-2.5 CPU-s per party. The layout
         (relaunch.LAYOUT_FIELDS: expert actors, resources) must be the same, else ClusterStartError and this
         cluster is untouched; cluster.router_workers may differ (workers started or killed). After that this
         object is closed and the returned one owns the processes and Ray."""

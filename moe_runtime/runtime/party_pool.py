@@ -1,11 +1,14 @@
 """Keeping a shut-down cluster's processes for the next cluster of the same layout, inside `keep_parties()`.
 
 A driver that starts and stops many clusters one after the other (a benchmark suite, a notebook sweeping seeds or
-presets) pays a party start each time: a Ray worker process, `import torch`, the gRPC server, ~3 CPU-s a party
+presets) pays a party start each time: a Ray worker process, `import torch`, the gRPC server, ~1.6 CPU-s a party
 here (docs/measurements.md). Inside `keep_parties()`, `Cluster.shutdown` parks the cluster's parties instead of
 killing them (when every one answers a ping), and the next `Cluster.start` re-initialises them for its config with
 `relaunch.relaunch` (what `Cluster.restart` does: a fresh cluster's state, the oracle's initial weights) when the
-layout is the same; a different layout releases the parked ones first, then starts anew. At most one cluster is
+layout is the same (relaunch.LAYOUT_FIELDS: expert actors and their resources; router workers may differ; num_gpus
+too, on a Ray the cluster did not start); a different layout releases the parked ones first, then starts anew.
+A parked party that died meanwhile is waited for (Ray restarts it) before the re-use; one that cannot come back, or
+fails to re-initialise, makes it a new start instead. At most one cluster is
 parked; leaving the context releases it. Outside the context nothing changes. Parked parties keep their resources
 (fake or real GPUs) until then: code that needs them free calls `release_parked()` (scaling up does).
 

@@ -12,6 +12,7 @@ from moe_runtime.dispatch.client import ExpertCallError, ExpertClient
 from moe_runtime.dispatch.codec import decode_frame
 from tests.dispatch.helpers import TOKEN, D, call_code, dispatch_frame, make_shards
 from tests.dispatch.servers import ServerProcess
+from tests.stopped import wait_stopped
 
 
 @pytest.mark.parametrize("lane", [False, True], ids=["grpc", "tcp"])
@@ -60,25 +61,6 @@ def test_unresponsive_server_hits_the_deadline(lane, first_call):
             assert reply.header.step == 6 and reply.tensors["y"].shape == (3, D)
     finally:
         proc.stop()
-
-
-def wait_stopped(pid: int, timeout_s: float = 5.0) -> None:
-    """Until every thread of process `pid` is stopped (state T in /proc); bounded."""
-    import os
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        states = []
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            try:
-                with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                    states.append(f.read().rsplit(")", 1)[1].split()[0])
-            except FileNotFoundError:
-                continue
-        if states and all(s in ("T", "t") for s in states):
-            return
-        time.sleep(0.005)
-    raise AssertionError(f"process {pid} did not stop within {timeout_s} s")
 
 
 def test_expert_call_error_survives_pickling():

@@ -16,6 +16,7 @@ import torch
 
 from moe_runtime.placement import Placement
 from tests.runtime.helpers import make_config
+from tests.stopped import wait_stopped
 
 DEADLINE_S = 3.0
 HANG_S = 6.0
@@ -61,6 +62,23 @@ def _stop_soon(pid: int, delay_s: float = 0.05) -> threading.Timer:
     return timer
 
 
+def _forward_meeting_the_stop(c, probe: torch.Tensor, pid: int, delay_s: float, bound_s: float):
+    """A forward with `pid` SIGSTOPped `delay_s` after it starts: (logits, seconds to answer). When the forward
+    finished before the stop landed (a fast data plane can), a second one is sent once `pid` really is stopped:
+    that one meets the stopped party."""
+    timer = _stop_soon(pid, delay_s)
+    t0 = time.monotonic()
+    got = c.forward(probe)
+    answered = time.monotonic() - t0
+    timer.join()
+    if answered < bound_s:  # not met: the stop landed after the answer
+        wait_stopped(pid)
+        t0 = time.monotonic()
+        got = c.forward(probe)
+        answered = time.monotonic() - t0
+    return got, answered
+
+
 def _reap(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGKILL)  # never leave a stopped process behind
@@ -83,13 +101,9 @@ def test_expert_actor_stopped_mid_forward(hang2, probe, oracle_logits0, caplog):
     pid = c.actor_infos[1].pid
     caplog.set_level(logging.WARNING)
     try:
-        timer = _stop_soon(pid)
-        t0 = time.monotonic()
-        got = c.forward(probe)  # the exchange with actor 1 hits the deadline; its rows go to actor 0
-        answered = time.monotonic() - t0
-        timer.join()
+        got, answered = _forward_meeting_the_stop(c, probe, pid, 0.05, DEADLINE_S)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-        assert DEADLINE_S <= answered < 2 * DEADLINE_S, answered  # the deadline fired: the stop was in flight
+        assert DEADLINE_S <= answered < 2 * DEADLINE_S, answered  # the deadline fired on the stopped actor
         c.wait_healed(120)  # pings, finds actor 1 hung, kills it, Ray restarts it, shards copied from actor 0
         assert c.actor_infos[1].pid != pid and c.status()["healthy"]
         assert "expert actor 1 did not answer a ping" in caplog.text and "hung, killing it" in caplog.text
@@ -105,11 +119,7 @@ def test_router_worker_stopped_mid_forward(hang2, probe, oracle_logits0, caplog)
     pid = c.worker_pids[1]
     caplog.set_level(logging.WARNING)
     try:
-        timer = _stop_soon(pid, 0.02)
-        t0 = time.monotonic()
-        got = c.forward(probe)  # worker 1's rows go again to worker 0 after hang_timeout_s
-        answered = time.monotonic() - t0
-        timer.join()
+        got, answered = _forward_meeting_the_stop(c, probe, pid, 0.02, HANG_S)  # worker 1's rows go to worker 0
         torch.testing.assert_close(got, oracle_logits0, rtol=1e-4, atol=1e-5)
         assert HANG_S <= answered < 2 * HANG_S, answered  # worker 1 was stopped with the request in flight
         assert "router worker 1 (no answer within 6 s: hung)" in caplog.text, caplog.text
