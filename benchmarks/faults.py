@@ -22,9 +22,7 @@ Scenarios (each starts from the same step-0 state; kills hit only this cluster's
   requests, both request times, and time until status() is healthy again;
 - node loss (a child process with its own 2-node Ray, benchmarks/_faults_nodes.py): every expert on both nodes,
   the second node removed while serving (failed requests, first answer, until healthy) and during training
-  (steps re-run, losses equal; not with --quick: the node_loss_training_* fields are then null). --quick runs
-  the child beside the hang scenarios, which mostly wait on their timeouts (node_loss_beside_hangs: true; both
-  then share the machine); the full run after them;
+  (steps re-run, losses equal; not with --quick: the node_loss_training_* fields are then null);
 - scale: 4 -> 6 -> 3 expert actors between training steps; losses compared with the clean run.
 
 Last stdout line (and runs/bench/faults.json): serving_failed_requests_with_replicas, serving_failover_s,
@@ -349,51 +347,39 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="moe-faults-") as tmpdir:
         tmp = Path(tmpdir)
-        child = None  # the node-loss child process, once started
-        try:
-            with Cluster.start(_config(tmp, steps, args.quick)) as c:
-                c.init_dir = c.checkpoint(tmp / "init")
-                c.serve_dir = tmp / "serve"
-                probe = torch.randint(0, c.cfg.model.vocab_size, (4, 32),
-                                                       generator=torch.Generator().manual_seed(0))  # fmt: skip
-                log("clean training run (baseline)")
-                c.prepare_training()  # the optimizers built now, not in the clean run's first step
-                c.restore(c.init_dir)
-                t0 = time.perf_counter()
-                clean = c.train(steps)
-                clean_s = time.perf_counter() - t0
-                log("serving with replicas: kill actor 2")
-                serve_rep = _serving(c, probe, requests, True, log)
-                log("serving without a replica: kill actor 1")
-                serve_none = _serving(c, probe, 2, False, log)
-                log("training with replicas: kill actor 2 in step 3")
-                train_rep = _training(c, steps, clean.losses, clean_s, True)
-                log("training without replicas: kill actor 2 in step 3 (rollback)")
-                train_rb = _training(c, steps, clean.losses, clean_s, False)
-                if args.quick:  # the hang scenarios below mostly wait on their timeouts (~half the machine idle):
-                    # the node-loss child runs beside them (its numbers, and these scenarios' recovery times, are then
-                    # taken on a shared machine: node_loss_beside_hangs in the result); the full run keeps them apart
-                    log("node loss (child process, 2 simulated nodes): serving, beside the hang scenarios")
-                    child = _start_node_loss(tmp, steps, requests, True)
-                log("hang in a control call: SIGSTOP actor 1, checkpoint")
-                hang = _control_hang(c, tmp, control_timeout_s)
-                log("hang in the data plane: SIGSTOP actor 2 in step 3 (replicas)")
-                hang_dp = _training(c, steps, clean.losses, clean_s, True, hang=True)
-                log("hang in the data plane: SIGSTOP router worker 1 in step 3")
-                hang_w = _training(c, steps, clean.losses, clean_s, True, hang=True, party="worker")
-                log("hang in the data plane while serving: SIGSTOP actor 2, then router worker 1, mid-forward")
-                serve_hang_e = _serving_hang(c, probe, "expert", log)
-                serve_hang_w = _serving_hang(c, probe, "worker", log)
-                log("scale 4 -> 6 -> 3 expert actors between steps")
-                scaled = _scale(c, steps, clean.losses)
-        except BaseException:
-            if child is not None:  # let it finish: killed, its own Ray's processes would be left behind
-                _finish_node_loss(child, tmp, log)
-            raise
-        if child is None:
-            log("node loss (child process, 2 simulated nodes): serving, then training")
-            child = _start_node_loss(tmp, steps, requests, False)
-        nodes = _finish_node_loss(child, tmp, log)
+        with Cluster.start(_config(tmp, steps, args.quick)) as c:
+            c.init_dir = c.checkpoint(tmp / "init")
+            c.serve_dir = tmp / "serve"
+            probe = torch.randint(0, c.cfg.model.vocab_size, (4, 32),
+                                                   generator=torch.Generator().manual_seed(0))  # fmt: skip
+            log("clean training run (baseline)")
+            c.prepare_training()  # the optimizers built now, not in the clean run's first step
+            c.restore(c.init_dir)
+            t0 = time.perf_counter()
+            clean = c.train(steps)
+            clean_s = time.perf_counter() - t0
+            log("serving with replicas: kill actor 2")
+            serve_rep = _serving(c, probe, requests, True, log)
+            log("serving without a replica: kill actor 1")
+            serve_none = _serving(c, probe, 2, False, log)
+            log("training with replicas: kill actor 2 in step 3")
+            train_rep = _training(c, steps, clean.losses, clean_s, True)
+            log("training without replicas: kill actor 2 in step 3 (rollback)")
+            train_rb = _training(c, steps, clean.losses, clean_s, False)
+            log("hang in a control call: SIGSTOP actor 1, checkpoint")
+            hang = _control_hang(c, tmp, control_timeout_s)
+            log("hang in the data plane: SIGSTOP actor 2 in step 3 (replicas)")
+            hang_dp = _training(c, steps, clean.losses, clean_s, True, hang=True)
+            log("hang in the data plane: SIGSTOP router worker 1 in step 3")
+            hang_w = _training(c, steps, clean.losses, clean_s, True, hang=True, party="worker")
+            log("hang in the data plane while serving: SIGSTOP actor 2, then router worker 1, mid-forward")
+            serve_hang_e = _serving_hang(c, probe, "expert", log)
+            serve_hang_w = _serving_hang(c, probe, "worker", log)
+            log("scale 4 -> 6 -> 3 expert actors between steps")
+            scaled = _scale(c, steps, clean.losses)
+        # after the others, not beside them: sharing the 2 cores slowed restarted parties past --quick's 3 s timeouts
+        log("node loss (child process, 2 simulated nodes): serving" + ("" if args.quick else ", then training"))
+        nodes = _finish_node_loss(_start_node_loss(tmp, steps, requests, args.quick), tmp, log)
     node_serve, node_train = nodes.get("serving", {}), nodes.get("training", {})
     node_equal = None
     if node_train:
@@ -402,7 +388,6 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "bench": NAME,
         "quick": args.quick,
-        "node_loss_beside_hangs": args.quick,  # the node-loss child ran beside the hang scenarios (--quick)
         "serving_failed_requests_with_replicas": serve_rep["failed_requests"],
         "serving_failover_s": serve_rep["first_ok_after_kill_s"],
         "serving_failover_vs_clean_forward": serve_rep["first_request_vs_clean"],
