@@ -25,3 +25,18 @@ def only_on(cluster, actor: int) -> list[list[int]]:
     """[layer, expert] pairs whose only replica is `actor` (computed here, independently of the runtime's mask)."""
     return [[layer, e] for layer, row in enumerate(cluster.placement.replicas) for e, actors in enumerate(row)
             if tuple(actors) == (actor,)]  # fmt: skip
+
+
+def oracle_losses(cfg: RuntimeConfig, steps: int) -> list[float]:
+    """The in-process oracle's first `steps` losses for `cfg` (one torch thread, as the parties run)."""
+    import torch
+
+    from moe_runtime.training import InProcessTrainer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tr = InProcessTrainer(cfg)
+        return [tr.train_step(s)[0] for s in range(steps)]
+    finally:
+        torch.set_num_threads(threads)

@@ -12,19 +12,7 @@ import ray
 import torch
 
 from moe_runtime.runtime import party_pool
-from tests.runtime.helpers import make_config
-
-
-def _oracle_losses(cfg, steps: int) -> list[float]:
-    from moe_runtime.training import InProcessTrainer
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        tr = InProcessTrainer(cfg)
-        return [tr.train_step(s)[0] for s in range(steps)]
-    finally:
-        torch.set_num_threads(threads)
+from tests.runtime.helpers import make_config, oracle_losses
 
 
 def _pids(c) -> list[int]:
@@ -52,7 +40,7 @@ def test_parked_parties_start_the_next_cluster_of_their_layout(ray_session, tmp_
     d["train"]["checkpoint_dir"] = str(tmp_path / "b" / "auto")
     second = type(first).model_validate(d)
     other_layout = make_config(tmp_path / "c", expert_actors=1, router_workers=1)
-    want = _oracle_losses(second, 2)
+    want = oracle_losses(second, 2)
     with party_pool.keep_parties() as pool:
         with Cluster.start(first) as c:
             c.train(1)

@@ -12,19 +12,7 @@ import torch
 
 from moe_runtime.runtime.ray_env import ClusterStartError
 from moe_runtime.runtime.relaunch import layout_changes
-from tests.runtime.helpers import make_config
-
-
-def _oracle_losses(cfg, steps: int) -> list[float]:
-    from moe_runtime.training import InProcessTrainer
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        tr = InProcessTrainer(cfg)
-        return [tr.train_step(s)[0] for s in range(steps)]
-    finally:
-        torch.set_num_threads(threads)
+from tests.runtime.helpers import make_config, oracle_losses
 
 
 def test_layout_changes_names_each_field():
@@ -47,7 +35,7 @@ def test_restart_trains_as_the_new_configs_oracle_on_the_same_processes(ray_sess
     d["train"]["seed"] = 1
     d["train"]["checkpoint_dir"] = str(tmp_path / "b" / "auto")
     second = type(first).model_validate(d)
-    want = _oracle_losses(second, 4)
+    want = oracle_losses(second, 4)
     c = Cluster.start(first)
     try:
         c.train(1)
@@ -73,7 +61,7 @@ def test_restart_trains_as_the_new_configs_oracle_on_the_same_processes(ray_sess
             cfg = type(first).model_validate(d)
             c = c.restart(cfg)
             assert len(c.worker_pids) == workers and c.actor_infos[0].pid in pids
-            torch.testing.assert_close(torch.tensor(c.train(2).losses), torch.tensor(_oracle_losses(cfg, 2)),
+            torch.testing.assert_close(torch.tensor(c.train(2).losses), torch.tensor(oracle_losses(cfg, 2)),
                                        rtol=1e-4, atol=0)
     finally:
         c.shutdown()
