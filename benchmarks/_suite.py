@@ -47,7 +47,8 @@ def machine_busy() -> tuple[float, float] | None:
     """(busy, total) CPU jiffies of the whole machine so far (/proc/stat; None elsewhere): a benchmark's busy
     share says how much of its wall time was CPU work and how much waiting (timeouts, sleeps)."""
     try:
-        fields = [float(x) for x in open("/proc/stat").readline().split()[1:]]
+        with open("/proc/stat") as f:
+            fields = [float(x) for x in f.readline().split()[1:]]
     except OSError:
         return None
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait

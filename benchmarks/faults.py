@@ -252,31 +252,14 @@ def _serving_hang(c, probe, party: str, log) -> dict:
     return {"failed_requests": failed, "answered_s": answered, "healthy_s": healthy, "request_s": times}
 
 
-def _start_node_loss(tmp: Path, steps: int, requests: int, quick: bool) -> subprocess.Popen:
-    """benchmarks/_faults_nodes.py in a child process (its own simulated 2-node Ray); --quick: serving only. Its
-    output goes to files (a pipe nobody reads until the end could fill and stall the child mid-scenario)."""
-    (tmp / "nodes").mkdir(parents=True, exist_ok=True)
-    out, err = open(tmp / "nodes" / "stdout", "w"), open(tmp / "nodes" / "stderr", "w")  # noqa: SIM115
-    try:
-        return subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "_faults_nodes.py"), str(tmp / "nodes"),
-                                 str(steps), str(requests), *(["quick"] if quick else [])], stdout=out, stderr=err,
-                                text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
-    finally:
-        out.close()
-        err.close()
-
-
-def _finish_node_loss(proc: subprocess.Popen, tmp: Path, log) -> dict:
-    """Wait for the child (bounded) and read its RESULT line."""
-    try:
-        proc.wait(timeout=400)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    out = (tmp / "nodes" / "stdout").read_text()
-    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+def _node_loss(tmp: Path, steps: int, requests: int, quick: bool, log) -> dict:
+    """benchmarks/_faults_nodes.py in a child process (its own simulated 2-node Ray); --quick: serving only."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "_faults_nodes.py"), str(tmp / "nodes"),
+                           str(steps), str(requests), *(["quick"] if quick else [])], capture_output=True, text=True, timeout=400, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)  # fmt: skip
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
-        log(f"  node-loss child failed (rc {proc.returncode}): {(tmp / 'nodes' / 'stderr').read_text()[-2000:]}")
+        log(f"  node-loss child failed (rc {proc.returncode}): {proc.stderr[-2000:]}")
         return {}
     return json.loads(lines[-1][len("RESULT "):])
 
@@ -379,7 +362,7 @@ def main(argv: list[str] | None = None) -> dict:
             scaled = _scale(c, steps, clean.losses)
         # after the others, not beside them: sharing the 2 cores slowed restarted parties past --quick's 3 s timeouts
         log("node loss (child process, 2 simulated nodes): serving" + ("" if args.quick else ", then training"))
-        nodes = _finish_node_loss(_start_node_loss(tmp, steps, requests, args.quick), tmp, log)
+        nodes = _node_loss(tmp, steps, requests, args.quick, log)
     node_serve, node_train = nodes.get("serving", {}), nodes.get("training", {})
     node_equal = None
     if node_train:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from moe_runtime.config import RuntimeConfig
 from moe_runtime.runtime.calls import get_within
-from moe_runtime.runtime.launch import Launched, release
+from moe_runtime.runtime.launch import Launched, check_config, release
 from moe_runtime.runtime.ray_env import ClusterStartError
 
 log = logging.getLogger(__name__)
@@ -71,12 +71,16 @@ def release_parked() -> None:
 
 def _drop(pool: PartyPool) -> None:
     if pool.parked is not None:
-        from moe_runtime.runtime import relaunch
-
         launched, _ = pool.parked
         pool.parked = None
-        relaunch.forget(launched)
-        release(launched)
+        _release(launched)
+
+
+def _release(launched: Launched) -> None:
+    from moe_runtime.runtime import relaunch
+
+    relaunch.forget(launched)
+    release(launched)
 
 
 def park(launched: Launched, cfg: RuntimeConfig) -> bool:
@@ -109,17 +113,16 @@ def take(cfg: RuntimeConfig) -> Launched | None:
         pool.starts += 1
         return None
     launched, old = pool.parked
+    pool.parked = None
     if (relaunch.layout_changes(old.cluster, cfg.cluster, ray_owned=launched.env.owned)
             or len(launched.experts) != cfg.cluster.expert_actors):
-        _drop(pool)
+        _release(launched)
         pool.starts += 1
         return None
-    pool.parked = None
     try:
-        relaunch.check_layout(launched, old, cfg)
+        check_config(cfg)
     except ClusterStartError:  # an invalid config: the caller's start raises the same error, nothing left behind
-        pool.parked = (launched, old)
-        _drop(pool)
+        _release(launched)
         raise
     try:
         # a party that died while parked is being restarted by Ray: wait for it (the others answer at once)
@@ -127,8 +130,7 @@ def take(cfg: RuntimeConfig) -> Launched | None:
                                                                                    PARK_PING_S))  # fmt: skip
     except Exception as err:  # noqa: BLE001 - dead for good, hung: start anew
         log.warning("the parked parties are not all alive (%s): starting new ones", err)
-        pool.parked = (launched, old)
-        _drop(pool)
+        _release(launched)
         pool.starts += 1
         return None
     try:

@@ -445,7 +445,6 @@ class RouterWorker:
         self._fresh_optimizer()
         ckpt.load_dense_tensors(self.model, self.opt if has_state else None, tensors)
         self.dense_loaded = True
-        self.model.zero_grad(set_to_none=True)
 
     def load_hf(self, checkpoint: Any, party: str) -> Any:
         """The dense tensors straight from an HF checkpoint's shard files (runtime/hf_loading.py); fresh optimizer
