@@ -141,8 +141,11 @@ def test_party_stopped_mid_step_reruns_only_that_step(hang2, oracle, caplog, par
 
     def progress(step: int, loss: float) -> None:
         if step == 0 and not stopped:
-            stopped.append(time.monotonic() + 0.05)
-            _stop_soon(pid)
+            # stopped for sure before step 1 sends its forward/backward: a stop landing a moment later could miss
+            # it on a fast step and hit the dense-grad all-reduce instead (test_router_worker_stopped_in_the_all_reduce)
+            os.kill(pid, signal.SIGSTOP)
+            wait_stopped(pid)
+            stopped.append(time.monotonic())
 
     try:
         rerun0 = c.steps_rerun
