@@ -46,7 +46,7 @@ from moe_runtime.placement import Placement, ShardKey, split_over_replicas
 from moe_runtime.records import TimingMeans
 from moe_runtime.checkpoint import training_state as ckpt
 from moe_runtime.runtime.calls import COLLECTIVE_TIMEOUT_S, CONTROL_TIMEOUT_S, START_TIMEOUT_S, get_within
-from moe_runtime.runtime import cluster_mask, failover, nodes, party_pool, relaunch
+from moe_runtime.runtime import cluster_mask, failover, hung_parties, nodes, party_pool, relaunch
 from moe_runtime.runtime import scale as scaling
 from moe_runtime.runtime.failover import HealReport
 from moe_runtime.runtime.fleet import RayExpertFleet
@@ -82,6 +82,7 @@ class Cluster:
                                                  "router worker pids")  # to kill one that hangs
         self.worker_nodes: list[str] = nodes.worker_node_ids(self.workers, START_TIMEOUT_S)  # to name node losses
         self.lost_workers: dict[int, str] = {}  # dead or hung router workers forwards avoid until a heal (nodes.py)
+        self._hung: dict[str, int | None] = {}  # party -> its pid when a deadline caught it (hung_parties.py)
         self._token = launched.token
         self.step = 0  # optimizer steps taken = the next step to run
         self.recoveries = 0
@@ -190,9 +191,12 @@ class Cluster:
                                                       self.cfg.transport.on_expert_failure == "mask")
         except BaseException as err:
             if is_fault(err):  # e.g. an expert with no live replica (on_expert_failure = fail): rejoin, then raise
+                self._note_hung(hung_parties.from_fault(err, self.actor_infos)
+                                | hung_parties.from_forward({}, self.lost_workers))  # fmt: skip
                 self.heal()
             raise
         self.last_degraded = out.degraded
+        self._note_hung(hung_parties.from_forward(out.down, self.lost_workers))
         if out.down or self.lost_workers:
             self._heal_in_background()  # the workers already route around them; bring them back meanwhile
         return out.logits
@@ -204,11 +208,26 @@ class Cluster:
             infos = wait_alive(self.experts, self.workers, hang_timeout_s=self.cfg.cluster.hang_timeout_s,
                                local=self.cfg.cluster.ray_address is None,
                                expert_pids=[i.pid for i in self.actor_infos], worker_pids=self.worker_pids,
-                               check=lambda: nodes.check_capacity(self))  # a lost node's parties that cannot return
+                               check=lambda: nodes.check_capacity(self),  # a lost node's parties that cannot return
+                               hung=self.take_hung())
             report = failover.heal(self, infos)
             nodes.repair_workers(self)  # a restarted router worker gets a survivor's dense state; new pids
             self.last_heal = report
             return report
+
+    def _party_pids(self) -> dict[str, int | None]:
+        return ({f"expert actor {i.index}": i.pid for i in self.actor_infos}
+                | {f"router worker {i}": pid for i, pid in enumerate(self.worker_pids)})  # fmt: skip
+
+    def _note_hung(self, found: set[str]) -> None:
+        pids = self._party_pids()
+        self._hung.update({name: pids.get(name) for name in found})
+
+    def take_hung(self) -> set[str]:
+        """The parties a deadline caught since the last recovery (runtime/hung_parties.py) and not restarted
+        since, forgotten here: the recovery that takes them gives each one short ping before killing it."""
+        caught, self._hung = self._hung, {}  # a name noted in between waits for the next recovery: no harm
+        return hung_parties.still_hung(caught, self._party_pids())
 
     def _heal_in_background(self) -> None:
         if self._healer is not None and self._healer.is_alive():
@@ -334,6 +353,7 @@ class Cluster:
             except BaseException as err:
                 if not is_fault(err):
                     raise
+                self._note_hung(hung_parties.from_fault(err, self.actor_infos))
                 failures_here += 1
                 if failures_here > limit:
                     raise ClusterError(f"step {step}: {failures_here} recoveries without progress; giving up") from err
@@ -423,7 +443,7 @@ class Cluster:
         self.actor_infos = wait_alive(self.experts, self.workers, hang_timeout_s=self.cfg.cluster.hang_timeout_s,
                                       local=self.cfg.cluster.ray_address is None,
                                       expert_pids=[i.pid for i in self.actor_infos], worker_pids=self.worker_pids,
-                                      check=lambda: nodes.check_capacity(self))  # fmt: skip
+                                      check=lambda: nodes.check_capacity(self), hung=self.take_hung())  # fmt: skip
         self.worker_pids = get_within([w.ping.remote() for w in self.workers], CONTROL_TIMEOUT_S, "router worker pids")
         addresses = [i.address for i in self.actor_infos]
         get_within([w.set_placement.remote(self.placement.to_dict(), addresses) for w in self.workers], CONTROL_TIMEOUT_S,

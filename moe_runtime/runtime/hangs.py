@@ -6,7 +6,8 @@ such calls: the overall bound stays (calls.step_timeout), but once the first cal
 within `straggler_s` (cluster.hang_timeout_s), else a GetTimeoutError names the ones that did not: hung, e.g. a
 stopped process mid-exchange. A worker that waits on a hung *expert actor* is not blamed: every worker calls every
 actor, so all of them wait, and the data-plane deadline (transport.deadline_s, shorter than hang_timeout_s) fails
-their exchange with an error naming the actor's server. Recovery then pings, kills the hung party and re-runs.
+their exchange with an error naming the actor's server. Recovery then pings, kills the hung party (after one
+short ping: runtime/hung_parties.py) and re-runs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import logging
 import time
 from collections.abc import Sequence
 from typing import Any
+
+from moe_runtime.runtime.hung_parties import HUNG_ATTR
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +40,14 @@ def get_with_peers(refs: Sequence[Any], timeout_s: float, straggler_s: float, wh
         limit = deadline if first_done is None else min(deadline, first_done + straggler_s)
         if now >= limit:
             late = ", ".join(names[i] for i in pending)
-            why = (f"{late} did not finish within {straggler_s:.3g} s of the first (hung)" if first_done is not None
-                   and limit < deadline else f"no answer within {timeout_s:.3g} s from {late}")  # fmt: skip
+            straggling = first_done is not None and limit < deadline
+            why = (f"{late} did not finish within {straggler_s:.3g} s of the first (hung)" if straggling
+                   else f"no answer within {timeout_s:.3g} s from {late}")  # fmt: skip
             log.warning("%s: %s", what, why)
-            raise ray.exceptions.GetTimeoutError(f"{what}: {why}")
+            err = ray.exceptions.GetTimeoutError(f"{what}: {why}")
+            if straggling:  # their peers did the same work in time: recovery kills them after one short ping
+                setattr(err, HUNG_ATTR, tuple(names[i] for i in pending))
+            raise err
         ready, _ = ray.wait([refs[i] for i in pending], num_returns=1, timeout=min(0.5, limit - now))
         if not ready:
             continue

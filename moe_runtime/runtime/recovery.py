@@ -9,7 +9,8 @@ re-forms the gloo group and rolls *every* party back to the last automatic check
 
 Hangs are deaths detected by deadline: a party that does not answer a control call within cluster.hang_timeout_s
 (GetTimeoutError naming it) or a data-plane call within transport.deadline_s is pinged; one that does not answer
-the ping within the same deadline is killed (Ray restarts it) and recovered like a dead one.
+the ping within the same deadline is killed (Ray restarts it) and recovered like a dead one. A party the fault
+already caught past a deadline (runtime/hung_parties.py) gets one short ping (HUNG_PING_S) instead.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +89,7 @@ def _kill(p: Party, local: bool) -> None:
             pass
 
 
+HUNG_PING_S = 1.0  # a party already caught past a deadline: killed unless it answers this soon (a live one: ms)
 _RESEND_S = 0.25  # how often a restarting party is pinged again
 _MAX_PINGS = 8  # pings kept in flight per party (older ones are dropped, their answers not needed)
 _RAY_FAILS_S = 3.0  # a ping to a party Ray is restarting fails within this (measured 1.5-2.0 s, Ray 2.5x)
@@ -114,14 +116,16 @@ def _poll(refs: list[Any], done: set[str]) -> tuple[str, str]:
 def wait_alive(experts: list[Any], workers: list[Any], timeout: float = START_TIMEOUT_S, *,
                hang_timeout_s: float = CONTROL_TIMEOUT_S, local: bool = False,
                expert_pids: Sequence[int | None] = (), worker_pids: Sequence[int | None] = (),
-               check: Callable[[], None] | None = None) -> list[ActorInfo]:  # fmt: skip
+               check: Callable[[], None] | None = None, hung: Collection[str] = ()) -> list[ActorInfo]:  # fmt: skip
     """Ping every party until it answers (restarted actors come back empty); returns fresh expert infos.
     `check` runs about once a second while parties are missing and raises to give up early (nodes.check_capacity:
     their node is gone and the nodes left cannot host them).
 
     A party whose process is alive but does not answer a ping within `hang_timeout_s` is hung: it is killed once
-    (Ray restarts it) and waited for again. Raises ClusterError naming every party that did not come back within
-    `timeout` (e.g. its node is gone and no bundle is left for it) or that died for good."""
+    (Ray restarts it) and waited for again; `hung` names parties a deadline already caught (hung_parties.py),
+    killed after min(HUNG_PING_S, hang_timeout_s) of silence instead. Raises ClusterError naming every party
+    that did not come back within `timeout` (e.g. its node is gone and no bundle is left for it) or that died
+    for good."""
     import ray
 
     t0 = time.monotonic()
@@ -155,9 +159,11 @@ def wait_alive(experts: list[Any], workers: list[Any], timeout: float = START_TI
                 # party is back sooner: ask again every _RESEND_S, the first answer counts
                 refs[p.name] = [*refs[p.name][1 - _MAX_PINGS:], p.handle.ping.remote()]
                 sent[p.name] = now
-            quiet_s = max(hang_timeout_s, _RAY_FAILS_S) if p.name in restarting else hang_timeout_s
+            quiet_s = min(HUNG_PING_S, hang_timeout_s) if p.name in hung else hang_timeout_s
+            quiet_s = max(quiet_s, _RAY_FAILS_S) if p.name in restarting else quiet_s
             if now - since[p.name] > quiet_s and p.name not in killed:  # neither answered nor failed: hung
-                log.warning("%s did not answer a ping within %.3g s: hung, killing it", p.name, hang_timeout_s)
+                log.warning("%s did not answer a ping within %.3g s%s: hung, killing it", p.name, quiet_s,
+                            " (a deadline caught it already)" if p.name in hung else "")  # fmt: skip
                 _kill(p, local)
                 killed.add(p.name)
                 restarting.add(p.name)
@@ -187,4 +193,4 @@ def wait_alive(experts: list[Any], workers: list[Any], timeout: float = START_TI
         if left <= 0:
             raise
         return wait_alive(experts, workers, left, hang_timeout_s=hang_timeout_s, local=local,
-                          expert_pids=expert_pids, worker_pids=worker_pids, check=check)
+                          expert_pids=expert_pids, worker_pids=worker_pids, check=check, hung=hung)

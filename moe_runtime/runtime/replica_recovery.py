@@ -41,7 +41,8 @@ def rerun_without_rollback(cluster: Cluster, step: int) -> bool:
     cfg = cluster.cfg.cluster
     infos = wait_alive(cluster.experts, cluster.workers, hang_timeout_s=cfg.hang_timeout_s,
                        local=cfg.ray_address is None, expert_pids=[i.pid for i in cluster.actor_infos],
-                       worker_pids=cluster.worker_pids, check=lambda: check_capacity(cluster))  # fmt: skip
+                       worker_pids=cluster.worker_pids, check=lambda: check_capacity(cluster),
+                       hung=cluster.take_hung())  # fmt: skip
     timeout = cluster.fleet.timeout_s
     worker_pids = get_within([w.ping.remote() for w in cluster.workers], timeout, "router worker pids",
                              names([], cluster.workers))  # fmt: skip

@@ -47,6 +47,7 @@ from moe_runtime.model.moe_layer import StepContext
 from moe_runtime.model.transformer import MoETransformer, build_model
 from moe_runtime.model.two_batch import two_batch_loss
 from moe_runtime.checkpoint import training_state as ckpt
+from moe_runtime.checkpoint.in_process import no_random_init
 from moe_runtime.runtime.expert_actor import max_message_bytes
 from moe_runtime.runtime.expert_mask import ExpertMask, MaskError, MaskingBackend
 from moe_runtime.runtime.generation_host import CacheHost
@@ -75,7 +76,21 @@ def dense_state_from_full(full: torch.nn.Module, cfg: RuntimeConfig) -> dict[str
 
 class DataPlaneError(RuntimeError):
     """A data-plane (gRPC) call to an expert actor failed inside a router worker. Carries ExpertCallError's
-    message across Ray (ExpertCallError itself does not unpickle: its __init__ takes six arguments)."""
+    message across Ray (ExpertCallError itself does not unpickle: its __init__ takes six arguments), and the
+    server's address when the call ran past its deadline (`hung_address`: runtime/hung_parties.py)."""
+
+    def __init__(self, message: str, hung_address: str | None = None):
+        super().__init__(message)
+        self.hung_address = hung_address
+
+    def __reduce__(self):  # the address travels across Ray too
+        return (type(self), (str(self), self.hung_address))
+
+    @classmethod
+    def of(cls, where: str, err: Exception) -> DataPlaneError:
+        """`where: err`, with err's server address when err is an ExpertCallError past its deadline."""
+        late = isinstance(err, ExpertCallError) and err.code is not None and err.code.name == "DEADLINE_EXCEEDED"
+        return cls(f"{where}: {err}", err.address if late else None)
 
 
 class CollectiveError(RuntimeError):
@@ -159,8 +174,11 @@ class RouterWorker:
             self.dispatchers.append(d)
             return d
 
-        # Dense weights are random until `load_model_state` / `load_checkpoint`: the driver sends the oracle's.
-        self.model = build_model(cfg.model, t.seed, dispatcher_factory=factory).to(self.device)
+        # Dense weights are not drawn (~4 s for the real-width slice's embeddings and attention): every dense loader
+        # overwrites them (the driver sends the oracle's, a checkpoint's or a survivor's) and dense_loaded guards
+        # every use until then
+        with no_random_init():
+            self.model = build_model(cfg.model, t.seed, dispatcher_factory=factory).to(self.device)
         self.mask = ExpertMask(self.model, self.failover, lambda: self.placement,
                                cfg.transport.on_expert_failure == "mask")
         self._opt: torch.optim.AdamW | None = None  # built at the first step: serving never needs one (`opt`)
@@ -270,6 +288,7 @@ class RouterWorker:
         """This worker's micro-batches of `step`: forward, backward (expert grads accumulate on the actors).
         Returns the chunk-mean lm / aux loss contributions, the expert load [L, E] and timings."""
         t0, c0, p0 = time.perf_counter(), time.thread_time(), time.process_time()
+        self._require_dense()
         t = self.cfg.train
         n = self.world * t.micro_batches
         self.mask.clear()  # training never masks: a lost expert fails the step (rollback / re-run as always)
@@ -293,7 +312,7 @@ class RouterWorker:
                 loads.append(load_le)
         except ExpertCallError as err:
             self.model.zero_grad(set_to_none=True)
-            raise DataPlaneError(f"router worker {self.index}, step {step}: {err}") from None
+            raise DataPlaneError.of(f"router worker {self.index}, step {step}", err) from None
         tm = self.timer.reset()
         return WorkerPass(
             lm=lm, aux=aux, load_le=np.sum(loads, axis=0, dtype=np.int64), chunk_loads_le=tuple(loads),
@@ -394,7 +413,7 @@ class RouterWorker:
         try:
             return self._generation.call(op, *args)
         except (ExpertCallError, MaskError) as err:
-            raise DataPlaneError(f"router worker {self.index}, generation {op}: {err}") from None
+            raise DataPlaneError.of(f"router worker {self.index}, generation {op}", err) from None
 
     def generation_reported(self, op: str, *args: Any) -> tuple[Any, list[tuple[int, int]], bool]:
         """generation(), plus the (layer, expert) mask it ran under and whether actors were found down
@@ -416,7 +435,7 @@ class RouterWorker:
             with self.compute.autocast():
                 logits = self.mask.run_once(lambda: self.model(tokens.to(self.device), StepContext(step), **kw).logits)
         except (ExpertCallError, MaskError) as err:
-            raise DataPlaneError(f"router worker {self.index}, forward: {err}") from None
+            raise DataPlaneError.of(f"router worker {self.index}, forward", err) from None
         return {"logits": None if logits is None else logits.to("cpu", torch.float32), "masked": self.mask.pairs(),
                 "down": self.failover.down}
 
