@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from moe_runtime.adamw import AdamW
 from moe_runtime.config import RuntimeConfig, TrainConfig
 from moe_runtime.data import BatchLoader, val_batches
 from moe_runtime.data_files import DocumentBatch, load_training_corpus
@@ -44,12 +45,13 @@ def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_adamw(named_params: Iterable[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(named_params, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=1e-8,
-                             foreach=False)
+def make_adamw(named_params: Iterable[tuple[str, nn.Parameter]], cfg: TrainConfig) -> AdamW:
+    """torch.optim.AdamW(groups, lr, betas, eps=1e-8, foreach=False), bit for bit, without importing torch._dynamo
+    (moe_runtime/adamw.py)."""
+    return AdamW(param_groups(named_params, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=1e-8)
 
 
-def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(opt: AdamW | torch.optim.Optimizer, lr: float) -> None:
     for g in opt.param_groups:
         g["lr"] = lr
 

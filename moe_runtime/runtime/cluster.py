@@ -244,9 +244,8 @@ class Cluster:
         self._healer.start()
 
     def prepare_training(self) -> None:
-        """Have every party build its optimizer now (they do at their first step otherwise: ~0.9 CPU-s each, the
-        torch._dynamo import, which a serving cluster never pays), e.g. so a timed first step costs what the others
-        do."""
+        """Have every party build its optimizer now (they do at their first step otherwise; a serving cluster never
+        does), e.g. so a timed first step costs what the others do."""
         get_within([p.prepare_training.remote() for p in self.workers + self.experts], CONTROL_TIMEOUT_S,
                    "building optimizers", names(self.experts, self.workers))  # fmt: skip
 

@@ -5,7 +5,8 @@ Data plane: the router workers call the actor's gRPC server (Dispatch / Backward
 activations. Control plane (Ray method calls from the driver, between steps): load / drop shards, read and set
 weight grads (replica sums), squared grad norms (global clipping), the optimizer step, checkpoints, stats.
 
-Optimizer: torch.optim.AdamW built by `training.make_adamw`, i.e. the oracle's exact hyper-parameters and groups.
+Optimizer: AdamW (moe_runtime/adamw.py: torch.optim.AdamW's update, bit for bit) built by `training.make_adamw`,
+i.e. the oracle's exact hyper-parameters and groups.
 Its parameters are `nn.Parameter` views sharing storage with the shards' live weight tensors, and their `.grad`
 is the shards' live grad buffer, so `opt.step()` updates what the server computes with, in place. The oracle
 holds each layer's experts stacked ([E, d, 2f]) as one parameter; AdamW with foreach=False is elementwise, so a
@@ -44,6 +45,7 @@ from moe_runtime.model.weight_storage import check_trainable, expert_storage_dty
 from moe_runtime.runtime.expert_shards import ExpertShards
 from moe_runtime.runtime.party_args import current_args
 from moe_runtime.runtime.ray_env import pick_device
+from moe_runtime.adamw import AdamW
 from moe_runtime.training import make_adamw, set_lr
 
 Key = tuple[int, int]
@@ -82,7 +84,7 @@ class ExpertActor:
         )  # fmt: skip
         self.address = self.server.start()
         self._params: dict[Key, tuple[nn.Parameter, nn.Parameter]] = {}
-        self._opt: torch.optim.AdamW | None = None
+        self._opt: AdamW | None = None
         self._named: list[tuple[str, nn.Parameter]] = []
         self._last_stats: dict[str, float] = {}
         self._rebuild({})
@@ -117,9 +119,9 @@ class ExpertActor:
         if carried:
             ckpt.load_optimizer_tensors(self._optimizer(), dict(self._named), carried)
 
-    def _optimizer(self) -> torch.optim.AdamW:
-        """AdamW over the hosted shards, built on first use: constructing one imports torch._dynamo, ~0.9 CPU-s,
-        a third of a party's start (docs/measurements.md)."""
+    def _optimizer(self) -> AdamW:
+        """AdamW over the hosted shards, built on first use (serving never needs one; cheap since moe_runtime/adamw.py
+        no longer imports torch._dynamo, ~1 CPU-s)."""
         if self._opt is None:
             self._opt = make_adamw(self._named, self.cfg.train)
         return self._opt

@@ -1,9 +1,9 @@
 """Relaunch: a fresh cluster for a new config on the processes of a running one (same expert actors and resources,
 LAYOUT_FIELDS; the number of router workers may change: extra ones are started, surplus ones killed), instead of killing
 every party and starting new ones. Starting a party (a Ray worker process ~0.4 CPU-s, `import torch` ~1.0, the
-gRPC server; torch._dynamo through torch.optim ~0.9 more at its first step) costs ~1.6-2.5 CPU-s on this machine
-(docs/measurements.md); re-initialising one costs ~0.1 CPU-s. Used where a run trains or serves several configurations of one layout one after the other (seeds,
-router variants, presets: benchmarks/router_experiment.py, benchmarks/step.py).
+gRPC server) costs ~1.6 CPU-s on this machine (docs/measurements.md); re-initialising one costs ~0.1 CPU-s. Used
+where a run trains or serves several configurations of one layout one after the other (seeds, router variants,
+presets: benchmarks/router_experiment.py, benchmarks/step.py).
 
 Each party re-runs its constructor for the new config in its own process (ExpertActor.reset, RouterWorker.reset):
 new shards, optimizer, gRPC server (new port), dense model, data loader, gloo group; nothing carries over but the
