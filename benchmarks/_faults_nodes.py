@@ -6,7 +6,9 @@
 - during training (a fresh node and cluster; not with --quick, to keep it under 3 minutes): steps re-run, losses
   against the clean run of the parent, the run's wall time minus a clean run's on this cluster.
 
-    python benchmarks/_faults_nodes.py TMPDIR STEPS REQUESTS [quick]   (prints one line: RESULT {json})
+    python benchmarks/_faults_nodes.py TMPDIR STEPS REQUESTS [quick] [wait]   (prints one line: RESULT {json})
+
+`wait`: once its cluster is up, print READY and wait for a line GO on stdin before the node is removed.
 """
 
 from __future__ import annotations
@@ -86,7 +88,13 @@ def _training(c, sim, steps: int) -> dict:
             "lost_actors": lost, "lost_workers": lost_w}  # fmt: skip
 
 
-def main(tmp: Path, steps: int, requests: int, quick: bool = False) -> dict:
+def _wait_for_go() -> bool:
+    """Say READY, then wait for the parent's GO (benchmarks/faults.py starts this early, runs it last)."""
+    print("READY", flush=True)
+    return sys.stdin.readline().strip() == "GO"
+
+
+def main(tmp: Path, steps: int, requests: int, quick: bool = False, wait: bool = False) -> dict:
     import torch
 
     from benchmarks.faults import _config
@@ -105,6 +113,8 @@ def main(tmp: Path, steps: int, requests: int, quick: bool = False) -> dict:
             "cluster": cfg.cluster.model_copy(update={"num_gpus": 8}),
             "train": cfg.train.model_copy(update={"checkpoint_every": 0})})  # a rollback would raise
         with Cluster.start(cfg) as c:
+            if wait and not _wait_for_go():
+                return out  # the parent gave up (stdin closed without GO)
             out["serving"] = _serving(c, sim, requests)
         if quick:
             return out
@@ -119,5 +129,5 @@ def main(tmp: Path, steps: int, requests: int, quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    print("RESULT " + json.dumps(main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), "quick" in sys.argv[4:])),
-          flush=True)
+    print("RESULT " + json.dumps(main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), "quick" in sys.argv[4:],
+                                      "wait" in sys.argv[4:])), flush=True)  # fmt: skip

@@ -252,16 +252,60 @@ def _serving_hang(c, probe, party: str, log) -> dict:
     return {"failed_requests": failed, "answered_s": answered, "healthy_s": healthy, "request_s": times}
 
 
-def _node_loss(tmp: Path, steps: int, requests: int, quick: bool, log) -> dict:
-    """benchmarks/_faults_nodes.py in a child process (its own simulated 2-node Ray); --quick: serving only."""
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "_faults_nodes.py"), str(tmp / "nodes"),
-                           str(steps), str(requests), *(["quick"] if quick else [])], capture_output=True, text=True, timeout=400, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)  # fmt: skip
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        log(f"  node-loss child failed (rc {proc.returncode}): {proc.stderr[-2000:]}")
-        return {}
-    return json.loads(lines[-1][len("RESULT "):])
+class _NodeLossChild:
+    """benchmarks/_faults_nodes.py in a child process (its own simulated 2-node Ray). Started first: it builds its
+    Ray and cluster while this process starts its own (~11 s of the child's ~18 s), then waits; `run` lets it go
+    once the other scenarios are done and no timed scenario shares the machine with its start (its idle Ray
+    takes ~0.1 core)."""
+
+    READY_TIMEOUT_S = 300.0
+
+    def __init__(self, tmp: Path, steps: int, requests: int, quick: bool):
+        self._err = open(tmp / "node-loss.stderr", "w+")  # noqa: SIM115  (closed in run)
+        self._proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "benchmarks" / "_faults_nodes.py"), str(tmp / "nodes"), str(steps),
+             str(requests), *(["quick"] if quick else []), "wait"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=self._err, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+        self._lines: list[str] = []
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, name="node-loss-stdout", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self._proc.stdout:
+            self._lines.append(line)
+            if line.startswith("READY"):
+                self._ready.set()
+        self._ready.set()  # ended without READY: wait_ready returns, run reports the failure
+
+    def wait_ready(self) -> None:
+        self._ready.wait(self.READY_TIMEOUT_S)
+
+    def run(self, log) -> dict:
+        """Let the child remove its node and measure; its RESULT, or {} (logged) when it failed."""
+        try:
+            if self._proc.poll() is None:
+                self._proc.stdin.write("GO\n")
+                self._proc.stdin.flush()
+            self._proc.stdin.close()
+            rc = self._proc.wait(timeout=400)
+        except (subprocess.TimeoutExpired, BrokenPipeError, OSError) as err:
+            self._proc.kill()
+            rc = f"{type(err).__name__}: {err}"
+        self._reader.join(10)
+        self._err.seek(0)
+        err_tail = self._err.read()[-2000:]
+        self._err.close()
+        results = [ln for ln in self._lines if ln.startswith("RESULT ")]
+        if rc or not results:
+            log(f"  node-loss child failed (rc {rc}): {err_tail}")
+            return {}
+        return json.loads(results[-1][len("RESULT "):])
+
+    def kill(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(30)
 
 
 def _control_hang(c, tmp: Path, timeout_s: float) -> dict:
@@ -314,6 +358,51 @@ def _scale(c, steps: int, clean_losses) -> dict:
     return {"losses_equal": equal, **times}
 
 
+def _scenarios(cfg, tmp: Path, steps: int, requests: int, control_timeout_s: float, child: _NodeLossChild, log,
+               quick: bool):
+    """Every scenario on one cluster, then the node-loss child's: (its result, (clean run, seconds), results)."""
+    import torch
+
+    from moe_runtime.runtime.cluster import Cluster
+
+    with Cluster.start(cfg) as c:
+        c.init_dir = c.checkpoint(tmp / "init")
+        c.serve_dir = tmp / "serve"
+        probe = torch.randint(0, c.cfg.model.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+        c.prepare_training()  # the optimizers built now, not in the clean run's first step
+        child.wait_ready()  # its start (CPU-heavy) shares the machine with no timed scenario
+        log("clean training run (baseline)")
+        c.restore(c.init_dir)
+        t0 = time.perf_counter()
+        clean = c.train(steps)
+        clean_s = time.perf_counter() - t0
+        log("serving with replicas: kill actor 2")
+        serve_rep = _serving(c, probe, requests, True, log)
+        log("serving without a replica: kill actor 1")
+        serve_none = _serving(c, probe, 2, False, log)
+        log("training with replicas: kill actor 2 in step 3")
+        train_rep = _training(c, steps, clean.losses, clean_s, True)
+        log("training without replicas: kill actor 2 in step 3 (rollback)")
+        train_rb = _training(c, steps, clean.losses, clean_s, False)
+        log("hang in a control call: SIGSTOP actor 1, checkpoint")
+        hang = _control_hang(c, tmp, control_timeout_s)
+        log("hang in the data plane: SIGSTOP actor 2 in step 3 (replicas)")
+        hang_dp = _training(c, steps, clean.losses, clean_s, True, hang=True)
+        log("hang in the data plane: SIGSTOP router worker 1 in step 3")
+        hang_w = _training(c, steps, clean.losses, clean_s, True, hang=True, party="worker")
+        log("hang in the data plane while serving: SIGSTOP actor 2, then router worker 1, mid-forward")
+        serve_hang_e = _serving_hang(c, probe, "expert", log)
+        serve_hang_w = _serving_hang(c, probe, "worker", log)
+        log("scale 4 -> 6 -> 3 expert actors between steps")
+        scaled = _scale(c, steps, clean.losses)
+    # after the others, not beside them: a start sharing the 2 cores slowed restarted parties past --quick's 3 s
+    # timeouts (the child's start ran beside this cluster's, before any timed scenario)
+    log("node loss (child process, 2 simulated nodes): serving" + ("" if quick else ", then training"))
+    nodes = child.run(log)
+    return nodes, (clean, clean_s), (serve_rep, serve_none, train_rep, train_rb, hang, hang_dp, hang_w, serve_hang_e,
+                                     serve_hang_w, scaled)  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = make_parser(NAME, __doc__.split("\n\n")[0])
     args = p.parse_args(argv)
@@ -321,7 +410,7 @@ def main(argv: list[str] | None = None) -> dict:
     log = console.log
     import torch
 
-    from moe_runtime.runtime.cluster import Cluster
+    from moe_runtime.runtime.ray_env import start_ray
 
     torch.set_num_threads(1)
     steps = 4 if args.quick else 6
@@ -330,39 +419,16 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="moe-faults-") as tmpdir:
         tmp = Path(tmpdir)
-        with Cluster.start(_config(tmp, steps, args.quick)) as c:
-            c.init_dir = c.checkpoint(tmp / "init")
-            c.serve_dir = tmp / "serve"
-            probe = torch.randint(0, c.cfg.model.vocab_size, (4, 32),
-                                                   generator=torch.Generator().manual_seed(0))  # fmt: skip
-            log("clean training run (baseline)")
-            c.prepare_training()  # the optimizers built now, not in the clean run's first step
-            c.restore(c.init_dir)
-            t0 = time.perf_counter()
-            clean = c.train(steps)
-            clean_s = time.perf_counter() - t0
-            log("serving with replicas: kill actor 2")
-            serve_rep = _serving(c, probe, requests, True, log)
-            log("serving without a replica: kill actor 1")
-            serve_none = _serving(c, probe, 2, False, log)
-            log("training with replicas: kill actor 2 in step 3")
-            train_rep = _training(c, steps, clean.losses, clean_s, True)
-            log("training without replicas: kill actor 2 in step 3 (rollback)")
-            train_rb = _training(c, steps, clean.losses, clean_s, False)
-            log("hang in a control call: SIGSTOP actor 1, checkpoint")
-            hang = _control_hang(c, tmp, control_timeout_s)
-            log("hang in the data plane: SIGSTOP actor 2 in step 3 (replicas)")
-            hang_dp = _training(c, steps, clean.losses, clean_s, True, hang=True)
-            log("hang in the data plane: SIGSTOP router worker 1 in step 3")
-            hang_w = _training(c, steps, clean.losses, clean_s, True, hang=True, party="worker")
-            log("hang in the data plane while serving: SIGSTOP actor 2, then router worker 1, mid-forward")
-            serve_hang_e = _serving_hang(c, probe, "expert", log)
-            serve_hang_w = _serving_hang(c, probe, "worker", log)
-            log("scale 4 -> 6 -> 3 expert actors between steps")
-            scaled = _scale(c, steps, clean.losses)
-        # after the others, not beside them: sharing the 2 cores slowed restarted parties past --quick's 3 s timeouts
-        log("node loss (child process, 2 simulated nodes): serving" + ("" if args.quick else ", then training"))
-        nodes = _node_loss(tmp, steps, requests, args.quick, log)
+        cfg = _config(tmp, steps, args.quick)
+        env = start_ray(cfg.cluster)  # before the child starts its own Ray: never two Ray starts at once
+        child = _NodeLossChild(tmp, steps, requests, args.quick)
+        try:
+            nodes, clean, scenarios = _scenarios(cfg, tmp, steps, requests, control_timeout_s, child, log, args.quick)
+        finally:
+            child.kill()
+            env.shutdown()  # a no-op on a Ray this process did not start here (benchmarks/_suite.py)
+    serve_rep, serve_none, train_rep, train_rb, hang, hang_dp, hang_w, serve_hang_e, serve_hang_w, scaled = scenarios
+    clean, clean_s = clean
     node_serve, node_train = nodes.get("serving", {}), nodes.get("training", {})
     node_equal = None
     if node_train:
