@@ -261,7 +261,7 @@ class _NodeLossChild:
     READY_TIMEOUT_S = 300.0
 
     def __init__(self, tmp: Path, steps: int, requests: int, quick: bool):
-        self._err = open(tmp / "node-loss.stderr", "w+")  # noqa: SIM115  (closed in run)
+        self._err = open(tmp / "node-loss.stderr", "w+")  # noqa: SIM115  (closed in run or kill)
         self._proc = subprocess.Popen(
             [sys.executable, str(ROOT / "benchmarks" / "_faults_nodes.py"), str(tmp / "nodes"), str(steps),
              str(requests), *(["quick"] if quick else []), "wait"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -306,6 +306,7 @@ class _NodeLossChild:
         if self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait(30)
+        self._err.close()
 
 
 def _control_hang(c, tmp: Path, timeout_s: float) -> dict:
