@@ -220,6 +220,8 @@ class Cluster:
                 | {f"router worker {i}": pid for i, pid in enumerate(self.worker_pids)})  # fmt: skip
 
     def _note_hung(self, found: set[str]) -> None:
+        if not found:  # every forward calls this: nothing to look up then
+            return
         pids = self._party_pids()
         self._hung.update({name: pids.get(name) for name in found})
 

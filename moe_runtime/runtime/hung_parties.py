@@ -17,14 +17,14 @@ from collections.abc import Iterator, Mapping, Sequence
 
 from moe_runtime.records import ActorInfo
 
-__all__ = ["from_fault", "from_forward", "still_hung", "HUNG_ATTR"]
+__all__ = ["error_chain", "from_fault", "from_forward", "late_address", "still_hung", "HUNG_ATTR"]
 
 HUNG_ATTR = "hung_parties"  # an error's attribute: the party names its deadline caught (hangs.get_with_peers)
 _DEADLINE = "DEADLINE_EXCEEDED"
 
 
-def _chain(err: BaseException) -> Iterator[BaseException]:
-    """err, its causes, and what Ray wrapped (RayTaskError.cause), each once."""
+def error_chain(err: BaseException) -> Iterator[BaseException]:
+    """err, its causes, and what Ray wrapped (RayTaskError.cause), each once (recovery.is_fault walks it too)."""
     seen: set[int] = set()
     e: BaseException | None = err
     while e is not None and id(e) not in seen:
@@ -32,7 +32,7 @@ def _chain(err: BaseException) -> Iterator[BaseException]:
         yield e
         cause = getattr(e, "cause", None)
         if isinstance(cause, BaseException) and id(cause) not in seen:
-            yield from _chain(cause)
+            yield from error_chain(cause)
         e = e.__cause__
 
 
@@ -40,19 +40,24 @@ def _experts_at(addresses: set[str], infos: Sequence[ActorInfo]) -> set[str]:
     return {f"expert actor {i.index}" for i in infos if i.address in addresses}
 
 
-def from_fault(err: BaseException, infos: Sequence[ActorInfo]) -> set[str]:
-    """Names ("expert actor 2", "router worker 1") of the parties `err` caught past a deadline."""
+def late_address(err: BaseException) -> str | None:
+    """The server address of an ExpertCallError past its deadline, else None."""
     from moe_runtime.dispatch.client import ExpertCallError
 
+    late = isinstance(err, ExpertCallError) and err.code is not None and err.code.name == _DEADLINE
+    return err.address if late else None
+
+
+def from_fault(err: BaseException, infos: Sequence[ActorInfo]) -> set[str]:
+    """Names ("expert actor 2", "router worker 1") of the parties `err` caught past a deadline."""
     named: set[str] = set()
     addresses: set[str] = set()
-    for e in _chain(err):
+    for e in error_chain(err):
         named.update(getattr(e, HUNG_ATTR, ()) or ())
-        if isinstance(e, ExpertCallError) and e.code is not None and e.code.name == _DEADLINE:
-            addresses.add(e.address)
-        hung_address = getattr(e, "hung_address", None)  # router_worker.DataPlaneError, across Ray
-        if isinstance(hung_address, str):
-            addresses.add(hung_address)
+        # an ExpertCallError here, or router_worker.DataPlaneError's copy of its address across Ray
+        address = late_address(e) or getattr(e, "hung_address", None)
+        if isinstance(address, str):
+            addresses.add(address)
     return named | _experts_at(addresses, infos)
 
 

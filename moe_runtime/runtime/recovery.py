@@ -26,6 +26,7 @@ from typing import Any
 from moe_runtime.dispatch.client import ExpertCallError
 from moe_runtime.records import ActorInfo
 from moe_runtime.runtime.calls import CONTROL_TIMEOUT_S, START_TIMEOUT_S, get_within
+from moe_runtime.runtime.hung_parties import error_chain
 from moe_runtime.runtime.party_names import names
 from moe_runtime.runtime.router_worker import CollectiveError, DataPlaneError
 
@@ -43,17 +44,8 @@ def is_fault(err: BaseException) -> bool:
     import ray.exceptions as rex
     import torch.distributed as dist
 
-    seen = set()
-    e: BaseException | None = err
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, (rex.RayActorError, rex.GetTimeoutError, rex.ObjectLostError, dist.DistError)
-                      + _FAULT_CAUSES):  # fmt: skip
-            return True
-        if isinstance(e, rex.RayTaskError) and isinstance(e.cause, _FAULT_CAUSES + (dist.DistError,)):
-            return True
-        e = e.__cause__ or getattr(e, "cause", None)
-    return False
+    faults = (rex.RayActorError, rex.GetTimeoutError, rex.ObjectLostError, dist.DistError) + _FAULT_CAUSES
+    return any(isinstance(e, faults) for e in error_chain(err))
 
 
 @dataclass(frozen=True)

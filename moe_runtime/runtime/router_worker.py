@@ -51,6 +51,7 @@ from moe_runtime.checkpoint.in_process import no_random_init
 from moe_runtime.runtime.expert_actor import max_message_bytes
 from moe_runtime.runtime.expert_mask import ExpertMask, MaskError, MaskingBackend
 from moe_runtime.runtime.generation_host import CacheHost
+from moe_runtime.runtime.hung_parties import late_address
 from moe_runtime.placement import Placement
 from moe_runtime.runtime.ray_env import pick_device
 from moe_runtime.runtime.party_args import current_args
@@ -90,8 +91,7 @@ class DataPlaneError(RuntimeError):
     @classmethod
     def of(cls, where: str, err: Exception) -> DataPlaneError:
         """`where: err`, with err's server address when err is an ExpertCallError past its deadline."""
-        late = isinstance(err, ExpertCallError) and err.code is not None and err.code.name == "DEADLINE_EXCEEDED"
-        return cls(f"{where}: {err}", err.address if late else None)
+        return cls(f"{where}: {err}", late_address(err))
 
 
 class CollectiveError(RuntimeError):
